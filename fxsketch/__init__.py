@@ -1,0 +1,53 @@
+"""fxsketch: faster, smaller PyTorch models by rewriting their FX graphs with tuned low-rank layers.
+
+    result = fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=acc, accuracy_threshold=0.9)
+
+Importing fxsketch registers the `fxsketch::` ops (needed to load saved `.pt2` files); it never
+initializes CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fxsketch import kernels  # noqa: F401  (registers the fxsketch:: ops)
+from fxsketch.capture import CaptureError, capture, find_layers
+from fxsketch.deploy import ArtifactError, load, save
+from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
+from fxsketch.records import LayerRecord
+from fxsketch.replacements import KINDS, get_kind, register_kind
+from fxsketch.result import Result
+from fxsketch.rewrite import load_plan, rewrite
+from fxsketch.search import optimize
+from fxsketch.select import match_layers
+from fxsketch.spec import Categorical, Float, Int, LayerConfig, ParamSpec, TuningConfigs, load_spec
+
+__version__ = "0.1.0"
+
+
+def select(model: torch.nn.Module, selector: Any, example_inputs: Any = None) -> list[str]:
+    """The qualified names of the Linear/Conv2d layers `selector` picks, in graph order.
+
+    Args:
+        model: a model or a captured GraphModule.
+        selector: a name, regex or substring; a list of them; a dict with `pattern`, `type`,
+            `contains`, `indices` or `range`; or a callable taking a `LayerRecord`.
+        example_inputs: needed only for models that `torch.fx.symbolic_trace` cannot trace.
+
+    Raises:
+        ValueError: the selector matches nothing (the message names the closest layers).
+    """
+    from fxsketch.capture import other_modules
+
+    gm = capture(model, example_inputs)
+    records = find_layers(gm)
+    return match_layers(records, selector, other_modules=other_modules(gm, records))
+
+
+__all__ = [
+    "ArtifactError", "CaptureError", "Categorical", "Float", "Int", "KINDS", "LayerConfig", "LayerRecord",
+    "LowRankConv2d", "LowRankLinear", "ParamSpec", "SKConv2d", "SKLinear", "TuningConfigs",
+    "Result", "capture", "find_layers", "optimize", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",
+]

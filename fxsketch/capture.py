@@ -1,0 +1,246 @@
+"""Capture: a model becomes a `torch.fx.GraphModule`, and its matchable layers become records."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxsketch.records import LayerRecord
+
+__all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs"]
+
+log = logging.getLogger(__name__)
+
+_LINEAR_FNS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+_CONV_FNS = {
+    F.conv2d,
+    torch.conv2d,
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv2d.padding,
+}
+_FUNCTIONAL_ORDER = 1 << 30
+
+
+class CaptureError(RuntimeError):
+    """Neither tracer could turn the model into a graph."""
+
+
+def as_inputs(example_inputs: Any) -> tuple:
+    """Normalize example inputs to a tuple of positional arguments."""
+    if example_inputs is None:
+        raise ValueError("example_inputs is required: a tensor or a tuple of the model's positional inputs")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    return (example_inputs,)
+
+
+def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModule:
+    """Trace `model` into a GraphModule that owns a copy of its weights.
+
+    `torch.fx.symbolic_trace` comes first (it keeps modules as `call_module` nodes); models it
+    cannot trace (shape-dependent control flow, HF transformers) fall back to non-strict
+    `torch.export`, whose ATen nodes keep their module path in `nn_module_stack`. The user's model
+    is deep-copied first, so nothing done to the graph module (shape propagation through a
+    BatchNorm in training mode, a rewrite, training) ever reaches it.
+
+    Raises:
+        CaptureError: both tracers failed; the message says what each one hit and what to try.
+    """
+    inputs = as_inputs(example_inputs) if example_inputs is not None else None
+    if isinstance(model, torch.fx.GraphModule):
+        gm = copy.deepcopy(model)
+        gm.meta.setdefault("fxsketch_tracer", "given")
+        _propagate_shapes(gm, inputs)
+        return gm
+    modules = list(model.named_modules())
+    owned = copy.deepcopy(model)
+    errors = []
+    tracers = (_symbolic_trace, _export) if inputs is not None else (_symbolic_trace,)
+    for tracer in tracers:
+        try:
+            gm = tracer(owned, inputs)
+            _propagate_shapes(gm, inputs)
+        except Exception as exc:  # every tracer failure is reported together below
+            errors.append(f"{tracer.__doc__} failed with {type(exc).__name__}: {_first_line(exc)}")
+            log.debug("capture with %s failed", tracer.__name__, exc_info=True)
+            continue
+        gm.meta["fxsketch_module_order"] = {name: i for i, (name, _) in enumerate(modules)}
+        gm.meta["fxsketch_module_types"] = {name: type(m).__name__ for name, m in modules if name}
+        gm.meta["fxsketch_tracer"] = tracer.__name__.lstrip("_")
+        return gm
+    raise CaptureError(
+        f"could not capture {type(model).__name__} as a graph:\n  - " + "\n  - ".join(errors) +
+        + ("" if inputs is not None else "\nPass example_inputs so that torch.export can try too.") +
+        "\nCheck that example_inputs are what forward() takes (a tuple of positional tensors) and "
+        "run on them; or export the model yourself (torch.export.export(model, args, strict=False)"
+        ".module()) and pass the resulting GraphModule."
+    )
+
+
+def _symbolic_trace(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    """torch.fx.symbolic_trace"""
+    return torch.fx.symbolic_trace(model)
+
+
+def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    """torch.export.export(strict=False)"""
+    auto = torch.export.Dim.AUTO
+    dynamic = tuple({i: auto for i in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in inputs)
+    ep = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
+    return ep.module()
+
+
+def _propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple | None) -> None:
+    if inputs is None:
+        return
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or repr(exc)
+    return text.splitlines()[0][:300]
+
+
+def find_layers(gm: torch.fx.GraphModule) -> list[LayerRecord]:
+    """Describe every matchable Linear/Conv2d node of `gm`, one record per weight, in graph order."""
+    order = gm.meta.get("fxsketch_module_order") or {n: i for i, (n, _) in enumerate(gm.named_modules())}
+    records: dict[str, LayerRecord] = {}
+    for position, node in enumerate(gm.graph.nodes):
+        rec = _record_for(gm, node, order, position)
+        if rec is None:
+            continue
+        if rec.name in records:  # one weight used by several nodes: one layer, rewritten together
+            records[rec.name].nodes.append(node)
+            records[rec.name].tokens += rec.tokens
+        else:
+            records[rec.name] = rec
+    return list(records.values())
+
+
+def _record_for(gm, node: torch.fx.Node, order: dict[str, int], position: int) -> LayerRecord | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Linear):
+            return _linear_record(node, node.target, type(mod).__name__, tuple(mod.weight.shape),
+                                  order.get(node.target, _FUNCTIONAL_ORDER), position,
+                                  f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None)
+        if isinstance(mod, nn.Conv2d):
+            geometry = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                            padding_mode=mod.padding_mode)
+            return _conv_record(node, node.target, type(mod).__name__, tuple(mod.weight.shape),
+                                order.get(node.target, _FUNCTIONAL_ORDER), position, geometry,
+                                f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None)
+        return None
+    if node.op != "call_function" or node.target not in _LINEAR_FNS | _CONV_FNS:
+        return None
+    is_linear = node.target in _LINEAR_FNS
+    names = ("input", "weight", "bias") if is_linear else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = dict(zip(names, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    weight, bias = args.get("weight"), args.get("bias")
+    if not _is_attr(weight) or (bias is not None and not _is_attr(bias)):
+        return None  # computed weights are not layers we can factor
+    w = _fetch_attr(gm, weight.target)
+    name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
+    module_type = _module_type(node, name)
+    bias_target = bias.target if bias is not None else None
+    rank_order = order.get(name, _FUNCTIONAL_ORDER)
+    if is_linear:
+        return _linear_record(node, name, module_type, tuple(w.shape), rank_order, position, weight.target, bias_target)
+    geometry = dict(stride=_pair(args.get("stride", 1)), padding=args.get("padding", 0),
+                    dilation=_pair(args.get("dilation", 1)), groups=int(args.get("groups", 1)), padding_mode="zeros")
+    if not isinstance(geometry["padding"], str):
+        geometry["padding"] = _pair(geometry["padding"])
+    return _conv_record(node, name, module_type, tuple(w.shape), rank_order, position, geometry,
+                        weight.target, bias_target)
+
+
+def _linear_record(node, name, module_type, shape, module_order, position, wt, bt) -> LayerRecord:
+    return LayerRecord(name=name, op_type="Linear", module_type=module_type, weight_shape=shape,
+                       module_order=module_order, graph_order=position, tokens=_tokens(node, shape[0]),
+                       nodes=[node], weight_target=wt, bias_target=bt)
+
+
+def _conv_record(node, name, module_type, shape, module_order, position, geometry, wt, bt) -> LayerRecord:
+    geometry = dict(geometry)
+    padding = _numeric_padding(geometry["padding"], shape[2:], geometry["stride"], geometry["dilation"])
+    reason = ""
+    if geometry["groups"] != 1:
+        reason = f"groups={geometry['groups']} (only groups=1 convolutions are factored)"
+    elif geometry["padding_mode"] != "zeros":
+        reason = f"padding_mode={geometry['padding_mode']!r} (only zero padding is supported)"
+    elif padding is None:
+        reason = f"padding={geometry['padding']!r} cannot be expressed as symmetric zero padding"
+    geometry["padding"] = padding if padding is not None else geometry["padding"]
+    return LayerRecord(name=name, op_type="Conv2d", module_type=module_type, weight_shape=shape,
+                       module_order=module_order, graph_order=position, tokens=_tokens(node, shape[0]),
+                       conv=geometry, unsupported=reason, nodes=[node], weight_target=wt, bias_target=bt)
+
+
+def _numeric_padding(padding, kernel: Sequence[int], stride, dilation) -> tuple[int, int] | None:
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if any(t % 2 for t in total):
+            return None
+        return (total[0] // 2, total[1] // 2)
+    return _pair(padding)
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(x) for x in v)
+    return v if len(v) == 2 else (v[0], v[0])
+
+
+def _is_attr(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _module_type(node: torch.fx.Node, name: str) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, mod_type in reversed(list(stack.values())):
+        if path == name:
+            return (mod_type if isinstance(mod_type, str) else mod_type.__name__).rsplit(".", 1)[-1]
+    return "function"
+
+
+def _tokens(node: torch.fx.Node, out_features: int) -> int:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return 1
+    numel = 1
+    for d in meta.shape:
+        numel *= int(d)
+    return max(numel // max(out_features, 1), 1)
+
+
+def other_modules(gm: torch.fx.GraphModule, records: Sequence[LayerRecord]) -> dict[str, str]:
+    """Names and class names of the modules that are not matchable layers, for error messages."""
+    taken = {r.name for r in records}
+    types = gm.meta.get("fxsketch_module_types") or {
+        name: type(m).__name__ for name, m in gm.named_modules() if name and type(m) is not nn.Module
+    }
+    return {name: t for name, t in types.items() if name not in taken and not name.startswith("_")}

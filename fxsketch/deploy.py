@@ -1,0 +1,107 @@
+"""Deployment: rewritten modules saved as `torch.export` programs (.pt2) and loaded back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsketch.capture import as_inputs
+
+__all__ = ["save", "load", "ArtifactError"]
+
+log = logging.getLogger(__name__)
+
+_META = "fxsketch.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """A file is not a readable fxsketch artifact."""
+
+
+def save(
+    module: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any,
+    dynamic_batch: bool = True,
+) -> torch.export.ExportedProgram:
+    """Export `module` with `torch.export` and write it, with fxsketch metadata, to `path` (.pt2).
+
+    Args:
+        module: a rewritten GraphModule (or any module whose ops export).
+        path: where to write the program.
+        example_inputs: inputs to trace with (a tensor or a tuple of positional tensors).
+        dynamic_batch: make dim 0 of every tensor input dynamic, so the artifact runs on other
+            batch sizes than the example's (which must then be at least 2).
+
+    Returns:
+        The exported program that was written.
+    """
+    from fxsketch import __version__
+
+    inputs = as_inputs(example_inputs)
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    try:
+        program = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:
+        if not dynamic_batch:
+            raise
+        raise ArtifactError(
+            f"exporting with a dynamic batch dimension failed ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "Use example inputs with a batch of at least 2 that all share it, or pass dynamic_batch=False."
+        ) from exc
+    meta = {
+        "format": FORMAT_VERSION,
+        "fxsketch_version": __version__,
+        "torch_version": torch.__version__,
+        "plan": getattr(module, "meta", {}).get("fxsketch_plan", {}),
+        "dynamic_batch": dynamic_batch,
+        "example_input_shapes": [list(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs],
+    }
+    torch.export.save(program, path, extra_files={_META: json.dumps(meta)})
+    return program
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The fxsketch metadata stored in an artifact (raises ArtifactError if there is none)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such artifact: {path!r}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/{_META}") or n == _META]
+            if not names:
+                raise ArtifactError(f"{path!r} is a .pt2 archive but not an fxsketch artifact (no {_META}): "
+                                    "load it with torch.export.load, or save it with fxsketch.save")
+            meta = json.loads(archive.read(names[0]))
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"{path!r} is not a .pt2 archive or is truncated ({exc}): save it again "
+                            "with fxsketch.save") from None
+    if meta.get("format", 0) > FORMAT_VERSION:
+        raise ArtifactError(f"{path!r} was written by fxsketch {meta.get('fxsketch_version')} (format "
+                            f"{meta.get('format')}), newer than this fxsketch reads (format {FORMAT_VERSION}): "
+                            "upgrade fxsketch")
+    return meta
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Load an artifact written by `save` as a callable module (the fxsketch ops are registered on import)."""
+    meta = read_metadata(path)
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:
+        raise ArtifactError(f"{os.fspath(path)!r} could not be loaded ({type(exc).__name__}: {exc}); it was "
+                            f"written by fxsketch {meta.get('fxsketch_version')} with torch "
+                            f"{meta.get('torch_version')} (this is torch {torch.__version__})") from exc
+    module = program.module()
+    module.meta["fxsketch"] = meta
+    return module

@@ -1,0 +1,234 @@
+"""Low-rank layers as ordinary modules: what the rewrite emits and what users can build with.
+
+Every layer here runs through the fxsketch op family, so it trains, exports and compiles the same
+way whether it came from a rewrite or was written by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fxsketch.kernels import lowrank_conv2d, lowrank_linear
+
+__all__ = ["LowRankLinear", "LowRankConv2d", "SKLinear", "SKConv2d"]
+
+
+def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return nn.init.uniform_(t, -bound, bound)
+
+
+class LowRankLinear(nn.Module):
+    """`y = (x · Bᵀ) · Aᵀ + bias` with B (rank × in) and A (out × rank)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.B = nn.Parameter(_uniform_(torch.empty(rank, in_features), in_features))
+        self.A = nn.Parameter(_uniform_(torch.empty(out_features, rank), rank))
+        self.bias = nn.Parameter(_uniform_(torch.empty(out_features), in_features)) if bias else None
+
+    @classmethod
+    def from_factors(
+        cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> "LowRankLinear":
+        """Build from given factors (copied, so the caller's tensors are never shared)."""
+        layer = cls(B.shape[1], A.shape[0], B.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            layer.B.copy_(B)
+            layer.A.copy_(A)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer.to(B.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lowrank_linear(x, self.B, self.A, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class LowRankConv2d(nn.Module):
+    """A kh×kw convolution to `rank` channels (B) followed by a 1×1 convolution (A) plus bias."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        rank: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        kh, kw = _pair(kernel_size)
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.kernel_size = (kh, kw)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        fan_in = in_channels * kh * kw
+        self.B = nn.Parameter(_uniform_(torch.empty(rank, in_channels, kh, kw), fan_in))
+        self.A = nn.Parameter(_uniform_(torch.empty(out_channels, rank), rank))
+        self.bias = nn.Parameter(_uniform_(torch.empty(out_channels), fan_in)) if bias else None
+
+    @classmethod
+    def from_factors(
+        cls,
+        B: torch.Tensor,
+        A: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> "LowRankConv2d":
+        """Build from B (rank, C, kh, kw) and A (out, rank); the tensors are copied."""
+        rank, c, kh, kw = B.shape
+        layer = cls(c, A.shape[0], rank, (kh, kw), stride, padding, dilation, bias is not None)
+        with torch.no_grad():
+            layer.B.copy_(B)
+            layer.A.copy_(A)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer.to(B.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lowrank_conv2d(x, self.B, self.A, self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, rank={self.rank}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        )
+
+
+def _scaled_signs(shape: tuple[int, ...], k: int, generator: torch.Generator) -> torch.Tensor:
+    signs = torch.randint(0, 2, shape, generator=generator).float().mul_(2).sub_(1)
+    return signs / math.sqrt(k)
+
+
+class _Sketched(nn.Module):
+    """Panther's sketch of a weight matrix W (out × d) with `num_terms` l and `low_rank` k.
+
+    Trainable S1_i = Wᵀ U1_iᵀ (d × k) and S2_i = U2_iᵀ Wᵀ (k × out) against fixed scaled-sign
+    sketches U1_i (k × out) and U2_i (d × k). The l terms collapse into one low-rank product of
+    inner rank 2·l·k, which is what runs: B = [S1_1 … S1_l U2_1 … U2_l]ᵀ, A = [U1; S2]ᵀ / (2l).
+    """
+
+    def _init_sketch(self, d: int, out: int, num_terms: int, low_rank: int, weight, seed: int) -> None:
+        if num_terms < 1 or low_rank < 1:
+            raise ValueError(f"num_terms and low_rank must be >= 1, got {num_terms} and {low_rank}")
+        self.num_terms, self.low_rank = num_terms, low_rank
+        g = torch.Generator().manual_seed(seed)
+        l, k = num_terms, low_rank
+        self.register_buffer("U1", _scaled_signs((l, k, out), k, g))
+        self.register_buffer("U2", _scaled_signs((l, d, k), k, g))
+        if weight is None:
+            weight = _uniform_(torch.empty(out, d), d)
+        Wt = weight.detach().float().reshape(out, d).T  # d × out
+        self.S1 = nn.Parameter(torch.einsum("do,lko->ldk", Wt, self.U1))
+        self.S2 = nn.Parameter(torch.einsum("ldk,do->lko", self.U2, Wt))
+
+    @property
+    def rank(self) -> int:
+        return 2 * self.num_terms * self.low_rank
+
+    def collapsed_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) with B (2lk × d) and A (out × 2lk) such that W ≈ A·B."""
+        l, d, k = self.S1.shape
+        B = torch.cat([self.S1.transpose(1, 2).reshape(l * k, d), self.U2.transpose(1, 2).reshape(l * k, d)])
+        A = torch.cat([self.U1.reshape(l * k, -1), self.S2.reshape(l * k, -1)]).T / (2 * l)
+        return B, A
+
+
+class SKLinear(_Sketched):
+    """Panther's sketched Linear: `y = 1/(2l) Σ_i [(x S1_i) U1_i + (x U2_i) S2_i] + b`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_terms: int,
+        low_rank: int,
+        bias: bool = True,
+        weight: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_sketch(in_features, out_features, num_terms, low_rank, weight, seed)
+        self.bias = nn.Parameter(_uniform_(torch.empty(out_features), in_features)) if bias else None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, num_terms: int, low_rank: int, seed: int = 0) -> "SKLinear":
+        """Sketch an existing Linear (weights copied, never shared)."""
+        layer = cls(linear.in_features, linear.out_features, num_terms, low_rank,
+                    bias=linear.bias is not None, weight=linear.weight, seed=seed)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer.to(linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, A = self.collapsed_factors()
+        return lowrank_linear(x, B, A, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, num_terms={self.num_terms}, "
+                f"low_rank={self.low_rank}, bias={self.bias is not None}")
+
+
+class SKConv2d(_Sketched):
+    """Panther's sketched Conv2d: the sketch of the (out × C·kh·kw) kernel matrix, run as a kh×kw
+    convolution to 2·l·k channels followed by a 1×1 convolution."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        num_terms: int,
+        low_rank: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        weight: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        kh, kw = _pair(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self._init_sketch(in_channels * kh * kw, out_channels, num_terms, low_rank, weight, seed)
+        fan_in = in_channels * kh * kw
+        self.bias = nn.Parameter(_uniform_(torch.empty(out_channels), fan_in)) if bias else None
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, num_terms: int, low_rank: int, seed: int = 0) -> "SKConv2d":
+        """Sketch an existing Conv2d with groups=1 and zero padding (weights copied)."""
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("SKConv2d.from_dense needs groups=1, padding_mode='zeros' and numeric padding")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, num_terms, low_rank,
+                    conv.stride, conv.padding, conv.dilation, conv.bias is not None, conv.weight, seed)
+        if conv.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias)
+        return layer.to(conv.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, A = self.collapsed_factors()
+        B = B.reshape(B.shape[0], self.in_channels, *self.kernel_size)
+        return lowrank_conv2d(x, B, A, self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"num_terms={self.num_terms}, low_rank={self.low_rank}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}")

@@ -1,0 +1,56 @@
+"""The normalized description of one matchable layer in a captured graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx
+
+MATCHABLE_TYPES = ("Linear", "Conv2d")
+
+
+@dataclass
+class LayerRecord:
+    """One matchable weight-bearing node (or group of nodes sharing one weight).
+
+    Attributes:
+        name: qualified name of the layer (`encoder.layer.0.attention.self.query`).
+        op_type: canonical op type, `"Linear"` or `"Conv2d"`.
+        module_type: class name of the owning module (`"Linear"`, `"NonDynamicallyQuantizableLinear"`),
+            or `"function"` for a functional call on a bare parameter.
+        weight_shape: shape of the weight, `(out, in)` or `(out, in/groups, kh, kw)`.
+        module_order: position of the owning module in `named_modules()`; functional calls on
+            bare parameters come after every module.
+        graph_order: position of the first node in the graph.
+        tokens: output positions per call on the example inputs (rows for Linear, N·H·W for Conv2d).
+        conv: Conv2d hyper-parameters (`stride`, `padding`, `dilation`, `groups`, `padding_mode`).
+        unsupported: why no replacement applies (empty when one does).
+        nodes: the graph nodes computing this layer.
+        weight_target / bias_target: attribute paths of the weight and bias in the graph module.
+    """
+
+    name: str
+    op_type: str
+    module_type: str
+    weight_shape: tuple[int, ...]
+    module_order: int = 0
+    graph_order: int = 0
+    tokens: int = 1
+    conv: dict[str, Any] = field(default_factory=dict)
+    unsupported: str = ""
+    nodes: list[torch.fx.Node] = field(default_factory=list, repr=False)
+    weight_target: str = ""
+    bias_target: str | None = None
+
+    @property
+    def in_features(self) -> int:
+        """Input width of the layer's GEMM (in·kh·kw for Conv2d)."""
+        inner = 1
+        for d in self.weight_shape[1:]:
+            inner *= d
+        return inner
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]

@@ -1,0 +1,7 @@
+"""Replacement kinds: how a Linear/Conv2d is replaced, what it costs, and its search space."""
+
+from fxsketch.replacements import lowrank, sketch  # noqa: F401  (each module registers its kinds)
+from fxsketch.replacements.base import Cost, FactorCache, ReplacementKind, dense_cost
+from fxsketch.replacements.registry import KINDS, get_kind, register_kind
+
+__all__ = ["Cost", "FactorCache", "KINDS", "ReplacementKind", "dense_cost", "get_kind", "register_kind"]

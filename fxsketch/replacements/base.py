@@ -1,0 +1,138 @@
+"""What every replacement kind provides, the exact cost model, and the per-study factor cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsketch.records import LayerRecord
+from fxsketch.spec import Int, ParamSpec
+
+__all__ = ["Cost", "ReplacementKind", "FactorCache", "dense_cost", "lowrank_cost", "efficient_rank_limit"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Exact cost of one layer: stored numbers and FLOPs per output position (token or pixel)."""
+
+    params: int
+    flops_per_token: int
+    rank: int | None = None
+
+
+def dense_cost(record: LayerRecord) -> Cost:
+    out, inner = record.out_features, record.in_features
+    return Cost(params=out * inner + out, flops_per_token=2 * out * inner)
+
+
+def lowrank_cost(record: LayerRecord, rank: int) -> Cost:
+    out, inner = record.out_features, record.in_features
+    return Cost(params=rank * (inner + out) + out, flops_per_token=2 * rank * (inner + out), rank=rank)
+
+
+AUTO_MIN_GAIN = 1.5
+
+
+def efficient_rank_limit(record: LayerRecord, min_gain: float = AUTO_MIN_GAIN) -> int:
+    """The largest inner rank R whose FLOPs, R·(in+out), are at least `min_gain` times below in·out.
+
+    With `min_gain=1` this is the seeds' rule (R·(in+out) < in·out); "auto" spaces ask for a 1.5×
+    gain because below that the second GEMM's fixed cost eats the saving.
+    """
+    out, inner = record.out_features, record.in_features
+    return math.ceil(out * inner / (min_gain * (out + inner))) - 1
+
+
+def rank_space(limit: int) -> ParamSpec | None:
+    """A rank range up to `limit` whose step keeps the grid to a few dozen values."""
+    if limit < 1:
+        return None
+    if limit < 8:
+        return Int(1, limit)
+    step = 8 * 2 ** max(0, math.floor(math.log2(limit / 256)))
+    return Int(step, limit - limit % step, step=step)
+
+
+class ReplacementKind:
+    """A way to replace a Linear/Conv2d layer. Subclasses register with `register_kind`.
+
+    Attributes:
+        name: the `method` value that selects this kind in specs and plans.
+        param_names: the parameters a plan entry of this kind carries.
+        defaults: values used when a spec does not search a parameter.
+    """
+
+    name: str = ""
+    param_names: tuple[str, ...] = ()
+    defaults: dict[str, Any] = {}
+
+    def unsupported(self, record: LayerRecord) -> str:
+        """Why this kind cannot replace `record` ("" when it can)."""
+        if record.op_type not in ("Linear", "Conv2d"):
+            return f"{record.op_type} layers are not supported"
+        return record.unsupported
+
+    def invalid(self, record: LayerRecord, params: dict[str, Any]) -> str:
+        """Why `params` cannot be built for `record` ("" when they can)."""
+        return ""
+
+    def auto_space(self, record: LayerRecord) -> dict[str, ParamSpec] | None:
+        """The efficient search space for `record`, or None when no configuration beats dense."""
+        return {}
+
+    def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
+        raise NotImplementedError
+
+    def build(
+        self,
+        record: LayerRecord,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        params: dict[str, Any],
+        cache: "FactorCache",
+        copy_weights: bool = True,
+    ) -> nn.Module | None:
+        """The replacement module for `record` (None keeps the original)."""
+        raise NotImplementedError
+
+
+class FactorCache:
+    """One SVD per layer for a whole study; every rank is a slice of it.
+
+    Small layers, and ranks above a quarter of the smaller dimension, get an exact SVD; large
+    layers at low rank get a randomized one (`torch.svd_lowrank`) with oversampling, computed with a
+    fixed seed so a plan rebuilds bit for bit.
+    """
+
+    EXACT_BELOW = 1024
+
+    def __init__(self) -> None:
+        self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
+
+    def svd(self, key: str, matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_R, S_R, Vh_R) of `matrix` (float32 or wider), computing or widening the cached SVD."""
+        cached = self._svd.get(key)
+        if cached is None or (not cached[3] and cached[1].numel() < rank):
+            cached = self._decompose(matrix, rank)
+            self._svd[key] = cached
+        U, S, Vh, _ = cached
+        return U[:, :rank], S[:rank], Vh[:rank]
+
+    def _decompose(self, matrix: torch.Tensor, rank: int):
+        W = matrix.detach().to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
+        small = min(W.shape)
+        if small <= self.EXACT_BELOW or rank * 4 > small:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            return U, S, Vh, True
+        q = min(small, max(2 * rank, rank + 32))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            U, S, V = torch.svd_lowrank(W, q=q, niter=4)
+        return U, S, V.T, False
+
+    def clear(self) -> None:
+        self._svd.clear()

@@ -1,0 +1,63 @@
+"""The `svd` kind: truncated SVD, W ≈ A·B with A = U_R Σ_R^½ and B = Σ_R^½ V_Rᵀ (Eckart–Young)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fxsketch.nn import LowRankConv2d, LowRankLinear
+from fxsketch.records import LayerRecord
+from fxsketch.replacements.base import (
+    Cost, FactorCache, ReplacementKind, efficient_rank_limit, lowrank_cost, rank_space,
+)
+from fxsketch.replacements.registry import register_kind
+
+
+def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None):
+    """A LowRankLinear/LowRankConv2d holding B (R × in) and A (out × R) for `record`."""
+    if record.op_type == "Linear":
+        return LowRankLinear.from_factors(B, A, bias)
+    c, kh, kw = record.weight_shape[1:]
+    g = record.conv
+    return LowRankConv2d.from_factors(B.reshape(B.shape[0], c, kh, kw), A, bias,
+                                      g["stride"], g["padding"], g["dilation"])
+
+
+@register_kind
+class SVD(ReplacementKind):
+    name = "svd"
+    param_names = ("low_rank",)
+    defaults: dict[str, Any] = {}
+
+    def invalid(self, record: LayerRecord, params: dict[str, Any]) -> str:
+        rank, full = params.get("low_rank"), min(record.out_features, record.in_features)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= full:
+            return f"low_rank must be an integer in [1, {full}] for {record.name} {record.weight_shape}, got {rank!r}"
+        return ""
+
+    def auto_space(self, record: LayerRecord):
+        space = rank_space(efficient_rank_limit(record))
+        return None if space is None else {"low_rank": space}
+
+    def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
+        return lowrank_cost(record, int(params["low_rank"]))
+
+    def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
+        rank = int(params["low_rank"])
+        if not copy_weights:
+            return fresh_lowrank_module(record, rank, bias is not None).to(weight.dtype)
+        U, S, Vh = cache.svd(record.name, weight.reshape(record.out_features, -1), rank)
+        root = S.sqrt()
+        A = (U * root).to(weight.dtype)
+        B = (root[:, None] * Vh).to(weight.dtype)
+        return lowrank_module(record, B, A, bias)
+
+
+def fresh_lowrank_module(record: LayerRecord, rank: int, bias: bool):
+    """A randomly initialized low-rank layer of `record`'s geometry (for `copy_weights=False`)."""
+    if record.op_type == "Linear":
+        return LowRankLinear(record.in_features, record.out_features, rank, bias=bias)
+    c, kh, kw = record.weight_shape[1:]
+    g = record.conv
+    return LowRankConv2d(c, record.out_features, rank, (kh, kw), g["stride"], g["padding"], g["dilation"], bias)

@@ -1,0 +1,140 @@
+"""What `optimize` returns: the rewritten module, the plan, the measurements and the study."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch.fx
+
+from fxsketch.measure import layer_cost
+from fxsketch.records import LayerRecord
+
+__all__ = ["Result", "trials_frame"]
+
+UNIT_ATTR = "fxsketch.unit"
+ENTRY_ATTR = "fxsketch.entry"
+
+
+@dataclass
+class Result:
+    """The outcome of `fxsketch.optimize`.
+
+    Attributes:
+        graph_module: the rewritten model (owns its weights; the input model is untouched).
+        plan: `{qualified_name: {"method": ..., **params}}` for every replaced layer.
+        accuracy: the rewritten model's accuracy (validated on the whole model).
+        dense_accuracy: the original model's accuracy, measured in the same run.
+        speedup: measured latency of the original over the rewritten model on the example inputs.
+        flops_ratio: FLOPs of the matchable layers before over after, from the exact cost model.
+        params_before / params_after: parameters of the matchable layers before and after.
+        trials: one row per trial (layer, parameters, accuracy, speed, score, state, note).
+        study: the Optuna study (one study; each trial tunes one layer or group).
+        validation: the whole-model checks of the combined plan, one dict per back-off step.
+    """
+
+    graph_module: torch.fx.GraphModule
+    plan: dict[str, dict[str, Any]]
+    accuracy: float | None
+    dense_accuracy: float | None
+    speedup: float
+    flops_ratio: float
+    params_before: int
+    params_after: int
+    trials: pd.DataFrame
+    study: optuna.Study
+    records: list[LayerRecord] = field(repr=False, default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    accuracy_threshold: float | None = None
+
+    def layer_table(self) -> pd.DataFrame:
+        """One row per matchable layer: kind, parameters, rank, and params/MFLOPs before and after."""
+        rows = []
+        for r in self.records:
+            entry = self.plan.get(r.name)
+            before, after = layer_cost(r, None), layer_cost(r, entry)
+            rows.append({
+                "layer": r.name,
+                "type": r.op_type,
+                "shape": "×".join(map(str, r.weight_shape)),
+                "kind": entry["method"] if entry else "dense",
+                "params": ", ".join(f"{k}={v}" for k, v in (entry or {}).items() if k != "method") or "-",
+                "rank": after.rank if after.rank is not None else "-",
+                "params before": before.params,
+                "params after": after.params,
+                "MFLOPs before": round(before.flops_per_token * r.tokens / 1e6, 3),
+                "MFLOPs after": round(after.flops_per_token * r.tokens / 1e6, 3),
+            })
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        """A printable report: accuracy, speed and size before/after, then the per-layer table."""
+        acc = "n/a" if self.accuracy is None else f"{self.accuracy:.4f}"
+        dense = "n/a" if self.dense_accuracy is None else f"{self.dense_accuracy:.4f}"
+        thr = "" if self.accuracy_threshold is None else f" (threshold {self.accuracy_threshold:.4f})"
+        lines = [
+            f"accuracy     dense {dense} -> optimized {acc}{thr}",
+            f"latency      {self.speedup:.2f}x faster than dense (measured on the example inputs)",
+            f"FLOPs        {self.flops_ratio:.2f}x fewer in the matchable layers",
+            f"parameters   {self.params_before:,} -> {self.params_after:,} in the matchable layers",
+            f"trials       {len(self.trials)} ({_state_counts(self.trials)})",
+            "",
+            self.layer_table().to_string(index=False),
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def save_plan(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON (`{"plan": {...}}` beside metadata); `fxsketch.load_plan` reads it."""
+        from fxsketch import __version__
+
+        data = {
+            "fxsketch_version": __version__,
+            "plan": self.plan,
+            "accuracy": self.accuracy,
+            "dense_accuracy": self.dense_accuracy,
+            "speedup": self.speedup,
+            "flops_ratio": self.flops_ratio,
+        }
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"cannot write {value!r} to a plan file")
+
+
+def _state_counts(trials: pd.DataFrame) -> str:
+    if trials.empty:
+        return "none"
+    return ", ".join(f"{n} {s.lower()}" for s, n in trials["state"].value_counts().items())
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per fxsketch trial of `study`, with parameter names stripped of their layer prefix."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if UNIT_ATTR not in t.user_attrs:
+            continue
+        row: dict[str, Any] = {"number": t.number, "layer": t.user_attrs[UNIT_ATTR], "state": t.state.name}
+        row.update(t.user_attrs.get(ENTRY_ATTR, {}))
+        for key in ("accuracy", "speed", "score"):
+            row[key] = t.user_attrs.get(f"fxsketch.{key}", math.nan)
+        row["note"] = t.user_attrs.get("fxsketch.note", "")
+        row["duration_s"] = t.duration.total_seconds() if t.duration else math.nan
+        rows.append(row)
+    columns = ["number", "layer", "state", "method"]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=columns + ["accuracy", "speed", "score", "note", "duration_s"])
+    ordered = columns + [c for c in frame.columns if c not in columns]
+    return frame.reindex(columns=ordered)

@@ -1,0 +1,210 @@
+"""Rewrite: apply a plan `{qualified_name: {"method": ..., **params}}` to a captured graph."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxsketch.capture import as_inputs, capture, find_layers
+from fxsketch.records import LayerRecord
+from fxsketch.replacements import FactorCache, get_kind
+
+__all__ = ["rewrite", "apply_plan", "normalize_plan", "load_plan"]
+
+log = logging.getLogger(__name__)
+
+Plan = dict[str, dict[str, Any]]
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read a plan JSON file: the plan dict itself, or `{"plan": {...}, <metadata>}`."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"plan file {os.fspath(path)!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"plan file {os.fspath(path)!r} is not valid JSON ({exc}); "
+                         "write it again with Result.save_plan or fix it by hand") from None
+    return normalize_plan(data)
+
+
+def normalize_plan(plan: Mapping[str, Any] | str | os.PathLike) -> Plan:
+    """Check a plan's shape and return a plain dict copy of it."""
+    if isinstance(plan, (str, os.PathLike)):
+        return load_plan(plan)
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"a plan is a dict {{qualified_name: {{'method': ..., **params}}}} or a path, got {type(plan).__name__}")
+    if "plan" in plan and isinstance(plan["plan"], Mapping):
+        plan = plan["plan"]
+    out: Plan = {}
+    for name, entry in plan.items():
+        if not isinstance(entry, Mapping) or "method" not in entry:
+            raise ValueError(f"plan entry {name!r} must be a dict with a 'method' key, got {entry!r}")
+        out[str(name)] = dict(entry)
+    return out
+
+
+def rewrite(
+    model: nn.Module,
+    plan: Mapping[str, Any] | str | os.PathLike,
+    example_inputs: Any = None,
+    *,
+    copy_weights: bool = True,
+) -> torch.fx.GraphModule:
+    """Capture `model` and apply `plan` without any search; `model` itself is never changed.
+
+    Args:
+        model: the model (or an already captured GraphModule).
+        plan: `{qualified_name: {"method": "svd", "low_rank": 64}, ...}`, or a plan JSON path.
+        example_inputs: inputs for capture and for checking the rewritten output shapes.
+        copy_weights: build replacements from the original weights (False: fresh random init).
+
+    Returns:
+        A new GraphModule in which every planned layer runs on the fxsketch ops.
+    """
+    plan = normalize_plan(plan)
+    inputs = as_inputs(example_inputs) if example_inputs is not None else None
+    gm = capture(model, inputs)
+    records = {r.name: r for r in find_layers(gm)}
+    new = apply_plan(gm, records, plan, FactorCache(), copy_weights=copy_weights)
+    if inputs is not None:
+        check_same_output_shapes(gm, new, inputs)
+    return new
+
+
+def apply_plan(
+    gm: torch.fx.GraphModule,
+    records: Mapping[str, LayerRecord],
+    plan: Plan,
+    cache: FactorCache,
+    copy_weights: bool = True,
+) -> torch.fx.GraphModule:
+    """A rewritten deep copy of `gm` (which stays untouched) with each plan entry built and installed."""
+    new = copy.deepcopy(gm)
+    nodes = {n.name: n for n in new.graph.nodes}
+    for name, entry in plan.items():
+        record = _record(records, name)
+        kind = get_kind(entry["method"])
+        params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
+        unknown = set(params) - set(kind.param_names)
+        if unknown:
+            raise ValueError(f"plan entry {name!r}: {sorted(unknown)} are not parameters of method "
+                             f"{kind.name!r} (it takes {list(kind.param_names) or 'none'})")
+        reason = kind.unsupported(record)
+        if reason:
+            log.warning("keeping %s dense: %s", name, reason)
+            continue
+        problem = kind.invalid(record, params)
+        if problem:
+            raise ValueError(f"plan entry {name!r}: {problem}")
+        weight = _fetch(new, record.weight_target)
+        bias = _fetch(new, record.bias_target) if record.bias_target else None
+        module = kind.build(record, weight, bias, params, cache, copy_weights=copy_weights)
+        if module is not None:
+            _install(new, record, [nodes[n.name] for n in record.nodes], module)
+    new.graph.eliminate_dead_code()
+    _drop_unused_attributes(new)
+    new.graph.lint()
+    new.recompile()
+    new.meta["fxsketch_plan"] = {name: dict(entry) for name, entry in plan.items()}
+    return new
+
+
+def _record(records: Mapping[str, LayerRecord], name: str) -> LayerRecord:
+    if name in records:
+        return records[name]
+    close = difflib.get_close_matches(name, list(records), n=5)
+    hint = f"closest: {', '.join(close)}" if close else f"available: {', '.join(list(records)[:10])}"
+    raise ValueError(f"plan names layer {name!r}, which is not a Linear/Conv2d layer of this model ({hint})")
+
+
+def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node], module: nn.Module) -> None:
+    """Put `module` into `gm` and route the record's nodes through it."""
+    if all(n.op == "call_module" for n in nodes):
+        _set_submodule(gm, record.name, module)
+        return
+    path = record.name if _owner_is_replaceable(gm, record, nodes) else _private_path(gm, record.name)
+    _set_submodule(gm, path, module)
+    for node in nodes:
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[0] if node.args else node.kwargs["input"],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        gm.graph.erase_node(node)
+        for a in attrs:
+            if not a.users:
+                gm.graph.erase_node(a)
+
+
+def _owner_is_replaceable(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node]) -> bool:
+    """True when the module at `record.name` holds only this layer's weight and bias, used only here."""
+    if record.weight_target != f"{record.name}.weight":
+        return False
+    try:
+        owner = gm.get_submodule(record.name)
+    except AttributeError:
+        return False
+    own = {n for n, _ in owner.named_parameters(recurse=False)} | {n for n, _ in owner.named_buffers(recurse=False)}
+    if own - {"weight", "bias"} or any(True for _ in owner.children()):
+        return False
+    mine = set(nodes)
+    prefix = record.name + "."
+    return all(set(n.users) <= mine for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(prefix))
+
+
+def _private_path(gm: nn.Module, name: str) -> str:
+    base = "fxsketch_" + re.sub(r"\W", "_", name)
+    path, i = base, 1
+    while hasattr(gm, path):
+        path, i = f"{base}_{i}", i + 1
+    return path
+
+
+def _set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    setattr(parent, leaf, module)
+
+
+def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
+    """Delete parameters/buffers that no node reads any more (the replaced layers' dense weights)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if any(name == u or name.startswith(u + ".") for u in used):
+            continue
+        parent_path, _, leaf = name.rpartition(".")
+        parent = gm.get_submodule(parent_path) if parent_path else gm
+        if leaf in parent._parameters:
+            del parent._parameters[leaf]
+        elif leaf in parent._buffers:
+            del parent._buffers[leaf]
+    gm.delete_all_unused_submodules()
+
+
+def check_same_output_shapes(before: nn.Module, after: nn.Module, inputs: tuple) -> None:
+    """Raise if the rewrite changed the structure or shapes of the outputs (a rewrite bug)."""
+    with torch.no_grad():
+        a, b = before(*inputs), after(*inputs)
+    sa = torch.utils._pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, a)
+    sb = torch.utils._pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, b)
+    if sa != sb:
+        raise RuntimeError(f"the rewritten module's outputs differ in shape from the original's: {sb} vs {sa}")

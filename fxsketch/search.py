@@ -1,0 +1,454 @@
+"""The search: an Optuna study over per-layer replacement choices under an accuracy constraint.
+
+Each tuning unit (a layer when `separate=True`, a group of layers sharing values otherwise) gets
+`n_trials` trials in one study, with the other layers dense. The best feasible choice of every
+unit is then combined, validated on the whole model, and backed off layer by layer until the
+combination meets the accuracy threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from fxsketch.capture import as_inputs, capture, find_layers, other_modules
+from fxsketch.measure import compare_latency, plan_cost
+from fxsketch.records import LayerRecord
+from fxsketch.replacements import FactorCache, dense_cost, get_kind
+from fxsketch.result import ENTRY_ATTR, UNIT_ATTR, Result, trials_frame
+from fxsketch.rewrite import apply_plan
+from fxsketch.select import match_layers
+from fxsketch.spec import Categorical, LayerConfig, ParamSpec, TuningConfigs, load_spec
+
+__all__ = ["optimize", "resolve_units", "Unit"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHOD = "svd"
+OBJECTIVES = ("latency", "flops")
+
+
+@dataclass
+class Unit:
+    """Layers tuned together with one set of values, and the space those values come from."""
+
+    key: str
+    layers: list[str]
+    space: dict[str, ParamSpec]
+    copy_weights: bool = True
+
+
+class TrialFailed(Exception):
+    """The user's accuracy or speed function failed on a trial; the trial is recorded as failed."""
+
+
+def resolve_units(
+    records: Sequence[LayerRecord],
+    configs: TuningConfigs,
+    others: Mapping[str, str] | None = None,
+    default_method: str = DEFAULT_METHOD,
+) -> list[Unit]:
+    """Resolve each LayerConfig's selector and parameter space into tuning units.
+
+    Raises:
+        ValueError: a selector matches nothing, two configs select the same layer, or a space names
+            an unknown method or a parameter none of its methods take.
+    """
+    by_name = {r.name: r for r in records}
+    owner: dict[str, int] = {}
+    units: list[Unit] = []
+    for index, cfg in enumerate(configs):
+        names = match_layers(records, cfg.layer_names, other_modules=others)
+        for name in names:
+            if name in owner:
+                raise ValueError(f"layer {name!r} is selected by config {owner[name]} and config {index}: "
+                                 "narrow one of the selectors so each layer is tuned once")
+            owner[name] = index
+        chosen = [by_name[n] for n in names if _supported(by_name[n], cfg, default_method)]
+        groups = [[r] for r in chosen] if cfg.separate else _joint_groups(chosen, cfg)
+        for group in groups:
+            space = _unit_space(cfg, group, default_method)
+            if space is None:
+                log.warning("skipping %s: no configuration is cheaper than the dense layer",
+                            ", ".join(r.name for r in group))
+                continue
+            key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
+            units.append(Unit(key, [r.name for r in group], space, cfg.copy_weights))
+    return units
+
+
+def _supported(record: LayerRecord, cfg: LayerConfig, default_method: str) -> bool:
+    if record.unsupported:
+        log.warning("keeping %s dense: %s", record.name, record.unsupported)
+        return False
+    return True
+
+
+def _joint_groups(records: list[LayerRecord], cfg: LayerConfig) -> list[list[LayerRecord]]:
+    """One group for explicit params; with "auto", one group per (type, shape), as the seeds do."""
+    if not records:
+        return []
+    if cfg.params != "auto":
+        return [records]
+    groups: dict[tuple, list[LayerRecord]] = {}
+    for r in records:
+        groups.setdefault((r.op_type, r.weight_shape), []).append(r)
+    return list(groups.values())
+
+
+def _unit_space(cfg: LayerConfig, group: list[LayerRecord], default_method: str) -> dict[str, ParamSpec] | None:
+    # The most constrained layer of a joint group decides the automatic ranges, so every value
+    # drawn is valid and efficient for all of them.
+    ref = min(group, key=lambda r: r.out_features * r.in_features / (r.out_features + r.in_features))
+    if cfg.params == "auto":
+        return get_kind(default_method).auto_space(ref)
+    space = dict(cfg.params)
+    methods = _methods(space, default_method)
+    allowed = {"method"}.union(*(get_kind(m).param_names for m in methods))
+    unknown = sorted(set(space) - allowed)
+    if unknown:
+        owners = {p: [k for k, kind in _kinds().items() if p in kind.param_names] for p in unknown}
+        raise ValueError(
+            f"params {unknown} are not parameters of {methods} (a config without 'method' searches "
+            f"{default_method!r}); they belong to: {owners}. Add a 'method' entry naming those methods."
+        )
+    for m in methods:
+        kind = get_kind(m)
+        missing = [p for p in kind.param_names if p not in space and p not in kind.defaults]
+        if missing:
+            auto = kind.auto_space(ref)
+            if auto is None:
+                return None
+            space.update({p: auto[p] for p in missing})
+    return space
+
+
+def _kinds():
+    from fxsketch.replacements import KINDS
+
+    return KINDS
+
+
+def _methods(space: Mapping[str, ParamSpec], default_method: str) -> list[str]:
+    spec = space.get("method")
+    if spec is None:
+        return [default_method]
+    if not isinstance(spec, Categorical):
+        raise ValueError(f"'method' must be a list of method names (Categorical), got {spec!r}")
+    for m in spec.choices:
+        get_kind(m)  # raises with the known methods listed
+    return list(spec.choices)
+
+
+def _suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str) -> dict[str, Any]:
+    """Define-by-run: the method first, then only the parameters that method takes."""
+    space = unit.space
+    method = space["method"].suggest(trial, f"{unit.key}:method") if "method" in space else default_method
+    kind = get_kind(method)
+    entry: dict[str, Any] = {"method": method}
+    for p in kind.param_names:
+        entry[p] = space[p].suggest(trial, f"{unit.key}:{p}") if p in space else kind.defaults[p]
+    return entry
+
+
+def _call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str) -> float:
+    try:
+        value = float(fn(module))
+    except Exception as exc:
+        raise TrialFailed(f"{what} raised {type(exc).__name__}: {exc}") from exc
+    if math.isnan(value):
+        raise TrialFailed(f"{what} returned NaN")
+    return value
+
+
+@dataclass
+class _Context:
+    """Everything a trial needs; built once per `optimize` call."""
+
+    gm: Any
+    records: dict[str, LayerRecord]
+    inputs: tuple
+    accuracy_fn: Callable[[nn.Module], float]
+    threshold: float | None
+    speed_fn: Callable[[nn.Module], float] | None
+    objective: str
+    cache: FactorCache
+    dense_flops: int
+    default_method: str
+    # (unit, values) -> (accuracy, speed, first trial): a repeated draw is not evaluated again
+    memo: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
+    seen: dict[str, set[str]] = field(default_factory=dict)
+
+    def speed(self, module: nn.Module, plan: dict) -> float:
+        if self.speed_fn is not None:
+            return _call_metric(self.speed_fn, module, "speed_fn")
+        if self.objective == "flops":
+            return self.dense_flops / plan_cost(list(self.records.values()), plan)[1]
+        dense, candidate = compare_latency([self.gm, module], self.inputs, budget_s=0.15)
+        return dense / candidate
+
+    def score(self, accuracy: float, speed: float) -> float:
+        if self.threshold is None:
+            return accuracy
+        return speed if accuracy >= self.threshold else -math.inf
+
+
+def _prune_reason(ctx: _Context, unit: Unit, entry: dict[str, Any]) -> str:
+    kind = get_kind(entry["method"])
+    params = {k: v for k, v in entry.items() if k != "method"}
+    for name in unit.layers:
+        record = ctx.records[name]
+        problem = kind.invalid(record, params)
+        if problem:
+            return f"{name}: {problem}"
+        if kind.name != "dense" and kind.cost(record, params).flops_per_token >= dense_cost(record).flops_per_token:
+            return f"{name}: {kind.name} {params} is not cheaper than the dense layer"
+    return ""
+
+
+def _run_trial(ctx: _Context, unit: Unit, trial: optuna.Trial) -> float:
+    trial.set_user_attr(UNIT_ATTR, unit.key)
+    entry = _suggest_entry(unit, trial, ctx.default_method)
+    trial.set_user_attr(ENTRY_ATTR, entry)
+    values = json.dumps(entry, sort_keys=True)
+    ctx.seen.setdefault(unit.key, set()).add(values)
+    reason = _prune_reason(ctx, unit, entry)
+    if reason:
+        trial.set_user_attr("fxsketch.note", f"pruned before evaluation: {reason}")
+        raise optuna.TrialPruned(reason)
+    if (unit.key, values) in ctx.memo:
+        accuracy, speed, first = ctx.memo[(unit.key, values)]
+        trial.set_user_attr("fxsketch.note", f"same values as trial {first}: result reused")
+    else:
+        accuracy, speed = _evaluate(ctx, unit, entry, trial)
+        ctx.memo[(unit.key, values)] = (accuracy, speed, trial.number)
+    score = ctx.score(accuracy, speed)
+    trial.set_user_attr("fxsketch.accuracy", accuracy)
+    trial.set_user_attr("fxsketch.speed", speed)
+    trial.set_user_attr("fxsketch.score", score)
+    if ctx.threshold is not None:
+        trial.set_constraint("accuracy", ctx.threshold - accuracy)  # ≤ 0 is feasible
+    return score
+
+
+def _evaluate(ctx: _Context, unit: Unit, entry: dict[str, Any], trial: optuna.Trial) -> tuple[float, float]:
+    plan = {name: entry for name in unit.layers}
+    module = apply_plan(ctx.gm, ctx.records, plan, ctx.cache, copy_weights=unit.copy_weights)
+    try:
+        return _call_metric(ctx.accuracy_fn, module, "accuracy_fn"), ctx.speed(module, plan)
+    except TrialFailed as exc:
+        trial.set_user_attr("fxsketch.note", str(exc))
+        log.warning("trial %d (%s) failed: %s", trial.number, unit.key, exc)
+        raise
+
+
+def _space_size(unit: Unit, default_method: str) -> float:
+    """How many distinct value sets a unit's space holds (inf for continuous ranges)."""
+    total = 0.0
+    for m in _methods(unit.space, default_method):
+        size = 1.0
+        for p in get_kind(m).param_names:
+            values = unit.space[p].values() if p in unit.space else [None]
+            size *= math.inf if values is None else len(values)
+        total += size
+    return total
+
+
+def _finished(study: optuna.Study, key: str) -> int:
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=done) if t.user_attrs.get(UNIT_ATTR) == key)
+
+
+def _best_entry(study: optuna.Study, key: str) -> tuple[dict[str, Any], float] | None:
+    """The best feasible trial's entry and accuracy for unit `key`, or None."""
+    best = None
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get(UNIT_ATTR) != key or not math.isfinite(t.value):
+            continue
+        rank = (t.value, t.user_attrs.get("fxsketch.accuracy", -math.inf))
+        if best is None or rank > best[0]:
+            best = (rank, t.user_attrs[ENTRY_ATTR], t.user_attrs.get("fxsketch.accuracy", math.nan))
+    return None if best is None else (best[1], best[2])
+
+
+def _create_study(storage, study_name, load_if_exists, sampler, pruner, seed) -> optuna.Study:
+    if sampler is None:
+        sampler = optuna.samplers.TPESampler(seed=seed)
+    try:
+        return optuna.create_study(storage=storage, study_name=study_name, load_if_exists=load_if_exists,
+                                   direction="maximize", sampler=sampler, pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise ValueError(f"study {study_name!r} already exists in {storage!r}: pass load_if_exists=True "
+                         "to resume it, or choose another study_name") from None
+
+
+def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: bool) -> tuple[dict, float, list]:
+    """Check the combined plan on the whole model; drop the most harmful layers until it holds.
+
+    Layers leave in order of the accuracy their own best trial kept, lowest first.
+    """
+    steps: list[dict[str, Any]] = []
+    plan = dict(plan)
+    accuracy = math.nan
+    for victim in [None, *sorted(plan, key=lambda n: accuracies.get(n, math.inf))]:
+        if victim is not None:
+            plan.pop(victim)
+        module = apply_plan(ctx.gm, ctx.records, plan, ctx.cache)
+        try:
+            accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+        except TrialFailed as exc:
+            raise RuntimeError(f"validating the combined plan failed: {exc}") from exc
+        steps.append({"layers": len(plan), "dropped": victim, "accuracy": accuracy})
+        if verbose:
+            print(f"validation: {len(plan)} layer(s) replaced -> accuracy {accuracy:.4f}"
+                  + (f" (kept {victim} dense)" if victim else ""))
+        if ctx.threshold is None or accuracy >= ctx.threshold:
+            break
+    return plan, accuracy, steps
+
+
+def optimize(
+    model: nn.Module,
+    spec: Any,
+    *,
+    example_inputs: Any,
+    accuracy_fn: Callable[[nn.Module], float],
+    accuracy_threshold: float | None = None,
+    speed_fn: Callable[[nn.Module], float] | None = None,
+    objective: str = "latency",
+    n_trials: int = 20,
+    timeout: float | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    load_if_exists: bool = False,
+    seed: int | None = None,
+    verbose: bool = False,
+    callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+    default_method: str = DEFAULT_METHOD,
+) -> Result:
+    """Find the fastest plan that keeps `accuracy_fn(model) >= accuracy_threshold`, and apply it.
+
+    Args:
+        model: the model to speed up; it is never modified.
+        spec: what to tune: a TuningConfigs, a LayerConfig, a list of them, a dict
+            `{"layers": [...]}`, or a path to a .json/.yaml file holding that dict.
+        example_inputs: inputs for capture and latency measurement (a tensor or a tuple).
+        accuracy_fn: `model -> float`, higher is better.
+        accuracy_threshold: the accuracy bar; None maximizes accuracy instead (the seeds' rule).
+        speed_fn: `model -> float`, higher is better; replaces the built-in speed measure.
+        objective: "latency" (measured speedup vs dense, same process) or "flops" (exact cost
+            model; deterministic).
+        n_trials: trials per tuning unit (a layer, or a group with `separate=False`).
+        timeout: seconds for the whole search; units not reached stay dense.
+        sampler, pruner: Optuna objects, passed straight through (default: seeded TPE that is
+            told the accuracy constraint).
+        storage, study_name, load_if_exists: Optuna storage; a resumed study runs only the trials
+            each unit still lacks.
+        seed: seeds the default sampler.
+        verbose: print a line per trial and the validation steps.
+        callbacks: Optuna callbacks called after each trial (progress bars, early stops).
+        default_method: the replacement kind searched when a config names no `method`.
+
+    Returns:
+        A Result with the rewritten GraphModule, the plan, measurements and the trials.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not callable(accuracy_fn):
+        raise TypeError("accuracy_fn must be a callable taking a model and returning a float")
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    get_kind(default_method)
+    configs = load_spec(spec)
+    inputs = as_inputs(example_inputs)
+    gm = capture(model, inputs)
+    records = find_layers(gm)
+    units = resolve_units(records, configs, other_modules(gm, records), default_method)
+    if not units:
+        raise ValueError("nothing to tune: every selected layer is unsupported or too small to compress")
+    ctx = _Context(gm, {r.name: r for r in records}, inputs, accuracy_fn, accuracy_threshold, speed_fn,
+                   objective, FactorCache(), plan_cost(records, {})[1], default_method)
+    try:
+        dense_accuracy = _call_metric(accuracy_fn, gm, "accuracy_fn")
+    except TrialFailed as exc:
+        raise RuntimeError(f"{exc} on the original (dense) model: fix accuracy_fn before searching") from exc
+    if accuracy_threshold is not None and dense_accuracy < accuracy_threshold:
+        log.warning("the dense model's accuracy %.4f is below the threshold %.4f: no plan is likely to meet it",
+                    dense_accuracy, accuracy_threshold)
+    optuna_verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # fxsketch reports trials itself
+    try:
+        study = _create_study(storage, study_name, load_if_exists, sampler, pruner, seed)
+        _search(ctx, study, units, n_trials, timeout, verbose, callbacks)
+    finally:
+        optuna.logging.set_verbosity(optuna_verbosity)
+    return _finish(ctx, study, units, records, dense_accuracy, verbose)
+
+
+def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    printer = [_print_trial] if verbose else []
+    for unit in units:
+        remaining = n_trials - _finished(study, unit.key)
+        left = None if deadline is None else deadline - time.monotonic()
+        if remaining <= 0:
+            continue
+        if left is not None and left <= 0:
+            log.warning("timeout reached: %s was not tuned and stays dense", unit.key)
+            continue
+        size = _space_size(unit, ctx.default_method)
+
+        def stop_when_exhausted(study: optuna.Study, trial, key=unit.key, size=size) -> None:
+            if len(ctx.seen.get(key, ())) >= size:
+                study.stop()  # every value set of this unit has been tried
+
+        study.optimize(lambda trial, unit=unit: _run_trial(ctx, unit, trial), n_trials=remaining, timeout=left,
+                       catch=(TrialFailed,), callbacks=[*printer, *callbacks, stop_when_exhausted])
+
+
+def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    attrs = trial.user_attrs
+    entry = ", ".join(f"{k}={v}" for k, v in attrs.get(ENTRY_ATTR, {}).items())
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        print(f"trial {trial.number:3d} {attrs.get(UNIT_ATTR)} [{entry}] accuracy={attrs['fxsketch.accuracy']:.4f} "
+              f"speed={attrs['fxsketch.speed']:.3f} score={trial.value:.4f}")
+    else:
+        print(f"trial {trial.number:3d} {attrs.get(UNIT_ATTR)} [{entry}] {trial.state.name.lower()}: "
+              f"{attrs.get('fxsketch.note', '')}")
+
+
+def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose) -> Result:
+    trials = trials_frame(study)
+    if not trials.empty and (trials["state"] == "FAIL").all():
+        raise RuntimeError(f"every trial failed; the first failure: {trials['note'].iloc[0]}")
+    plan: dict[str, dict[str, Any]] = {}
+    accuracies: dict[str, float] = {}
+    for unit in units:
+        best = _best_entry(study, unit.key)
+        if best is None:
+            log.warning("no trial of %s met the accuracy threshold: it stays dense", unit.key)
+            continue
+        for name in unit.layers:
+            plan[name], accuracies[name] = dict(best[0]), best[1]
+    plan = {k: v for k, v in plan.items() if v["method"] != "dense"}
+    plan, accuracy, steps = _validate(ctx, plan, accuracies, verbose)
+    module = apply_plan(ctx.gm, ctx.records, plan, ctx.cache)
+    params_before, flops_before = plan_cost(records, {})
+    params_after, flops_after = plan_cost(records, plan)
+    dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.5)
+    ctx.cache.clear()
+    return Result(graph_module=module, plan=plan, accuracy=accuracy, dense_accuracy=dense_accuracy,
+                  speedup=dense_latency / latency, flops_ratio=flops_before / flops_after, params_before=params_before,
+                  params_after=params_after, trials=trials, study=study, records=records, validation=steps,
+                  accuracy_threshold=ctx.threshold)

@@ -1,0 +1,99 @@
+"""Registration of the fxsketch op family with `torch.library`.
+
+`fxsketch::lowrank_linear(x, B, A, bias)` computes `(x · Bᵀ) · Aᵀ + bias` for x of shape (..., K),
+B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. Both have a fake
+implementation (so `torch.export` and `torch.compile` trace them as single ops) and an autograd
+formula (so a rewritten model trains). The ATen bodies serve every device; a device-specific kernel
+(the Triton path) registers itself for its dispatch key without touching this file's callers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
+
+_LIB = torch.library.Library("fxsketch", "DEF")
+_LIB.define("lowrank_linear(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
+_LIB.define(
+    "lowrank_conv2d(Tensor x, Tensor B, Tensor A, Tensor? bias, SymInt[2] stride, "
+    "SymInt[2] padding, SymInt[2] dilation) -> Tensor"
+)
+# The lower-level Library API keeps per-call overhead near a plain ATen call (~2 µs instead of
+# ~7 µs for `torch.library.custom_op`), which shows at decode-sized inputs.
+_LIB.impl("lowrank_linear", lowrank_linear_aten, "CompositeExplicitAutograd")
+_LIB.impl("lowrank_conv2d", lowrank_conv2d_aten, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fxsketch::lowrank_linear")
+def _lowrank_linear_fake(x, B, A, bias=None):
+    return x.new_empty((*x.shape[:-1], A.shape[0]))
+
+
+@torch.library.register_fake("fxsketch::lowrank_conv2d")
+def _lowrank_conv2d_fake(x, B, A, bias, stride, padding, dilation):
+    return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, B, A, bias = inputs
+    ctx.save_for_backward(x, B, A)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, gy):
+    x, B, A = ctx.saved_tensors
+    need_x, need_B, need_A, need_bias = ctx.needs_input_grad
+    x2 = x.reshape(-1, x.shape[-1])
+    gy2 = gy.reshape(-1, gy.shape[-1])
+    gt = gy2 @ A  # gradient at the rank-R intermediate, (M, R)
+    gx = (gt @ B).reshape(x.shape) if need_x else None
+    gB = gt.T @ x2 if need_B else None
+    gA = gy2.T @ (x2 @ B.T) if need_A else None
+    gbias = gy2.sum(0) if (need_bias and ctx.has_bias) else None
+    return gx, gB, gA, gbias
+
+
+def _conv_setup(ctx, inputs, output):
+    x, B, A, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, B, A, bias if bias is not None else torch.empty(0))
+    ctx.has_bias = bias is not None
+    ctx.geometry = (stride, padding, dilation)
+
+
+def _conv_backward(ctx, gy):
+    # Convolution gradients have many layouts; replaying the ATen chain under autograd reuses
+    # ATen's own backward kernels instead of restating them.
+    x, B, A, bias = ctx.saved_tensors
+    leaves = [t.detach().requires_grad_(need) for t, need in zip((x, B, A), ctx.needs_input_grad)]
+    b = bias.detach().requires_grad_(ctx.needs_input_grad[3]) if ctx.has_bias else None
+    with torch.enable_grad():
+        y = lowrank_conv2d_aten(*leaves, b, *ctx.geometry)
+    wanted = [t for t in (*leaves, b) if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, gy)) if wanted else iter(())
+    out = [next(grads) if t is not None and t.requires_grad else None for t in (*leaves, b)]
+    return (*out, None, None, None)
+
+
+torch.library.register_autograd("fxsketch::lowrank_linear", _linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("fxsketch::lowrank_conv2d", _conv_backward, setup_context=_conv_setup)
+
+
+def lowrank_linear(
+    x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`(x · Bᵀ) · Aᵀ + bias` for x (..., K), B (R, K), A (N, R), bias (N,) through the fxsketch op."""
+    return torch.ops.fxsketch.lowrank_linear(x, B, A, bias)
+
+
+def lowrank_conv2d(
+    x: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """k×k conv of x with B (R, C, kh, kw) to R channels, then 1×1 conv with A (N, R) plus bias."""
+    return torch.ops.fxsketch.lowrank_conv2d(x, B, A, bias, list(stride), list(padding), list(dilation))
