@@ -81,7 +81,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModul
         gm.meta["fxsketch_tracer"] = tracer.__name__.lstrip("_")
         return gm
     raise CaptureError(
-        f"could not capture {type(model).__name__} as a graph:\n  - " + "\n  - ".join(errors) +
+        f"could not capture {type(model).__name__} as a graph:\n  - " + "\n  - ".join(errors)
         + ("" if inputs is not None else "\nPass example_inputs so that torch.export can try too.") +
         "\nCheck that example_inputs are what forward() takes (a tuple of positional tensors) and "
         "run on them; or export the model yourself (torch.export.export(model, args, strict=False)"

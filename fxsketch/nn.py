@@ -20,6 +20,14 @@ def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _copy_into(layer: nn.Module, **tensors: torch.Tensor | None) -> None:
+    """Copy values into a layer's parameters (built in the right dtype first, so nothing rounds)."""
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if value is not None:
+                getattr(layer, name).copy_(value)
+
+
 def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(max(fan_in, 1))
     return nn.init.uniform_(t, -bound, bound)
@@ -40,13 +48,9 @@ class LowRankLinear(nn.Module):
         cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
     ) -> "LowRankLinear":
         """Build from given factors (copied, so the caller's tensors are never shared)."""
-        layer = cls(B.shape[1], A.shape[0], B.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            layer.B.copy_(B)
-            layer.A.copy_(A)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer.to(B.dtype)
+        layer = cls(B.shape[1], A.shape[0], B.shape[0], bias=bias is not None).to(B.dtype)
+        _copy_into(layer, B=B, A=A, bias=bias)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lowrank_linear(x, self.B, self.A, self.bias)
@@ -91,13 +95,9 @@ class LowRankConv2d(nn.Module):
     ) -> "LowRankConv2d":
         """Build from B (rank, C, kh, kw) and A (out, rank); the tensors are copied."""
         rank, c, kh, kw = B.shape
-        layer = cls(c, A.shape[0], rank, (kh, kw), stride, padding, dilation, bias is not None)
-        with torch.no_grad():
-            layer.B.copy_(B)
-            layer.A.copy_(A)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer.to(B.dtype)
+        layer = cls(c, A.shape[0], rank, (kh, kw), stride, padding, dilation, bias is not None).to(B.dtype)
+        _copy_into(layer, B=B, A=A, bias=bias)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lowrank_conv2d(x, self.B, self.A, self.bias, self.stride, self.padding, self.dilation)
@@ -132,9 +132,10 @@ class _Sketched(nn.Module):
         self.register_buffer("U2", _scaled_signs((l, d, k), k, g))
         if weight is None:
             weight = _uniform_(torch.empty(out, d), d)
-        Wt = weight.detach().float().reshape(out, d).T  # d × out
-        self.S1 = nn.Parameter(torch.einsum("do,lko->ldk", Wt, self.U1))
-        self.S2 = nn.Parameter(torch.einsum("ldk,do->lko", self.U2, Wt))
+        wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        Wt = weight.detach().to(wide).reshape(out, d).T  # d × out
+        self.S1 = nn.Parameter(torch.einsum("do,lko->ldk", Wt, self.U1.to(wide)))
+        self.S2 = nn.Parameter(torch.einsum("ldk,do->lko", self.U2.to(wide), Wt))
 
     @property
     def rank(self) -> int:
@@ -170,11 +171,9 @@ class SKLinear(_Sketched):
     def from_dense(cls, linear: nn.Linear, num_terms: int, low_rank: int, seed: int = 0) -> "SKLinear":
         """Sketch an existing Linear (weights copied, never shared)."""
         layer = cls(linear.in_features, linear.out_features, num_terms, low_rank,
-                    bias=linear.bias is not None, weight=linear.weight, seed=seed)
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
-        return layer.to(linear.weight.dtype)
+                    bias=linear.bias is not None, weight=linear.weight, seed=seed).to(linear.weight.dtype)
+        _copy_into(layer, bias=linear.bias)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, A = self.collapsed_factors()
@@ -217,11 +216,10 @@ class SKConv2d(_Sketched):
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("SKConv2d.from_dense needs groups=1, padding_mode='zeros' and numeric padding")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, num_terms, low_rank,
-                    conv.stride, conv.padding, conv.dilation, conv.bias is not None, conv.weight, seed)
-        if conv.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
-        return layer.to(conv.weight.dtype)
+                    conv.stride, conv.padding, conv.dilation, conv.bias is not None, conv.weight,
+                    seed).to(conv.weight.dtype)
+        _copy_into(layer, bias=conv.bias)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, A = self.collapsed_factors()

@@ -9,9 +9,14 @@ formula (so a rewritten model trains). The ATen bodies serve every device; a dev
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
+
+BACKENDS = ("aten", "triton")
 
 _LIB = torch.library.Library("fxsketch", "DEF")
 _LIB.define("lowrank_linear(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
@@ -19,10 +24,48 @@ _LIB.define(
     "lowrank_conv2d(Tensor x, Tensor B, Tensor A, Tensor? bias, SymInt[2] stride, "
     "SymInt[2] padding, SymInt[2] dilation) -> Tensor"
 )
+
+
+def kernel_backend(device: torch.device) -> str:
+    """Which implementation runs on `device`: FXSKETCH_KERNEL=triton|aten forces one; unset picks
+    Triton on CUDA (when it imports) and ATen elsewhere."""
+    forced = os.environ.get("FXSKETCH_KERNEL", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"FXSKETCH_KERNEL={forced!r} is not one of {BACKENDS}: unset it or pick one")
+        return forced
+    return "triton" if device.type == "cuda" and _triton_available() else "aten"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lowrank_linear_impl(x, B, A, bias=None):
+    if kernel_backend(x.device) == "triton":
+        from fxsketch.kernels.triton_lowrank import lowrank_linear_triton
+
+        return lowrank_linear_triton(x, B, A, bias)
+    return lowrank_linear_aten(x, B, A, bias)
+
+
+def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation):
+    if kernel_backend(x.device) == "triton":
+        from fxsketch.kernels.triton_lowrank import pointwise_conv_triton
+
+        return pointwise_conv_triton(F.conv2d(x, B, None, stride, padding, dilation), A, bias)
+    return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
+
+
 # The lower-level Library API keeps per-call overhead near a plain ATen call (~2 µs instead of
-# ~7 µs for `torch.library.custom_op`), which shows at decode-sized inputs.
-_LIB.impl("lowrank_linear", lowrank_linear_aten, "CompositeExplicitAutograd")
-_LIB.impl("lowrank_conv2d", lowrank_conv2d_aten, "CompositeExplicitAutograd")
+# ~7 µs for `torch.library.custom_op`), which shows at decode-sized inputs. One implementation
+# serves every device and picks its kernel per call, so FXSKETCH_KERNEL also reaches CPU tensors.
+_LIB.impl("lowrank_linear", _lowrank_linear_impl, "CompositeExplicitAutograd")
+_LIB.impl("lowrank_conv2d", _lowrank_conv2d_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fxsketch::lowrank_linear")
@@ -43,7 +86,9 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, gy):
     x, B, A = ctx.saved_tensors
-    need_x, need_B, need_A, need_bias = ctx.needs_input_grad
+    needs = ctx.needs_input_grad  # three entries when bias was left out of the call
+    need_x, need_B, need_A = needs[:3]
+    need_bias = len(needs) > 3 and needs[3]
     x2 = x.reshape(-1, x.shape[-1])
     gy2 = gy.reshape(-1, gy.shape[-1])
     gt = gy2 @ A  # gradient at the rank-R intermediate, (M, R)
@@ -51,7 +96,7 @@ def _linear_backward(ctx, gy):
     gB = gt.T @ x2 if need_B else None
     gA = gy2.T @ (x2 @ B.T) if need_A else None
     gbias = gy2.sum(0) if (need_bias and ctx.has_bias) else None
-    return gx, gB, gA, gbias
+    return (gx, gB, gA, gbias)[: len(needs)]
 
 
 def _conv_setup(ctx, inputs, output):

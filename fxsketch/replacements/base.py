@@ -26,12 +26,16 @@ class Cost:
 
 def dense_cost(record: LayerRecord) -> Cost:
     out, inner = record.out_features, record.in_features
-    return Cost(params=out * inner + out, flops_per_token=2 * out * inner)
+    return Cost(params=out * inner + _bias(record), flops_per_token=2 * out * inner)
 
 
 def lowrank_cost(record: LayerRecord, rank: int) -> Cost:
     out, inner = record.out_features, record.in_features
-    return Cost(params=rank * (inner + out) + out, flops_per_token=2 * rank * (inner + out), rank=rank)
+    return Cost(params=rank * (inner + out) + _bias(record), flops_per_token=2 * rank * (inner + out), rank=rank)
+
+
+def _bias(record: LayerRecord) -> int:
+    return record.out_features if record.bias_target else 0
 
 
 AUTO_MIN_GAIN = 1.5
@@ -48,12 +52,10 @@ def efficient_rank_limit(record: LayerRecord, min_gain: float = AUTO_MIN_GAIN) -
 
 
 def rank_space(limit: int) -> ParamSpec | None:
-    """A rank range up to `limit` whose step keeps the grid to a few dozen values."""
+    """Ranks up to `limit` on a power-of-two step that keeps the grid to about 16–32 values."""
     if limit < 1:
         return None
-    if limit < 8:
-        return Int(1, limit)
-    step = 8 * 2 ** max(0, math.floor(math.log2(limit / 256)))
+    step = 2 ** max(0, math.floor(math.log2(limit / 16)))
     return Int(step, limit - limit % step, step=step)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import torch
+
 from fxsketch.nn import SKConv2d, SKLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
@@ -56,9 +58,11 @@ class Sketch(ReplacementKind):
             g = record.conv
             module = SKConv2d(c, record.out_features, (kh, kw), l, k, g["stride"], g["padding"],
                               g["dilation"], bias=bias is not None, weight=w, seed=layer_seed(record.name))
+        module = module.to(weight.dtype)
         if bias is not None and copy_weights:
-            module.bias.data.copy_(bias)
-        return module.to(weight.dtype)
+            with torch.no_grad():
+                module.bias.copy_(bias)
+        return module
 
 
 @register_kind

@@ -1,0 +1,179 @@
+"""Fused low-rank GEMM in Triton: `y = (x · Bᵀ) · Aᵀ + bias` with the M×R intermediate on chip.
+
+One program owns a BM-row tile of x and a slice of N. For each BR-wide chunk of the rank it
+computes t = x_tile · B_chunkᵀ in float32 (float64 for float64 inputs) registers (phase 1, looping over K), casts it to the
+input dtype, and streams it against A (phase 2, looping over its N slice), so t is never written to
+global memory. With R ≤ BR there is one chunk and every output tile is written once, bias
+included; larger R adds later chunks onto the stored output. `N_SPLIT` programs share the N range
+of one row tile: one (no recomputation of phase 1) when M is large, several when M is small and
+the row tiles alone would leave the GPU idle.
+
+Rows are addressed as (m // HW, m % HW) with a batch stride, so the same kernel reads and writes
+NCHW tensors directly: that is the 1×1 stage of the low-rank Conv2d (`IDENTITY_B`: x already is t).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Triton's CPU interpreter computes bf16 dots wrongly (numpy has no bf16): it upcasts there.
+    if UPCAST:
+        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _lowrank_fwd_kernel(
+    x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr,
+    M, K, N, R, HW,
+    sx_b, sx_m, sx_k, sb_r, sb_k, sa_n, sa_r, sy_b, sy_m, sy_n, s_bias,
+    M_BUCKET,  # autotune key only: the power-of-two bucket of M
+    HAS_BIAS: tl.constexpr, IDENTITY_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, N_SPLIT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    x_rows = (offs_m // HW) * sx_b + (offs_m % HW) * sx_m
+    y_rows = (offs_m // HW) * sy_b + (offs_m % HW) * sy_m
+    offs_k = tl.arange(0, BK)
+    offs_r = tl.arange(0, BR)
+    offs_n = tl.arange(0, BN)
+    tiles_per_split = tl.cdiv(tl.cdiv(N, BN), N_SPLIT)
+    n_begin = pid_s * tiles_per_split * BN
+    n_stop = tl.minimum(n_begin + tiles_per_split * BN, N)
+    for r0 in range(0, R, BR):
+        r_idx = r0 + offs_r
+        r_mask = r_idx < R
+        if IDENTITY_B:
+            t = tl.load(x_ptr + x_rows[:, None] + r_idx[None, :] * sx_k,
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        else:
+            acc_t = tl.zeros((BM, BR), dtype=ACC)
+            for k0 in range(0, K, BK):
+                k_idx = k0 + offs_k
+                k_mask = k_idx < K
+                xt = tl.load(x_ptr + x_rows[:, None] + k_idx[None, :] * sx_k,
+                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                bt = tl.load(b_ptr + r_idx[None, :] * sb_r + k_idx[:, None] * sb_k,
+                             mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+                acc_t = _dot(xt, bt, acc_t, PRECISION, UPCAST)
+            t = acc_t.to(x_ptr.dtype.element_ty)
+        for n0 in range(n_begin, n_stop, BN):
+            n_idx = n0 + offs_n
+            n_mask = n_idx < n_stop
+            at = tl.load(a_ptr + n_idx[None, :] * sa_n + r_idx[:, None] * sa_r,
+                         mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+            acc = _dot(t, at, tl.zeros((BM, BN), dtype=ACC), PRECISION, UPCAST)
+            y_ptrs = y_ptr + y_rows[:, None] + n_idx[None, :] * sy_n
+            out_mask = m_mask[:, None] & n_mask[None, :]
+            if r0 > 0:
+                acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(ACC)
+            elif HAS_BIAS:
+                acc += tl.load(bias_ptr + n_idx * s_bias, mask=n_mask, other=0.0).to(ACC)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _cuda_configs() -> list[triton.Config]:
+    """Large-M tiles that keep one program per row tile, and small-M (decode) tiles that split N."""
+    configs = []
+    for bm, bn, bk, split, warps, stages in (
+        (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 3), (64, 64, 64, 1, 4, 4),
+        (64, 128, 32, 4, 4, 3), (32, 128, 64, 8, 4, 3),
+        (16, 128, 128, 8, 4, 3), (16, 64, 128, 16, 4, 3), (16, 256, 64, 16, 8, 3), (16, 128, 64, 32, 4, 4),
+    ):
+        for br in (32, 64, 128, 256):
+            configs.append(triton.Config(dict(BM=bm, BN=bn, BK=bk, BR=br, N_SPLIT=split),
+                                         num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep rank chunks that fit R (one chunk when R ≤ 256) and tiles no larger than M needs."""
+    R, M = named_args["R"], named_args["M"]
+    want_br = min(max(16, triton.next_power_of_2(R)), 256)
+    want_bm = 16 if M <= 16 else 32 if M <= 64 else None
+    kept = [c for c in configs if c.kwargs["BR"] == want_br
+            and (want_bm is None and c.kwargs["BM"] >= 64 or want_bm is not None and c.kwargs["BM"] <= max(want_bm, 32))]
+    return kept or configs[:1]
+
+
+@functools.cache
+def _autotuned():
+    return triton.autotune(configs=_cuda_configs(), key=["M_BUCKET", "K", "N", "R", "IDENTITY_B"],
+                           prune_configs_by={"early_config_prune": _prune})(_lowrank_fwd_kernel)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where kernels run on CPU tensors and autotuning is unavailable."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch(x, b, a, bias, y, M, K, N, R, HW, x_strides, y_strides, identity_b: bool) -> None:
+    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    args = (x, b if b is not None else x, a, bias if bias is not None else a, y, M, K, N, R, HW,
+            *x_strides, *(b.stride() if b is not None else (0, 0)), *a.stride(), *y_strides,
+            bias.stride(0) if bias is not None else 0,
+            triton.next_power_of_2(M))
+    flags = dict(HAS_BIAS=bias is not None, IDENTITY_B=identity_b, PRECISION=precision,
+                 UPCAST=interpreting() and x.dtype == torch.bfloat16,
+                 ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
+    if interpreting():
+        # The interpreter has no driver to benchmark with: one fixed, small config.
+        cfg = dict(BM=16, BN=32, BK=32, BR=min(max(16, triton.next_power_of_2(R)), 64), N_SPLIT=1)
+        _lowrank_fwd_kernel[(triton.cdiv(M, cfg["BM"]), 1)](*args, **flags, **cfg)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
+        _autotuned()[grid](*args, **flags)
+
+
+def _check(x: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor | None = None) -> None:
+    tensors = [t for t in (x, B, A, bias) if t is not None]
+    if len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"lowrank ops need one dtype for all tensors, got {[t.dtype for t in tensors]}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"lowrank ops need all tensors on one device, got {[str(t.device) for t in tensors]}")
+
+
+def lowrank_linear_triton(
+    x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`(x · Bᵀ) · Aᵀ + bias` with the fused kernel; x (..., K), B (R, K), A (N, R), bias (N,)."""
+    _check(x, A, bias, B)
+    K, R, N = x.shape[-1], B.shape[0], A.shape[0]
+    if B.shape[1] != K or A.shape[1] != R or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}, "
+                         f"bias {None if bias is None else tuple(bias.shape)}")
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M and N:
+        if R == 0 or K == 0:
+            y.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y))
+        else:
+            _launch(x2, B, A, bias, y, M, K, N, R, M, (0, *x2.stride()), (0, *y.stride()), identity_b=False)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def pointwise_conv_triton(t: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The 1×1 convolution `y[n, o] = Σ_r A[o, r] · t[n, r] + bias[o]` on NCHW tensors, read and
+    written in place by the fused kernel's GEMM-with-bias path."""
+    _check(t, A, bias)
+    t = t.contiguous()
+    batch, R, H, W = t.shape
+    N, HW = A.shape[0], H * W
+    y = torch.empty((batch, N, H, W), device=t.device, dtype=t.dtype)
+    M = batch * HW
+    if M and N:
+        _launch(t, None, A, bias, y, M, R, N, R, HW, (R * HW, 1, HW), (N * HW, 1, HW), identity_b=True)
+    return y

@@ -1,0 +1,109 @@
+"""save/load: .pt2 round trips in a fresh process, dynamic batch, and every bad-file error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import fxsketch
+from fxsketch.deploy import ArtifactError
+
+
+def _rewritten():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16),
+                          nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    plan = {"0": {"method": "svd", "low_rank": 4}, "3": {"method": "sketch", "num_terms": 1, "low_rank": 4}}
+    return model, fxsketch.rewrite(model, plan, x), x, plan
+
+
+def test_saved_program_runs_in_a_fresh_process_on_another_batch_size(tmp_path):
+    _, gm, x, plan = _rewritten()
+    path = tmp_path / "m.pt2"
+    program = fxsketch.save(gm, path, x)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "fxsketch.lowrank_conv2d.default" in targets and "fxsketch.lowrank_linear.default" in targets
+    x7 = torch.randn(7, 3, 6, 6)
+    with torch.no_grad():
+        torch.save((x7, gm(x7)), tmp_path / "ref.pt")
+    code = textwrap.dedent(f"""
+        import torch, fxsketch
+        m = fxsketch.load({str(path)!r})
+        x, y = torch.load({str(tmp_path / 'ref.pt')!r})
+        with torch.no_grad():
+            out = m(x)
+        assert out.shape == y.shape, out.shape
+        torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)
+        print("plan", m.meta["fxsketch"]["plan"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "'low_rank': 4" in proc.stdout
+
+
+def test_static_batch_artifact_refuses_other_batch_sizes(tmp_path):
+    _, gm, x, _ = _rewritten()
+    fxsketch.save(gm, tmp_path / "s.pt2", x, dynamic_batch=False)
+    loaded = fxsketch.load(tmp_path / "s.pt2")
+    torch.testing.assert_close(loaded(x), gm(x))
+    with pytest.raises(Exception):
+        loaded(torch.randn(5, 3, 6, 6))
+
+
+def test_dynamic_batch_needs_a_batch_of_two(tmp_path):
+    _, gm, _, _ = _rewritten()
+    with pytest.raises(ArtifactError, match="batch of at least 2"):
+        fxsketch.save(gm, tmp_path / "one.pt2", torch.randn(1, 3, 6, 6))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such artifact"):
+        fxsketch.load(tmp_path / "nope.pt2")
+
+
+def test_not_an_archive_and_truncated(tmp_path):
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"definitely not a zip file")
+    with pytest.raises(ArtifactError, match="truncated"):
+        fxsketch.load(junk)
+    _, gm, x, _ = _rewritten()
+    good = tmp_path / "good.pt2"
+    fxsketch.save(gm, good, x)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.pt2"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated"):
+        fxsketch.load(cut)
+
+
+def test_plain_torch_export_file_is_not_an_fxsketch_artifact(tmp_path):
+    model = nn.Linear(4, 2)
+    path = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 4),)), path)
+    with pytest.raises(ArtifactError, match="not an fxsketch artifact"):
+        fxsketch.load(path)
+
+
+def test_artifact_from_a_newer_format_says_upgrade(tmp_path):
+    _, gm, x, _ = _rewritten()
+    path = tmp_path / "m.pt2"
+    fxsketch.save(gm, path, x)
+    newer = tmp_path / "newer.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(newer, "w") as dst:
+        for item in src.infolist():
+            payload = src.read(item)
+            if item.filename.endswith("fxsketch.json"):
+                meta = json.loads(payload)
+                meta["format"] = 99
+                payload = json.dumps(meta).encode()
+            dst.writestr(item, payload)
+    with pytest.raises(ArtifactError, match="upgrade fxsketch"):
+        fxsketch.load(newer)
