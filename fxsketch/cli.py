@@ -21,7 +21,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fxske
 
 @app.command()
 def demo(
-    trials: int = typer.Option(12, help="Trials per layer."),
+    trials: int = typer.Option(36, help="Trials in all, split over the layers."),
     out: Path = typer.Option(Path("fxsketch-demo.pt2"), help="Where to save the optimized model."),
     objective: str = typer.Option("latency", help="latency (measured) or flops (cost model)."),
     seed: int = typer.Option(0, help="Seed for training and the sampler."),

@@ -349,7 +349,8 @@ def optimize(
         speed_fn: `model -> float`, higher is better; replaces the built-in speed measure.
         objective: "latency" (measured speedup vs dense, same process) or "flops" (exact cost
             model; deterministic).
-        n_trials: trials per tuning unit (a layer, or a group with `separate=False`).
+        n_trials: the total trial budget, split evenly over the tuning units (a layer, or a group
+            with `separate=False`); a unit whose space runs out early passes its share on.
         timeout: seconds for the whole search; units not reached stay dense.
         sampler, pruner: Optuna objects, passed straight through (default: seeded TPE that is
             told the accuracy constraint).
@@ -397,24 +398,36 @@ def optimize(
 
 
 def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
+    """Run the units one after another, splitting `n_trials` evenly over them.
+
+    A unit that finishes early (its space exhausted) leaves its share to the units after it; a
+    resumed study counts the trials each unit already has.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     printer = [_print_trial] if verbose else []
-    for unit in units:
-        remaining = n_trials - _finished(study, unit.key)
+    used = 0
+    for i, unit in enumerate(units):
+        share = -(-max(0, n_trials - used) // (len(units) - i))  # ceil: earlier units get the remainder
+        remaining = share - _finished(study, unit.key)
         left = None if deadline is None else deadline - time.monotonic()
-        if remaining <= 0:
-            continue
-        if left is not None and left <= 0:
+        if remaining > 0 and left is not None and left <= 0:
             log.warning("timeout reached: %s was not tuned and stays dense", unit.key)
-            continue
-        size = _space_size(unit, ctx.default_method)
+        elif remaining > 0:
+            _search_unit(ctx, study, unit, remaining, left, [*printer, *callbacks])
+        elif share == 0:
+            log.warning("n_trials=%d leaves no trial for %s: it stays dense", n_trials, unit.key)
+        used += _finished(study, unit.key)
 
-        def stop_when_exhausted(study: optuna.Study, trial, key=unit.key, size=size) -> None:
-            if len(ctx.seen.get(key, ())) >= size:
-                study.stop()  # every value set of this unit has been tried
 
-        study.optimize(lambda trial, unit=unit: _run_trial(ctx, unit, trial), n_trials=remaining, timeout=left,
-                       catch=(TrialFailed,), callbacks=[*printer, *callbacks, stop_when_exhausted])
+def _search_unit(ctx, study, unit, n_trials, timeout, callbacks) -> None:
+    size = _space_size(unit, ctx.default_method)
+
+    def stop_when_exhausted(study: optuna.Study, trial) -> None:
+        if len(ctx.seen.get(unit.key, ())) >= size:
+            study.stop()  # every value set of this unit has been tried
+
+    study.optimize(lambda trial: _run_trial(ctx, unit, trial), n_trials=n_trials, timeout=timeout,
+                   catch=(TrialFailed,), callbacks=[*callbacks, stop_when_exhausted])
 
 
 def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

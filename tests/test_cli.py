@@ -25,7 +25,7 @@ def test_help_lists_commands():
 
 def test_demo_trains_optimizes_and_saves(tmp_path):
     out = tmp_path / "demo.pt2"
-    proc = _cli("demo", "--trials", "3", "--objective", "flops", "--out", str(out), cwd=tmp_path)
+    proc = _cli("demo", "--trials", "9", "--objective", "flops", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
     assert "dense accuracy" in text and "trial   0" in text and "MFLOPs before" in text

@@ -71,7 +71,8 @@ def test_result_meets_threshold_and_matches_its_plan():
 
 
 def test_trials_frame_and_score_semantics():
-    result = _run(n_trials=6)
+    spec = TuningConfigs([LayerConfig("0", params="auto"), LayerConfig("2", params={"low_rank": [1, 16]})])
+    result = _run(spec=spec, n_trials=6)
     frame = result.trials
     assert {"number", "layer", "state", "method", "low_rank", "accuracy", "speed", "score"} <= set(frame.columns)
     assert set(frame["layer"]) == {"0", "2"}
@@ -228,6 +229,20 @@ def test_repeated_values_reuse_the_result_and_exhausted_spaces_stop():
     assert len(calls) == 1 + 2 + 1  # dense + two distinct trials + validation
 
 
+def test_budget_is_split_and_an_exhausted_unit_passes_its_share_on():
+    spec = TuningConfigs([LayerConfig("0", params={"low_rank": [4, 8]}),
+                          LayerConfig("2", params={"low_rank": Int(1, 30)})])
+    result = _run(spec=spec, n_trials=10)
+    assert result.trials.groupby("layer").size().to_dict() == {"0": 2, "2": 8}
+
+
+def test_budget_smaller_than_the_units_warns(caplog):
+    result = _run(n_trials=1)
+    assert len(result.trials) == 1
+    assert set(result.trials["layer"]) == {"0"}
+    assert "leaves no trial for 2" in caplog.text
+
+
 def test_speed_fn_replaces_built_in_measure():
     def speed(m):
         return 100.0 - sum(p.numel() for p in m.parameters()) / 1e3
@@ -245,11 +260,11 @@ def test_latency_objective_measures_finite_speedups():
 
 def test_sqlite_storage_resume_runs_only_missing_trials(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    first = _run(storage=url, study_name="s", n_trials=2)
+    first = _run(storage=url, study_name="s", n_trials=4)
     assert len(first.trials) == 4
     with pytest.raises(ValueError, match="load_if_exists=True"):
-        _run(storage=url, study_name="s", n_trials=2)
-    resumed = _run(storage=url, study_name="s", n_trials=3, load_if_exists=True)
+        _run(storage=url, study_name="s", n_trials=4)
+    resumed = _run(storage=url, study_name="s", n_trials=6, load_if_exists=True)
     assert len(resumed.trials) == 6
     assert resumed.trials.groupby("layer").size().to_dict() == {"0": 3, "2": 3}
 
