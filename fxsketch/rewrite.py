@@ -16,6 +16,8 @@ import torch.fx
 from torch import nn
 
 from fxsketch.capture import as_inputs, capture, find_layers
+from fxsketch.kernels import lowrank_conv2d, lowrank_linear
+from fxsketch.nn import LowRankConv2d, LowRankLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import FactorCache, get_kind
 
@@ -139,13 +141,13 @@ def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
 def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node], module: nn.Module) -> None:
     """Put `module` into `gm` and route the record's nodes through it."""
     if all(n.op == "call_module" for n in nodes):
-        _set_submodule(gm, record.name, module)
-        return
-    path = record.name if _owner_is_replaceable(gm, record, nodes) else _private_path(gm, record.name)
+        path = record.name
+    else:
+        path = record.name if _owner_is_replaceable(gm, record, nodes) else _private_path(gm, record.name)
     _set_submodule(gm, path, module)
     for node in nodes:
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, (node.args[0] if node.args else node.kwargs["input"],))
+            call = _emit_call(gm.graph, path, module, node.args[0] if node.args else node.kwargs["input"])
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
@@ -153,6 +155,24 @@ def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx
         for a in attrs:
             if not a.users:
                 gm.graph.erase_node(a)
+
+
+def _emit_call(graph: torch.fx.Graph, path: str, module: nn.Module, x: torch.fx.Node) -> torch.fx.Node:
+    """The node computing `module(x)`.
+
+    Plain low-rank layers become a direct call of the fxsketch op on the module's parameters (the
+    module stays at `path` as their owner), which saves a module call per layer; layers with their
+    own forward logic (the sketch kinds) stay `call_module`.
+    """
+    if type(module) is LowRankLinear:
+        params = [graph.get_attr(f"{path}.{p}") for p in ("B", "A")]
+        bias = graph.get_attr(f"{path}.bias") if module.bias is not None else None
+        return graph.call_function(lowrank_linear, (x, *params, bias))
+    if type(module) is LowRankConv2d:
+        params = [graph.get_attr(f"{path}.{p}") for p in ("B", "A")]
+        bias = graph.get_attr(f"{path}.bias") if module.bias is not None else None
+        return graph.call_function(lowrank_conv2d, (x, *params, bias, module.stride, module.padding, module.dilation))
+    return graph.call_module(path, (x,))
 
 
 def _owner_is_replaceable(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node]) -> bool:

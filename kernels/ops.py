@@ -9,6 +9,7 @@ formula (so a rewritten model trains). The ATen bodies serve every device; a dev
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,17 +27,19 @@ _LIB.define(
 )
 
 
-def kernel_backend(device: torch.device) -> str:
-    """Which implementation runs on `device`: FXSKETCH_KERNEL=triton|aten forces one; unset picks
-    Triton on CUDA (when it imports) and ATen elsewhere."""
-    forced = os.environ.get("FXSKETCH_KERNEL", "").strip().lower()
+def kernel_backend(x: torch.Tensor) -> str:
+    """Which implementation runs for tensors like `x`: FXSKETCH_KERNEL=triton|aten forces one; unset
+    picks Triton on CUDA (when it imports) and ATen elsewhere."""
+    forced = os.environ.get("FXSKETCH_KERNEL")
     if forced:
+        forced = forced.strip().lower()
         if forced not in BACKENDS:
             raise ValueError(f"FXSKETCH_KERNEL={forced!r} is not one of {BACKENDS}: unset it or pick one")
         return forced
-    return "triton" if device.type == "cuda" and _triton_available() else "aten"
+    return "triton" if x.is_cuda and _triton_available() else "aten"
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -46,7 +49,7 @@ def _triton_available() -> bool:
 
 
 def _lowrank_linear_impl(x, B, A, bias=None):
-    if kernel_backend(x.device) == "triton":
+    if kernel_backend(x) == "triton":
         from fxsketch.kernels.triton_lowrank import lowrank_linear_triton
 
         return lowrank_linear_triton(x, B, A, bias)
@@ -54,7 +57,7 @@ def _lowrank_linear_impl(x, B, A, bias=None):
 
 
 def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation):
-    if kernel_backend(x.device) == "triton":
+    if kernel_backend(x) == "triton":
         from fxsketch.kernels.triton_lowrank import pointwise_conv_triton
 
         return pointwise_conv_triton(F.conv2d(x, B, None, stride, padding, dilation), A, bias)
@@ -124,10 +127,24 @@ torch.library.register_autograd("fxsketch::lowrank_linear", _linear_backward, se
 torch.library.register_autograd("fxsketch::lowrank_conv2d", _conv_backward, setup_context=_conv_setup)
 
 
+def _eager_inference(*tensors: torch.Tensor) -> bool:
+    """True for a plain eager call with autograd off: nothing records the op, so the dispatcher's
+    autograd layer (a Python kernel, ~5 µs a call) can be skipped. Tracers (FX proxies, export's
+    fake tensors, Dynamo) never take this path, so graphs always hold the single fxsketch op."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return all(type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def lowrank_linear(
     x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`(x · Bᵀ) · Aᵀ + bias` for x (..., K), B (R, K), A (N, R), bias (N,) through the fxsketch op."""
+    if _eager_inference(x, B):
+        return _lowrank_linear_impl(x, B, A, bias)
     return torch.ops.fxsketch.lowrank_linear(x, B, A, bias)
 
 
@@ -141,4 +158,6 @@ def lowrank_conv2d(
     dilation: tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
     """k×k conv of x with B (R, C, kh, kw) to R channels, then 1×1 conv with A (N, R) plus bias."""
+    if _eager_inference(x, B):
+        return _lowrank_conv2d_impl(x, B, A, bias, list(stride), list(padding), list(dilation))
     return torch.ops.fxsketch.lowrank_conv2d(x, B, A, bias, list(stride), list(padding), list(dilation))

@@ -348,3 +348,27 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
     x, B, A, b = _linear_args((4,), 8, 2, 3, torch.float32, bias=True)
     with pytest.raises(ValueError, match="FXSKETCH_KERNEL='cutlass'"):
         lowrank_linear(x, B, A, b)
+
+
+def test_no_grad_fast_path_matches_the_op_and_tracers_still_see_one_op():
+    """Under no_grad the public functions skip the dispatcher's autograd layer; export, which
+    traces with fake tensors, must still record the single fxsketch op."""
+    x, B, A, b = _linear_args((6,), 10, 3, 7, torch.float32, bias=True)
+    with torch.no_grad():
+        fast = lowrank_linear(x, B, A, b)
+    assert torch.equal(fast, LINEAR_OP(x, B, A, b))
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.B, self.A, self.b = (torch.nn.Parameter(t) for t in (B, A, b))
+
+        def forward(self, inp):
+            return lowrank_linear(inp, self.B, self.A, self.b)
+
+    with torch.no_grad():
+        program = torch.export.export(Layer(), (x,))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == [LINEAR_OP]
+    gm = torch.fx.symbolic_trace(Layer())
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.ops.fxsketch.lowrank_linear]
