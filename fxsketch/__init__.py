@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fxsketch import kernels  # noqa: F401  (registers the fxsketch:: ops)
+from fxsketch.backend import backend
 from fxsketch.capture import CaptureError, capture, find_layers
 from fxsketch.deploy import ArtifactError, load, save
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
@@ -49,5 +50,5 @@ def select(model: torch.nn.Module, selector: Any, example_inputs: Any = None) ->
 __all__ = [
     "ArtifactError", "CaptureError", "Categorical", "Float", "Int", "KINDS", "LayerConfig", "LayerRecord",
     "LowRankConv2d", "LowRankLinear", "ParamSpec", "SKConv2d", "SKLinear", "TuningConfigs",
-    "Result", "capture", "find_layers", "optimize", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",
+    "Result", "backend", "capture", "find_layers", "optimize", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",
 ]

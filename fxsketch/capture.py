@@ -144,28 +144,42 @@ def _record_for(gm, node: torch.fx.Node, order: dict[str, int], position: int) -
                                 order.get(node.target, _FUNCTIONAL_ORDER), position, geometry,
                                 f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None)
         return None
-    if node.op != "call_function" or node.target not in _LINEAR_FNS | _CONV_FNS:
+    if not is_functional_layer(node):
         return None
-    is_linear = node.target in _LINEAR_FNS
-    names = ("input", "weight", "bias") if is_linear else ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    args = dict(zip(names, node.args))
-    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    args = call_arguments(node)
     weight, bias = args.get("weight"), args.get("bias")
     if not _is_attr(weight) or (bias is not None and not _is_attr(bias)):
         return None  # computed weights are not layers we can factor
-    w = _fetch_attr(gm, weight.target)
     name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
-    module_type = _module_type(node, name)
-    bias_target = bias.target if bias is not None else None
-    rank_order = order.get(name, _FUNCTIONAL_ORDER)
-    if is_linear:
-        return _linear_record(node, name, module_type, tuple(w.shape), rank_order, position, weight.target, bias_target)
+    return functional_record(node, name, _module_type(node, name), tuple(_fetch_attr(gm, weight.target).shape),
+                             order.get(name, _FUNCTIONAL_ORDER), position, weight.target,
+                             bias.target if bias is not None else None)
+
+
+def is_functional_layer(node: torch.fx.Node) -> bool:
+    """Whether `node` is a functional or ATen linear/conv2d call."""
+    return node.op == "call_function" and node.target in _LINEAR_FNS | _CONV_FNS
+
+
+def call_arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """The arguments of a functional linear/conv2d node by name (`input`, `weight`, `bias`, ...)."""
+    names = ("input", "weight", "bias") if node.target in _LINEAR_FNS else (
+        "input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = dict(zip(names, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    return args
+
+
+def functional_record(node, name, module_type, shape, module_order, position, weight_target, bias_target) -> LayerRecord:
+    """The record of a functional linear/conv2d node whose weight has shape `shape`."""
+    if node.target in _LINEAR_FNS:
+        return _linear_record(node, name, module_type, shape, module_order, position, weight_target, bias_target)
+    args = call_arguments(node)
     geometry = dict(stride=_pair(args.get("stride", 1)), padding=args.get("padding", 0),
                     dilation=_pair(args.get("dilation", 1)), groups=int(args.get("groups", 1)), padding_mode="zeros")
     if not isinstance(geometry["padding"], str):
         geometry["padding"] = _pair(geometry["padding"])
-    return _conv_record(node, name, module_type, tuple(w.shape), rank_order, position, geometry,
-                        weight.target, bias_target)
+    return _conv_record(node, name, module_type, shape, module_order, position, geometry, weight_target, bias_target)
 
 
 def _linear_record(node, name, module_type, shape, module_order, position, wt, bt) -> LayerRecord:

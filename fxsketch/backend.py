@@ -1,0 +1,198 @@
+"""fxsketch as a `torch.compile` backend: rewrite Dynamo's graph with a plan, then hand it on.
+
+    torch.compile(model, backend="fxsketch", options={"plan": "plan.json"})
+    torch.compile(model, backend=fxsketch.backend(plan=result, inner="inductor"))
+
+Dynamo lifts parameters to graph inputs and names them by their source
+(`L['self']._modules['encoder']._modules['0']._parameters['weight']`); the backend maps those back
+to the qualified names plans use (`encoder.0`), builds each planned replacement from the weight
+values it is given at compile time, and passes the rewritten graph to the inner backend. The
+factors are a snapshot: the backend is for inference; train the rewritten module instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxsketch.capture import _module_type, call_arguments, functional_record, is_functional_layer
+from fxsketch.records import LayerRecord
+from fxsketch.replacements import FactorCache, get_kind
+from fxsketch.rewrite import _private_path, normalize_plan
+
+__all__ = ["backend", "compile_backend", "qualified_name"]
+
+log = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"\['([^']*)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+
+
+def qualified_name(source: str) -> str:
+    """`L['self']._modules['encoder'].layer[0]` → `encoder.layer.0` (the root local is dropped)."""
+    rest = source[source.index("]") + 1:] if source.startswith(("L[", "G[")) else source
+    parts = [a or b or c for a, b, c in _TOKEN.findall(rest)]
+    return ".".join(p for p in parts if p not in _CONTAINERS)
+
+
+def backend(plan: Any = None, inner: str | Callable = "inductor") -> Callable:
+    """A torch.compile backend that applies `plan` (a Result, a plan dict, or a plan JSON path).
+
+    Args:
+        plan: what to replace; None compiles the graph unchanged.
+        inner: the backend that compiles the rewritten graph ("inductor", "eager", any registered
+            name, or a backend callable).
+    """
+    if hasattr(plan, "plan") and not isinstance(plan, Mapping):
+        plan = plan.plan
+    plan = normalize_plan(plan) if plan is not None else {}
+    cache = FactorCache()  # shared by recompilations (new batch sizes) of the same model
+
+    def fxsketch_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any):
+        rewrite_dynamo_graph(gm, example_inputs, plan, cache)
+        return _inner(inner)(gm, example_inputs)
+
+    return fxsketch_backend
+
+
+def compile_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Mapping | None = None):
+    """The `backend="fxsketch"` entry point; `options` may hold `plan` and `inner`."""
+    options = dict(options or {})
+    plan, inner = options.pop("plan", None), options.pop("inner", "inductor")
+    if options:
+        raise ValueError(f"unknown fxsketch backend options {sorted(options)}: it takes 'plan' and 'inner'")
+    return backend(plan, inner)(gm, example_inputs)
+
+
+def _inner(inner: str | Callable) -> Callable:
+    if callable(inner):
+        return inner
+    if inner == "eager":
+        return lambda gm, _: gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(inner)
+
+
+def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], plan: Mapping[str, Mapping],
+                         cache: FactorCache) -> list[str]:
+    """Replace every planned linear/conv2d node of a Dynamo graph in place; returns the names done."""
+    values = _placeholder_values(gm, example_inputs)
+    found: dict[str, list[tuple[LayerRecord, torch.Tensor, torch.Tensor | None]]] = {}
+    for position, node in enumerate(gm.graph.nodes):
+        if is_functional_layer(node):
+            layer = _layer(gm, node, values, position)
+            if layer is not None:
+                found.setdefault(layer[0].name, []).append(layer)
+    missing = sorted(set(plan) - set(found))
+    if missing:
+        log.warning("plan entries with no matching layer in the compiled graph (left out): %s; layers seen: %s",
+                    ", ".join(missing), ", ".join(found) or "none")
+    done = []
+    for name, layers in found.items():
+        if name in plan and _replace(gm, name, layers, plan[name], cache):
+            done.append(name)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return done
+
+
+def _placeholder_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[torch.fx.Node, Any]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(placeholders, example_inputs))
+
+
+def _source_name(node: torch.fx.Node) -> str | None:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    return source.name if source is not None and hasattr(source, "name") else None
+
+
+def _layer(gm, node, values, position):
+    """(record, weight, bias) for a linear/conv2d node whose weight is a parameter, else None."""
+    args = call_arguments(node)
+    weight_node, bias_node = args.get("weight"), args.get("bias")
+    weight, bias = _tensor(gm, weight_node, values), _tensor(gm, bias_node, values) if bias_node is not None else None
+    if not isinstance(weight, torch.nn.Parameter):
+        return None  # a computed or input tensor, not a layer's weight
+    if weight_node.op == "placeholder" and _source_name(weight_node):
+        path = qualified_name(_source_name(weight_node))
+    else:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        path = qualified_name(stack[-1][0]) + ".weight" if stack else str(weight_node.target)
+    name = path[: -len(".weight")] if path.endswith(".weight") else path
+    record = functional_record(node, name, _module_type(node, name), tuple(weight.shape), 0, position,
+                               str(weight_node.name), str(bias_node.name) if bias_node is not None else None)
+    return record, weight, bias
+
+
+def _tensor(gm, node, values):
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "placeholder":
+        return values.get(node)
+    if node.op == "get_attr":
+        obj: Any = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+    return None
+
+
+def _replace(gm, name, layers, entry, cache) -> bool:
+    kind = get_kind(entry["method"])
+    record, weight, bias = layers[0]
+    reason = kind.unsupported(record)
+    if reason:
+        log.warning("keeping %s dense: %s", name, reason)
+        return False
+    params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
+    problem = kind.invalid(record, params)
+    if problem:
+        raise ValueError(f"plan entry {name!r}: {problem}")
+    with torch.no_grad():
+        module = kind.build(record, weight.detach(), None if bias is None else bias.detach(), params, cache)
+        if module is None:
+            return False
+        B, A = module.collapsed_factors() if hasattr(module, "collapsed_factors") else (module.B, module.A)
+    base = _private_path(gm, name)
+    constants = {"B": B.detach().reshape(B.shape[0], *record.weight_shape[1:]), "A": A.detach().contiguous(),
+                 "bias": None if module.bias is None else module.bias.detach()}
+    for key, value in constants.items():
+        if value is not None:
+            _register_constant(gm, f"{base}_{key}", value)
+    for record, _, _ in layers:
+        for node in record.nodes:
+            with gm.graph.inserting_before(node):
+                call = _op_call(gm.graph, base, record, constants, call_arguments(node)["input"])
+            call.meta = dict(node.meta)
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+    return True
+
+
+def _register_constant(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    """A buffer of the graph module, announced to AOTAutograd like the ones Dynamo lifted itself."""
+    gm.register_buffer(name, value)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(name)
+
+
+def _op_call(graph, base, record, constants, x):
+    B, A = graph.get_attr(f"{base}_B"), graph.get_attr(f"{base}_A")
+    bias = graph.get_attr(f"{base}_bias") if constants["bias"] is not None else None
+    if record.op_type == "Linear":
+        return graph.call_function(torch.ops.fxsketch.lowrank_linear.default, (x, B, A, bias))
+    g = record.conv
+    return graph.call_function(torch.ops.fxsketch.lowrank_conv2d.default,
+                               (x, B, A, bias, list(g["stride"]), list(g["padding"]), list(g["dilation"])))
