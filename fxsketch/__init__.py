@@ -15,7 +15,7 @@ import torch
 from fxsketch import kernels  # noqa: F401  (registers the fxsketch:: ops)
 from fxsketch.backend import backend
 from fxsketch.capture import CaptureError, capture, find_layers
-from fxsketch.deploy import ArtifactError, load, save
+from fxsketch.deploy import ArtifactError, load, package, save
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import KINDS, get_kind, register_kind
@@ -50,5 +50,5 @@ def select(model: torch.nn.Module, selector: Any, example_inputs: Any = None) ->
 __all__ = [
     "ArtifactError", "CaptureError", "Categorical", "Float", "Int", "KINDS", "LayerConfig", "LayerRecord",
     "LowRankConv2d", "LowRankLinear", "ParamSpec", "SKConv2d", "SKLinear", "TuningConfigs",
-    "Result", "backend", "capture", "find_layers", "optimize", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",
+    "Result", "backend", "capture", "find_layers", "optimize", "package", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",
 ]

@@ -13,7 +13,7 @@ from torch import nn
 
 from fxsketch.capture import as_inputs
 
-__all__ = ["save", "load", "ArtifactError"]
+__all__ = ["save", "load", "package", "read_metadata", "ArtifactError"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def save(
     path: str | os.PathLike,
     example_inputs: Any,
     dynamic_batch: bool = True,
+    dynamic_other_dims: bool = True,
 ) -> torch.export.ExportedProgram:
     """Export `module` with `torch.export` and write it, with fxsketch metadata, to `path` (.pt2).
 
@@ -39,6 +40,8 @@ def save(
         example_inputs: inputs to trace with (a tensor or a tuple of positional tensors).
         dynamic_batch: make dim 0 of every tensor input dynamic, so the artifact runs on other
             batch sizes than the example's (which must then be at least 2).
+        dynamic_other_dims: let every other dimension be dynamic where the model allows it (a
+            sequence length, an image size); dimensions the model fixes stay static.
 
     Returns:
         The exported program that was written.
@@ -46,12 +49,29 @@ def save(
     from fxsketch import __version__
 
     inputs = as_inputs(example_inputs)
-    dynamic = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    program = _export(module, inputs, dynamic_batch, dynamic_other_dims)
+    meta = {
+        "format": FORMAT_VERSION,
+        "fxsketch_version": __version__,
+        "torch_version": torch.__version__,
+        "plan": getattr(module, "meta", {}).get("fxsketch_plan", {}),
+        "dynamic_dims": _dynamic_dims(program),
+        "example_input_shapes": [list(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs],
+    }
+    torch.export.save(program, path, extra_files={_META: json.dumps(meta)})
+    return program
+
+
+def _export(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynamic_other_dims: bool):
+    batch = torch.export.Dim("batch")
+    other = torch.export.Dim.AUTO if dynamic_other_dims else torch.export.Dim.STATIC
+    dynamic = tuple(
+        {i: batch if (i == 0 and dynamic_batch) else (other if i else torch.export.Dim.STATIC) for i in range(x.dim())}
+        if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        for x in inputs
+    )
     try:
-        program = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
+        return torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         if not dynamic_batch:
             raise
@@ -59,16 +79,45 @@ def save(
             f"exporting with a dynamic batch dimension failed ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
             "Use example inputs with a batch of at least 2 that all share it, or pass dynamic_batch=False."
         ) from exc
-    meta = {
-        "format": FORMAT_VERSION,
-        "fxsketch_version": __version__,
-        "torch_version": torch.__version__,
-        "plan": getattr(module, "meta", {}).get("fxsketch_plan", {}),
-        "dynamic_batch": dynamic_batch,
-        "example_input_shapes": [list(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs],
-    }
-    torch.export.save(program, path, extra_files={_META: json.dumps(meta)})
-    return program
+
+
+def _dynamic_dims(program: torch.export.ExportedProgram) -> list[list[int]]:
+    """For each user input, the dimensions that stayed symbolic in the exported program."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    dims = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", ())
+            dims.append([i for i, d in enumerate(shape) if isinstance(d, torch.SymInt)])
+    return dims
+
+
+def package(
+    module: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any,
+    dynamic_batch: bool = True,
+    dynamic_other_dims: bool = True,
+) -> str:
+    """Compile `module` ahead of time into an AOTInductor package (`.pt2`) that runs without Python
+    model code: `torch._inductor.aoti_load_package(path)` loads it, fxsketch need not be installed.
+
+    The fxsketch ops are decomposed into their ATen bodies first, so the package is self-contained;
+    the plan and version travel in the package metadata (`loader.get_metadata()`).
+    """
+    from fxsketch import __version__
+    from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
+
+    program = _export(module, as_inputs(example_inputs), dynamic_batch, dynamic_other_dims)
+    program = program.run_decompositions({
+        torch.ops.fxsketch.lowrank_linear.default: lowrank_linear_aten,
+        torch.ops.fxsketch.lowrank_conv2d.default: lowrank_conv2d_aten,
+    })
+    metadata = {"fxsketch_version": __version__,
+                "fxsketch_plan": json.dumps(getattr(module, "meta", {}).get("fxsketch_plan", {}))}
+    return torch._inductor.aoti_compile_and_package(
+        program, package_path=os.fspath(path), inductor_configs={"aot_inductor.metadata": metadata})
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -107,3 +107,49 @@ def test_artifact_from_a_newer_format_says_upgrade(tmp_path):
             dst.writestr(item, payload)
     with pytest.raises(ArtifactError, match="upgrade fxsketch"):
         fxsketch.load(newer)
+
+
+class _TokenModel(nn.Module):
+    """Embeddings, a projection and a mean over the sequence: batch and length can both vary."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.proj(self.emb(ids))).mean(1))
+
+
+def test_sequence_length_stays_dynamic_where_the_model_allows(tmp_path):
+    torch.manual_seed(0)
+    model = _TokenModel().eval()
+    ids = torch.randint(0, 50, (3, 7))
+    gm = fxsketch.rewrite(model, {"proj": {"method": "svd", "low_rank": 4}}, ids)
+    path = tmp_path / "tok.pt2"
+    fxsketch.save(gm, path, ids)
+    loaded = fxsketch.load(path)
+    assert loaded.meta["fxsketch"]["dynamic_dims"] == [[0, 1]]
+    other = torch.randint(0, 50, (5, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(other), gm(other))
+
+
+def test_aoti_package_runs_in_a_fresh_process_without_fxsketch(tmp_path):
+    _, gm, x, plan = _rewritten()
+    path = fxsketch.package(gm, tmp_path / "aoti.pt2", x)
+    x5 = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        torch.save((x5, gm(x5)), tmp_path / "ref.pt")
+    code = textwrap.dedent(f"""
+        import sys, json, torch
+        loader = torch._inductor.aoti_load_package({str(path)!r})
+        x, y = torch.load({str(tmp_path / 'ref.pt')!r})
+        torch.testing.assert_close(loader(x), y, rtol=1e-4, atol=1e-5)
+        meta = loader.get_metadata()
+        print("fxsketch" in sys.modules, json.loads(meta["fxsketch_plan"]) == json.loads({json.dumps(plan)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True"]
