@@ -1,22 +1,202 @@
-"""The `fxsketch` command line."""
+"""The `fxsketch` command line: inspect, optimize, apply, demo."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.tree import Tree
 
 app = typer.Typer(help="fxsketch: faster, smaller PyTorch models by rewriting their FX graphs.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
+
+TARGET_HELP = ("A factory returning (model, example_inputs): path/to/file.py:callable or "
+               "package.module:callable.")
 
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fxsketch's debug messages.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+@contextmanager
+def _user_code(what: str):
+    """Show a failure of user code (or of the pass on it) with its traceback and exit non-zero."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        console.print_exception(max_frames=20)
+        console.print(f"[bold red]error[/bold red] in {what}: {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def load_object(ref: str) -> Any:
+    """The object named by `path/to/file.py:name` or `package.module:name`."""
+    module_ref, sep, name = ref.rpartition(":")
+    if not sep or not module_ref or not name:
+        raise typer.BadParameter(f"{ref!r} must look like path/to/file.py:callable or package.module:callable")
+    if module_ref.endswith(".py") or "/" in module_ref:
+        path = Path(module_ref)
+        if not path.exists():
+            raise typer.BadParameter(f"no such file: {path}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.resolve().parent))
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_ref)
+    if not hasattr(module, name):
+        raise typer.BadParameter(f"{module_ref} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+def _load_target(target: str) -> tuple[Any, Any]:
+    with _user_code(f"loading {target}"):
+        made = load_object(target)()
+    if isinstance(made, tuple) and len(made) == 2:
+        return made
+    import torch
+
+    if isinstance(made, torch.nn.Module):
+        return made, None
+    console.print(f"[red]{target} must return (model, example_inputs), got {type(made).__name__}[/red]")
+    raise typer.Exit(2)
+
+
+@app.command()
+def inspect(
+    target: str = typer.Argument(..., help=TARGET_HELP),
+    spec: Optional[Path] = typer.Option(None, help="A spec file (.json/.yaml); marks the layers it selects."),
+) -> None:
+    """Print the module tree with each matchable layer's name, type, shape and cost."""
+    import fxsketch
+    from fxsketch.capture import other_modules
+    from fxsketch.measure import layer_cost
+    from fxsketch.select import match_layers
+
+    model, example_inputs = _load_target(target)
+    with _user_code("capturing the model"):
+        gm = fxsketch.capture(model, example_inputs)
+        records = {r.name: r for r in fxsketch.find_layers(gm)}
+        selected: set[str] = set()
+        if spec is not None:
+            for cfg in fxsketch.load_spec(spec):
+                selected.update(match_layers(list(records.values()), cfg.layer_names,
+                                             other_modules=other_modules(gm, list(records.values()))))
+    tree = Tree(f"[bold]{type(model).__name__}[/bold] ({gm.meta.get('fxsketch_tracer', '?')})")
+    nodes = {"": tree}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        parent = nodes.get(name.rpartition(".")[0], tree)
+        label = f"{name.rpartition('.')[2]} [dim]({type(module).__name__})[/dim]"
+        if name in records:
+            r = records[name]
+            cost = layer_cost(r, None)
+            mark = " [green]✔ selected[/green]" if name in selected else ""
+            note = f" [yellow]{r.unsupported}[/yellow]" if r.unsupported else ""
+            qualified = f"  {name}" if "." in name else ""
+            label += (f"{qualified}  {r.op_type} {'×'.join(map(str, r.weight_shape))}  "
+                      f"{cost.params:,} params  {cost.flops_per_token * r.tokens / 1e6:.2f} MFLOPs{mark}{note}")
+        nodes[name] = parent.add(label)
+    for name in records.keys() - set(nodes):  # functional calls on bare parameters
+        r = records[name]
+        tree.add(f"{name}  {r.op_type} (functional) {'×'.join(map(str, r.weight_shape))}"
+                 + (" [green]✔ selected[/green]" if name in selected else ""))
+    console.print(tree)
+    if spec is not None:
+        console.print(f"{len(selected)} of {len(records)} matchable layers selected")
+
+
+def _progress_callback(progress, task):
+    def update(study, trial) -> None:
+        attrs = trial.user_attrs
+        note = (f"acc {attrs['fxsketch.accuracy']:.4f} speed {attrs['fxsketch.speed']:.3f}"
+                if "fxsketch.accuracy" in attrs else trial.state.name.lower())
+        progress.update(task, advance=1, description=f"{attrs.get('fxsketch.unit', '')}: {note}")
+    return update
+
+
+@app.command()
+def optimize(
+    target: str = typer.Argument(..., help=TARGET_HELP),
+    spec: Path = typer.Option(..., help="The spec file (.json/.yaml): {'layers': [...]}"),
+    accuracy: str = typer.Option(..., help="The accuracy function: file.py:fn or module:fn (model -> float)."),
+    threshold: Optional[float] = typer.Option(None, help="The accuracy bar; omit to maximize accuracy."),
+    trials: int = typer.Option(20, help="Trials in all, split over the tuning units."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL, e.g. sqlite:///study.db."),
+    study_name: Optional[str] = typer.Option(None, help="Study name in the storage (resumes if it exists)."),
+    objective: str = typer.Option("latency", help="latency (measured) or flops (cost model)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the sampler."),
+    out: Optional[Path] = typer.Option(None, help="Write the optimized model here (.pt2)."),
+    plan_out: Optional[Path] = typer.Option(None, help="Write the plan here (.json)."),
+    report: Optional[Path] = typer.Option(None, help="Write the HTML report here."),
+) -> None:
+    """Search for the fastest plan that keeps accuracy above the threshold."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import fxsketch
+
+    model, example_inputs = _load_target(target)
+    if example_inputs is None:
+        console.print(f"[red]{target} must return (model, example_inputs) for optimize[/red]")
+        raise typer.Exit(2)
+    with _user_code(f"loading {accuracy}"):
+        accuracy_fn = load_object(accuracy)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("searching", total=trials)
+        with _user_code("optimize"):
+            result = fxsketch.optimize(
+                model, spec, example_inputs=example_inputs, accuracy_fn=accuracy_fn, accuracy_threshold=threshold,
+                objective=objective, n_trials=trials, storage=storage, study_name=study_name,
+                load_if_exists=storage is not None, seed=seed, callbacks=[_progress_callback(progress, task)])
+    typer.echo(result.summary())
+    _write_outputs(result, example_inputs, out, plan_out, report)
+
+
+def _write_outputs(result, example_inputs, out, plan_out, report) -> None:
+    import fxsketch
+
+    if plan_out is not None:
+        result.save_plan(plan_out)
+        console.print(f"plan written to {plan_out}")
+    if out is not None:
+        with _user_code("saving the model"):
+            fxsketch.save(result.graph_module, out, example_inputs)
+        console.print(f"model written to {out}")
+    if report is not None:
+        console.print(f"report written to {result.report(report)}")
+
+
+@app.command()
+def apply(
+    target: str = typer.Argument(..., help=TARGET_HELP),
+    plan: Path = typer.Option(..., help="A plan JSON (from optimize --plan-out or written by hand)."),
+    out: Path = typer.Option(..., help="Where to write the rewritten model (.pt2)."),
+) -> None:
+    """Apply a plan without searching and save the rewritten model."""
+    import fxsketch
+
+    model, example_inputs = _load_target(target)
+    if example_inputs is None:
+        console.print(f"[red]{target} must return (model, example_inputs) for apply[/red]")
+        raise typer.Exit(2)
+    with _user_code("applying the plan"):
+        gm = fxsketch.rewrite(model, plan, example_inputs)
+        fxsketch.save(gm, out, example_inputs)
+    console.print(f"applied {len(gm.meta['fxsketch_plan'])} plan entries; model written to {out}")
 
 
 @app.command()

@@ -91,6 +91,12 @@ class Result:
     def __str__(self) -> str:
         return self.summary()
 
+    def report(self, path: str | os.PathLike) -> str:
+        """Write the optimization report (HTML with the `plot` extra, else PNG); returns its path."""
+        from fxsketch.report import write_report
+
+        return str(write_report(self, path))
+
     def save_plan(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON (`{"plan": {...}}` beside metadata); `fxsketch.load_plan` reads it."""
         from fxsketch import __version__

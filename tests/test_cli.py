@@ -35,3 +35,104 @@ def test_demo_trains_optimizes_and_saves(tmp_path):
     assert optimized >= dense - 0.01 - 1e-6
     loaded = fxsketch.load(out)
     assert loaded(torch.rand(5, 64)).shape == (5, 10)
+
+
+TARGET = '''
+import torch
+
+from torch import nn
+
+torch.manual_seed(0)
+X = torch.randn(64, 16)
+MODEL = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+with torch.no_grad():
+    for layer in (MODEL[0], MODEL[2]):
+        out, inp = layer.weight.shape
+        layer.weight.copy_(torch.randn(out, 4) @ torch.randn(4, inp) / inp ** 0.5)
+    REF = MODEL(X).argmax(1)
+
+
+def model():
+    return MODEL, X
+
+
+def accuracy(m):
+    with torch.no_grad():
+        return (m(X).argmax(1) == REF).float().mean().item()
+
+
+def broken():
+    raise RuntimeError("weights file missing")
+
+
+def bad_accuracy(m):
+    raise KeyError("labels")
+'''
+
+
+def _runner_invoke(*args):
+    from typer.testing import CliRunner
+
+    from fxsketch.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _project(tmp_path):
+    (tmp_path / "target.py").write_text(TARGET)
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"layers": [{"layer_names": {"type": "Linear", "range": [0, 2]}, "params": "auto"}]}')
+    return f"{tmp_path / 'target.py'}:model", str(spec), f"{tmp_path / 'target.py'}:accuracy"
+
+
+def test_inspect_marks_what_the_spec_selects(tmp_path):
+    target, spec, _ = _project(tmp_path)
+    result = _runner_invoke("inspect", target, "--spec", spec)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    selected = [line for line in lines if "selected" in line and "Linear" in line]
+    assert len(selected) == 2 and "64×16" in selected[0] and "64×64" in selected[1]
+    assert any("4×64" in line and "selected" not in line for line in lines)
+    assert "2 of 3 matchable layers selected" in result.output
+
+
+def test_optimize_then_apply_reproduces_the_model(tmp_path):
+    target, spec, accuracy = _project(tmp_path)
+    out, plan, report = tmp_path / "m.pt2", tmp_path / "plan.json", tmp_path / "report.html"
+    result = _runner_invoke("optimize", target, "--spec", spec, "--accuracy", accuracy, "--threshold", "0.9",
+                            "--trials", "6", "--objective", "flops", "--seed", "0", "--out", str(out),
+                            "--plan-out", str(plan), "--report", str(report))
+    assert result.exit_code == 0, result.output
+    assert "MFLOPs before" in result.output and "6/6" in result.output
+    assert out.exists() and plan.exists() and report.read_text().startswith("<!doctype html>")
+    applied = tmp_path / "applied.pt2"
+    result = _runner_invoke("apply", target, "--plan", str(plan), "--out", str(applied))
+    assert result.exit_code == 0, result.output
+    x = torch.randn(9, 16)
+    torch.testing.assert_close(fxsketch.load(applied)(x), fxsketch.load(out)(x))
+
+
+def test_user_code_errors_show_the_traceback_and_exit_non_zero(tmp_path):
+    target, spec, _ = _project(tmp_path)
+    broken = target.replace(":model", ":broken")
+    result = _runner_invoke("inspect", broken)
+    assert result.exit_code == 1
+    assert "weights file missing" in result.output
+    assert 'raise RuntimeError("weights file missing")' in result.output  # the user's own line, from the traceback
+    bad_acc = target.replace(":model", ":bad_accuracy")
+    result = _runner_invoke("optimize", target, "--spec", spec, "--accuracy", bad_acc, "--trials", "2",
+                            "--objective", "flops")
+    assert result.exit_code == 1 and "labels" in result.output
+
+
+def test_bad_references_are_usage_errors(tmp_path):
+    result = _runner_invoke("inspect", "no_colon_here")
+    assert result.exit_code == 2 and "path/to/file.py:callable" in result.output
+    result = _runner_invoke("inspect", f"{tmp_path / 'missing.py'}:model")
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_every_command_has_help():
+    for command in ("inspect", "optimize", "apply", "demo"):
+        result = _runner_invoke(command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
