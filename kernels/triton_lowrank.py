@@ -42,7 +42,7 @@ def _lowrank_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # 64-bit addressing for huge M·N
     m_mask = offs_m < M
     x_rows = (offs_m // HW) * sx_b + (offs_m % HW) * sx_m
     y_rows = (offs_m // HW) * sy_b + (offs_m % HW) * sy_m
@@ -52,6 +52,8 @@ def _lowrank_fwd_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(N, BN), N_SPLIT)
     n_begin = pid_s * tiles_per_split * BN
     n_stop = tl.minimum(n_begin + tiles_per_split * BN, N)
+    if n_begin >= n_stop:
+        return  # more splits than column tiles: nothing left for this program
     for r0 in range(0, R, BR):
         r_idx = r0 + offs_r
         r_mask = r_idx < R
@@ -85,12 +87,15 @@ def _lowrank_fwd_kernel(
 
 
 def _cuda_configs() -> list[triton.Config]:
-    """Large-M tiles that keep one program per row tile, and small-M (decode) tiles that split N."""
+    """Large-M tiles that keep one program per row tile (or split N a few ways to fill the SMs),
+    small-M (decode) tiles that split N widely, and narrow two-stage tiles that fit float32 at
+    large R in shared memory; `_prune` keeps those that suit the call."""
     configs = []
     for bm, bn, bk, split, warps, stages in (
         (128, 128, 32, 1, 8, 3), (128, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 3), (64, 64, 64, 1, 4, 4),
-        (64, 128, 32, 4, 4, 3), (32, 128, 64, 8, 4, 3),
+        (128, 128, 32, 4, 8, 3), (64, 128, 64, 8, 4, 3), (64, 128, 32, 4, 4, 3), (32, 128, 64, 8, 4, 3),
         (16, 128, 128, 8, 4, 3), (16, 64, 128, 16, 4, 3), (16, 256, 64, 16, 8, 3), (16, 128, 64, 32, 4, 4),
+        (64, 32, 32, 1, 4, 2), (64, 32, 32, 4, 4, 2), (16, 32, 64, 16, 4, 2),
     ):
         for br in (32, 64, 128, 256):
             configs.append(triton.Config(dict(BM=bm, BN=bn, BK=bk, BR=br, N_SPLIT=split),
@@ -98,19 +103,36 @@ def _cuda_configs() -> list[triton.Config]:
     return configs
 
 
+_SMEM_BUDGET = 200 * 1024  # bytes; Hopper has 227 KiB per block, leave room for layout shuffles
+
+
+def _smem_bytes(config: triton.Config, element_size: int) -> int:
+    k = config.kwargs
+    tiles = k["BM"] * k["BK"] + k["BK"] * k["BR"] + k["BR"] * k["BN"]
+    return config.num_stages * tiles * element_size
+
+
 def _prune(configs, named_args, **kwargs):
-    """Keep rank chunks that fit R (one chunk when R ≤ 256) and tiles no larger than M needs."""
-    R, M = named_args["R"], named_args["M"]
+    """Keep configs whose rank chunk fits R (one chunk when R ≤ 256), whose row tile suits M,
+    whose N split leaves every program some columns, and whose pipelined tiles fit shared memory."""
+    R, M, N = named_args["R"], named_args["M"], named_args["N"]
+    size = named_args["x_ptr"].element_size()
     want_br = min(max(16, triton.next_power_of_2(R)), 256)
-    want_bm = 16 if M <= 16 else 32 if M <= 64 else None
-    kept = [c for c in configs if c.kwargs["BR"] == want_br
-            and (want_bm is None and c.kwargs["BM"] >= 64 or want_bm is not None and c.kwargs["BM"] <= max(want_bm, 32))]
-    return kept or configs[:1]
+    small = M <= 64
+
+    def suits(c):
+        k = c.kwargs
+        row_ok = k["BM"] <= 32 if small else k["BM"] >= 64
+        return (k["BR"] == want_br and row_ok and k["N_SPLIT"] <= triton.cdiv(N, k["BN"])
+                and _smem_bytes(c, size) <= _SMEM_BUDGET)
+
+    kept = [c for c in configs if suits(c)]
+    return kept or [min(configs, key=lambda c: _smem_bytes(c, size))]
 
 
 @functools.cache
 def _autotuned():
-    return triton.autotune(configs=_cuda_configs(), key=["M_BUCKET", "K", "N", "R", "IDENTITY_B"],
+    return triton.autotune(configs=_cuda_configs(), key=["M_BUCKET", "K", "N", "R", "IDENTITY_B", "HAS_BIAS", "PRECISION"],
                            prune_configs_by={"early_config_prune": _prune})(_lowrank_fwd_kernel)
 
 
