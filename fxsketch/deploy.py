@@ -148,9 +148,13 @@ def load(path: str | os.PathLike) -> nn.Module:
     try:
         program = torch.export.load(path)
     except Exception as exc:
-        raise ArtifactError(f"{os.fspath(path)!r} could not be loaded ({type(exc).__name__}: {exc}); it was "
-                            f"written by fxsketch {meta.get('fxsketch_version')} with torch "
-                            f"{meta.get('torch_version')} (this is torch {torch.__version__})") from exc
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{type(exc).__name__}: {exc}" + (f" (caused by {type(cause).__name__}: {cause})" if cause else "")
+        raise ArtifactError(f"{os.fspath(path)!r} could not be loaded ({detail}); it was written by fxsketch "
+                            f"{meta.get('fxsketch_version')} with torch {meta.get('torch_version')} (this is "
+                            f"torch {torch.__version__}). If the model returns a library's own output types "
+                            "(e.g. transformers' ModelOutput), import that library's module first "
+                            "(import transformers.modeling_outputs).") from exc
     module = program.module()
     module.meta["fxsketch"] = meta
     return module

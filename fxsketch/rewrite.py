@@ -63,6 +63,8 @@ def rewrite(
     example_inputs: Any = None,
     *,
     copy_weights: bool = True,
+    calibration_data: Any = None,
+    refit: bool = True,
 ) -> torch.fx.GraphModule:
     """Capture `model` and apply `plan` without any search; `model` itself is never changed.
 
@@ -71,6 +73,8 @@ def rewrite(
         plan: `{qualified_name: {"method": "svd", "low_rank": 64}, ...}`, or a plan JSON path.
         example_inputs: inputs for capture and for checking the rewritten output shapes.
         copy_weights: build replacements from the original weights (False: fresh random init).
+        calibration_data: input batches for activation-aware kinds (`whitened_svd`) and refits.
+        refit: with calibration data, refit trainable factors to the layers' outputs.
 
     Returns:
         A new GraphModule in which every planned layer runs on the fxsketch ops.
@@ -79,7 +83,12 @@ def rewrite(
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
     gm = capture(model, inputs)
     records = {r.name: r for r in find_layers(gm)}
-    new = apply_plan(gm, records, plan, FactorCache(), copy_weights=copy_weights)
+    stats = None
+    if calibration_data is not None:
+        from fxsketch.calibrate import calibrate
+
+        stats = calibrate(gm, calibration_data, list(records.values()))
+    new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit), copy_weights=copy_weights)
     if inputs is not None:
         check_same_output_shapes(gm, new, inputs)
     return new

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +20,12 @@ import optuna
 import torch
 from torch import nn
 
+from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units
+from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import compare_latency, plan_cost
 from fxsketch.records import LayerRecord
+from fxsketch.recover import distill
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
 from fxsketch.result import ENTRY_ATTR, UNIT_ATTR, Result, trials_frame
 from fxsketch.rewrite import apply_plan
@@ -45,6 +48,7 @@ class Unit:
     layers: list[str]
     space: dict[str, ParamSpec]
     copy_weights: bool = True
+    method: str = DEFAULT_METHOD  # searched when the space names no method
 
 
 class TrialFailed(Exception):
@@ -82,7 +86,7 @@ def resolve_units(
                             ", ".join(r.name for r in group))
                 continue
             key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
-            units.append(Unit(key, [r.name for r in group], space, cfg.copy_weights))
+            units.append(Unit(key, [r.name for r in group], space, cfg.copy_weights, default_method))
     return units
 
 
@@ -184,6 +188,18 @@ class _Context:
     cache: FactorCache
     dense_flops: int
     default_method: str
+    budget: Budget = field(default_factory=Budget)
+    warm: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # plans to try first
+    selected_dense: tuple[int, int] = (0, 0)  # FLOPs and params of the selected layers, dense
+    recover: tuple[list, int, float] = ([], 0, 0.0)  # (batches, steps, lr) of distillation after each build
+
+    def build(self, plan: dict, copy_weights: bool = True) -> nn.Module:
+        """The model with `plan` applied (and distilled, when recovery is on)."""
+        module = apply_plan(self.gm, self.records, plan, self.cache, copy_weights=copy_weights)
+        batches, steps, lr = self.recover
+        if steps and plan:
+            distill(module, self.gm, batches, steps=steps, lr=lr)
+        return module
     # (unit, values) -> (accuracy, speed, first trial): a repeated draw is not evaluated again
     memo: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
     seen: dict[str, set[str]] = field(default_factory=dict)
@@ -212,6 +228,25 @@ def _prune_reason(ctx: _Context, unit: Unit, entry: dict[str, Any]) -> str:
             return f"{name}: {problem}"
         if kind.name != "dense" and kind.cost(record, params).flops_per_token >= dense_cost(record).flops_per_token:
             return f"{name}: {kind.name} {params} is not cheaper than the dense layer"
+    return _over_budget(ctx, unit, kind, params)
+
+
+def _over_budget(ctx: _Context, unit: Unit, kind, params: dict[str, Any]) -> str:
+    """Budgets hold per unit as a share of its dense cost: if every unit keeps it, the plan does."""
+    if ctx.budget == Budget():
+        return ""
+    dense = [dense_cost(ctx.records[n]) for n in unit.layers]
+    ours = [kind.cost(ctx.records[n], params) for n in unit.layers]
+    tokens = [ctx.records[n].tokens for n in unit.layers]
+    max_flops, max_params = ctx.budget.limits(*ctx.selected_dense)
+    share_f = sum(d.flops_per_token * t for d, t in zip(dense, tokens)) / max(ctx.selected_dense[0], 1)
+    share_p = sum(d.params for d in dense) / max(ctx.selected_dense[1], 1)
+    flops = sum(c.flops_per_token * t for c, t in zip(ours, tokens))
+    n_params = sum(c.params for c in ours)
+    if flops > max_flops * share_f:
+        return f"over the FLOP budget: {flops:,} > {max_flops * share_f:,.0f} for {unit.key}"
+    if n_params > max_params * share_p:
+        return f"over the parameter budget: {n_params:,} > {max_params * share_p:,.0f} for {unit.key}"
     return ""
 
 
@@ -242,7 +277,7 @@ def _run_trial(ctx: _Context, unit: Unit, trial: optuna.Trial) -> float:
 
 def _evaluate(ctx: _Context, unit: Unit, entry: dict[str, Any], trial: optuna.Trial) -> tuple[float, float]:
     plan = {name: entry for name in unit.layers}
-    module = apply_plan(ctx.gm, ctx.records, plan, ctx.cache, copy_weights=unit.copy_weights)
+    module = ctx.build(plan, copy_weights=unit.copy_weights)
     try:
         return _call_metric(ctx.accuracy_fn, module, "accuracy_fn"), ctx.speed(module, plan)
     except TrialFailed as exc:
@@ -291,7 +326,7 @@ def _create_study(storage, study_name, load_if_exists, sampler, pruner, seed) ->
                          "to resume it, or choose another study_name") from None
 
 
-def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: bool) -> tuple[dict, float, list]:
+def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: bool) -> tuple[dict, float, list, nn.Module]:
     """Check the combined plan on the whole model; drop the most harmful layers until it holds.
 
     Layers leave in order of the accuracy their own best trial kept, lowest first.
@@ -302,7 +337,7 @@ def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: 
     for victim in [None, *sorted(plan, key=lambda n: accuracies.get(n, math.inf))]:
         if victim is not None:
             plan.pop(victim)
-        module = apply_plan(ctx.gm, ctx.records, plan, ctx.cache)
+        module = ctx.build(plan)
         try:
             accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
         except TrialFailed as exc:
@@ -313,7 +348,7 @@ def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: 
                   + (f" (kept {victim} dense)" if victim else ""))
         if ctx.threshold is None or accuracy >= ctx.threshold:
             break
-    return plan, accuracy, steps
+    return plan, accuracy, steps, module
 
 
 def optimize(
@@ -335,7 +370,14 @@ def optimize(
     seed: int | None = None,
     verbose: bool = False,
     callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
-    default_method: str = DEFAULT_METHOD,
+    default_method: str | None = None,
+    calibration_data: Iterable[Any] | None = None,
+    refit: bool = True,
+    max_flops: float | int | None = None,
+    max_params: float | int | None = None,
+    warm_start: bool = True,
+    recover_steps: int = 0,
+    recover_lr: float = 1e-3,
 ) -> Result:
     """Find the fastest plan that keeps `accuracy_fn(model) >= accuracy_threshold`, and apply it.
 
@@ -359,7 +401,18 @@ def optimize(
         seed: seeds the default sampler.
         verbose: print a line per trial and the validation steps.
         callbacks: Optuna callbacks called after each trial (progress bars, early stops).
-        default_method: the replacement kind searched when a config names no `method`.
+        default_method: the replacement kind searched when a config names no `method`
+            (default: "whitened_svd" with calibration data, else "svd").
+        calibration_data: an iterable of input batches; enables activation-aware kinds
+            (`whitened_svd`), least-squares refits of the other kinds, and the warm start.
+        refit: with calibration data, refit each replacement's trainable factors to the layer's
+            outputs (closed-form least squares).
+        max_flops, max_params: hard budgets for the selected layers, as a fraction of their dense
+            cost (float ≤ 1) or absolute; a trial over budget is pruned before evaluation.
+        warm_start: with calibration data, first try the ranks that `fxsketch.allocate` picks
+            at 25/50/75% of the FLOPs (and the budget, when given).
+        recover_steps, recover_lr: distill each candidate (and the final model) for this many
+            Adam steps on the calibration data against the original model before judging it.
 
     Returns:
         A Result with the rewritten GraphModule, the plan, measurements and the trials.
@@ -370,16 +423,27 @@ def optimize(
         raise TypeError("accuracy_fn must be a callable taking a model and returning a float")
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    batches = list(calibration_data) if calibration_data is not None else None
+    default_method = default_method or ("whitened_svd" if batches else DEFAULT_METHOD)
     get_kind(default_method)
-    configs = load_spec(spec)
     inputs = as_inputs(example_inputs)
     gm = capture(model, inputs)
     records = find_layers(gm)
-    units = resolve_units(records, configs, other_modules(gm, records), default_method)
+    units = resolve_units(records, load_spec(spec), other_modules(gm, records), default_method)
     if not units:
         raise ValueError("nothing to tune: every selected layer is unsupported or too small to compress")
+    cache = FactorCache(calibrate(gm, batches, records) if batches else None, refit=refit)
     ctx = _Context(gm, {r.name: r for r in records}, inputs, accuracy_fn, accuracy_threshold, speed_fn,
-                   objective, FactorCache(), plan_cost(records, {})[1], default_method)
+                   objective, cache, plan_cost(records, {})[1], default_method, Budget(max_flops, max_params))
+    selected = [ctx.records[n] for u in units for n in u.layers]
+    ctx.selected_dense = (sum(dense_cost(r).flops_per_token * r.tokens for r in selected),
+                          sum(dense_cost(r).params for r in selected))
+    if batches and warm_start:
+        ctx.warm = _warm_start_plans(ctx, units)
+    if recover_steps:
+        if not batches:
+            raise ValueError("recover_steps needs calibration_data to distill on")
+        ctx.recover = (batches, recover_steps, recover_lr)
     try:
         dense_accuracy = _call_metric(accuracy_fn, gm, "accuracy_fn")
     except TrialFailed as exc:
@@ -419,8 +483,44 @@ def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
         used += _finished(study, unit.key)
 
 
+def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:
+    """Allocation plans at a few FLOP budgets (and the user's), for the first trials of each unit."""
+    usable = [u for u in units if "low_rank" in u.space and _methods(u.space, u.method)[0] in ALLOCATABLE
+              and ("method" not in u.space or u.space["method"].first() in ALLOCATABLE)]
+    if not usable:
+        return []
+    from fxsketch.rewrite import _fetch
+
+    weights = {n: _fetch(ctx.gm, ctx.records[n].weight_target) for u in usable for n in u.layers}
+    budgets = [Budget(f, ctx.budget.params) for f in (0.25, 0.5, 0.75)]
+    if ctx.budget.flops is not None:
+        budgets.insert(0, ctx.budget)
+    plans = []
+    for budget in budgets:
+        try:
+            plans.append(allocate_units(usable, ctx.records, ctx.cache, weights, budget))
+        except ValueError as exc:
+            log.info("no warm start at %s: %s", budget, exc)
+    return plans
+
+
+def _enqueue_warm(ctx: _Context, study: optuna.Study, unit: Unit) -> None:
+    seen = set()
+    for plan in ctx.warm:
+        entry = plan.get(unit.layers[0])
+        if entry is None or entry["low_rank"] in seen or not unit.space["low_rank"].contains(entry["low_rank"]):
+            continue
+        seen.add(entry["low_rank"])
+        params = {f"{unit.key}:low_rank": entry["low_rank"]}
+        if "method" in unit.space:
+            params[f"{unit.key}:method"] = entry["method"]
+        study.enqueue_trial(params, skip_if_exists=True)
+
+
 def _search_unit(ctx, study, unit, n_trials, timeout, callbacks) -> None:
     size = _space_size(unit, ctx.default_method)
+    if ctx.warm and "low_rank" in unit.space:
+        _enqueue_warm(ctx, study, unit)
 
     def stop_when_exhausted(study: optuna.Study, trial) -> None:
         if len(ctx.seen.get(unit.key, ())) >= size:
@@ -455,8 +555,7 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose) -> Re
         for name in unit.layers:
             plan[name], accuracies[name] = dict(best[0]), best[1]
     plan = {k: v for k, v in plan.items() if v["method"] != "dense"}
-    plan, accuracy, steps = _validate(ctx, plan, accuracies, verbose)
-    module = apply_plan(ctx.gm, ctx.records, plan, ctx.cache)
+    plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
     params_before, flops_before = plan_cost(records, {})
     params_after, flops_after = plan_cost(records, plan)
     dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.5)

@@ -137,15 +137,14 @@ def _require(
 
 
 def _match_str(records: list[LayerRecord], text: str) -> list[LayerRecord]:
-    """Exact name first; otherwise a regex search (substring if not a valid regex)."""
-    exact = [r for r in records if r.name == text]
-    if exact:
-        return exact
+    """A regex searched in the name (a substring test if it is not a valid regex): `fc1` also
+    selects `fc10`, as the seed documents say; anchor it (`fc1$`) or use a list for exact names."""
     return [r for r in records if _text_matches(text, r.name)]
 
 
 def _match_list(ctx: _Context, selector: Sequence[Any]) -> list[LayerRecord]:
-    """Union of string entries; an entry that selects nothing is reported on its own."""
+    """Union of exact qualified names (`"fc1"` never selects `fc10`); an entry that names no layer
+    is reported on its own, with the closest names."""
     if not selector:
         raise ValueError(f"empty selector list; expected {_ACCEPTED_FORMS}")
     chosen: list[LayerRecord] = []
@@ -156,7 +155,7 @@ def _match_list(ctx: _Context, selector: Sequence[Any]) -> list[LayerRecord]:
                 f"of type {type(entry).__name__} in {describe_selector(selector)}"
             )
         text = _check_text(entry, "selector list entry")
-        chosen += _require(ctx, _match_str(ctx.records, text), entry, within=selector)
+        chosen += _require(ctx, [r for r in ctx.records if r.name == text], entry, within=selector)
     return chosen
 
 

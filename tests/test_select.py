@@ -50,8 +50,9 @@ def _error(selector, records=RECORDS, others=None, exc=ValueError) -> str:
 # ----------------------------------------------------------------------------- str
 
 
-def test_str_exact_name_wins_over_pattern():
-    assert match_layers(FLAT, "fc1") == ["fc1"]
+def test_str_is_a_regex_even_when_it_is_a_name():
+    assert match_layers(FLAT, "fc1") == ["fc1", "fc10"]
+    assert match_layers(FLAT, "fc1$") == ["fc1"]
     assert match_layers(FLAT, "fc10") == ["fc10"]
 
 
@@ -100,20 +101,19 @@ def test_list_of_exact_names():
     assert match_layers(FLAT, ("fc1",)) == ["fc1"]
 
 
-def test_list_of_patterns_union_graph_order():
-    assert match_layers(RECORDS, ["decoder", "conv"]) == ["conv", "decoder.fc2", "decoder.fc1"]
+def test_list_entries_are_exact_names_in_graph_order():
+    assert match_layers(RECORDS, ["decoder.fc1", "conv", "decoder.fc2"]) == ["conv", "decoder.fc2", "decoder.fc1"]
+    assert match_layers(FLAT, ["fc1"]) == ["fc1"]  # never fc10
+
+
+def test_list_entry_that_is_no_layer_name_is_an_error():
+    message = _error(["decoder", "conv"])
+    assert "'decoder'" in message and "decoder.fc1" in message
 
 
 def test_list_deduplicates_overlaps():
-    result = match_layers(RECORDS, ["fc1", "encoder", "encoder.fc1"])
-    assert result == [
-        "encoder.fc10",
-        "encoder.fc1",
-        "encoder.attention.out_proj",
-        "encoder.attention.query",
-        "decoder.fc1",
-    ]
-    assert len(result) == len(set(result))
+    result = match_layers(RECORDS, ["encoder.fc1", "decoder.fc1", "encoder.fc1"])
+    assert result == ["encoder.fc1", "decoder.fc1"]
 
 
 def test_list_empty_rejected():
@@ -358,7 +358,7 @@ def test_result_sorted_by_graph_order_regardless_of_input_order():
 
 def test_duplicate_records_reported_once():
     records = FLAT + [_rec("fc1", 0, 0)]
-    assert match_layers(records, "fc1") == ["fc1"]
+    assert match_layers(records, ["fc1"]) == ["fc1"]
 
 
 # ----------------------------------------------------------------------------- no-match messages

@@ -103,17 +103,28 @@ class ReplacementKind:
 
 
 class FactorCache:
-    """One SVD per layer for a whole study; every rank is a slice of it.
+    """Per-study, per-layer state shared by every trial: decompositions and calibration statistics.
 
-    Small layers, and ranks above a quarter of the smaller dimension, get an exact SVD; large
-    layers at low rank get a randomized one (`torch.svd_lowrank`) with oversampling, computed with a
-    fixed seed so a plan rebuilds bit for bit.
+    One SVD per layer for a whole study; every rank is a slice of it. Small layers, and ranks above
+    a quarter of the smaller dimension, get an exact SVD; large layers at low rank get a randomized
+    one (`torch.svd_lowrank`) with oversampling, computed with a fixed seed so a plan rebuilds bit
+    for bit. With calibration statistics (`stats`, from `fxsketch.calibrate`) the cache also holds
+    the activation-whitened decompositions, and `refit` asks kinds to refit their trainable factors
+    to the layer's outputs on those statistics.
     """
 
     EXACT_BELOW = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, stats: dict | None = None, refit: bool = True) -> None:
+        self.stats = dict(stats or {})
+        self.refit = refit
         self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
+        self._whitened: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def second_moment(self, key: str) -> torch.Tensor | None:
+        """E[xᵀx] of the layer's inputs (float64), or None without calibration."""
+        stats = self.stats.get(key)
+        return None if stats is None else stats.second_moment
 
     def svd(self, key: str, matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U_R, S_R, Vh_R) of `matrix` (float32 or wider), computing or widening the cached SVD."""
@@ -136,5 +147,43 @@ class FactorCache:
             U, S, V = torch.svd_lowrank(W, q=q, niter=4)
         return U, S, V.T, False
 
+    def whitened(self, key: str, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, S, M) with W ≈ U_R S_R M_R for every R, optimal for the layer's outputs on its inputs.
+
+        With C = E[xᵀx] + λI = L Lᵀ, the SVD of W L = U S Vᵀ truncated at R and mapped back,
+        W_R = U_R S_R V_Rᵀ L⁻¹, minimizes E‖(W − W_R) x‖²; M = Vᵀ L⁻¹. The ridge λ keeps
+        rank-deficient inputs (dead features, padding) invertible.
+        """
+        if key not in self._whitened:
+            C = self.second_moment(key)
+            if C is None:
+                raise ValueError(f"whitened_svd needs calibration statistics for layer {key!r}: pass "
+                                 "calibration_data=... to optimize/rewrite/allocate")
+            W = matrix.detach().to(torch.float64)
+            ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
+            L = torch.linalg.cholesky(C + ridge * torch.eye(C.shape[0], dtype=C.dtype))
+            U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+            M = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T  # Vᵀ L⁻¹
+            self._whitened[key] = (U, S, M)
+        return self._whitened[key]
+
+    def output_errors(self, key: str, method: str, matrix: torch.Tensor, ranks: list[int]) -> list[float]:
+        """Relative output error E‖(W − W_R)x‖² / E‖Wx‖² of `method` at each rank, on the statistics."""
+        if method == "whitened_svd":
+            _, S, _ = self.whitened(key, matrix)
+            energy = S.square()
+            tail = energy.flip(0).cumsum(0).flip(0)
+            total = energy.sum().clamp_min(1e-300)
+            return [float(tail[r] / total) if r < len(tail) else 0.0 for r in ranks]
+        C = self.second_moment(key)
+        W = matrix.detach().to(torch.float64)
+        G = W @ C @ W.T if C is not None else W @ W.T  # output energy per direction
+        total = G.trace().clamp_min(1e-300)
+        U, _, _ = self.svd(key, matrix, max(ranks))
+        U = U.to(torch.float64)
+        captured = ((U.T @ G) * U.T).sum(1).cumsum(0)
+        return [float((total - captured[r - 1]) / total) if r else 1.0 for r in ranks]
+
     def clear(self) -> None:
         self._svd.clear()
+        self._whitened.clear()

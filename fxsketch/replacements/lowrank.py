@@ -11,6 +11,7 @@ from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
     Cost, FactorCache, ReplacementKind, efficient_rank_limit, lowrank_cost, rank_space,
 )
+from fxsketch.replacements.refit import refit_outer
 from fxsketch.replacements.registry import register_kind
 
 
@@ -47,11 +48,31 @@ class SVD(ReplacementKind):
         rank = int(params["low_rank"])
         if not copy_weights:
             return fresh_lowrank_module(record, rank, bias is not None).to(weight.dtype)
-        U, S, Vh = cache.svd(record.name, weight.reshape(record.out_features, -1), rank)
+        W = weight.reshape(record.out_features, -1)
+        U, S, Vh = cache.svd(record.name, W, rank)
         root = S.sqrt()
-        A = (U * root).to(weight.dtype)
-        B = (root[:, None] * Vh).to(weight.dtype)
-        return lowrank_module(record, B, A, bias)
+        A, B = U * root, root[:, None] * Vh
+        C = cache.second_moment(record.name)
+        if cache.refit and C is not None:  # keep B's subspace, fit A to the layer's real outputs
+            A = refit_outer(W.to(torch.float64), B.to(torch.float64), C)
+        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias)
+
+
+@register_kind
+class WhitenedSVD(SVD):
+    """Activation-whitened truncated SVD: the rank-R factorization with the least output error on
+    the calibration inputs (see `FactorCache.whitened`). Needs calibration statistics."""
+
+    name = "whitened_svd"
+
+    def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
+        rank = int(params["low_rank"])
+        if not copy_weights:
+            return fresh_lowrank_module(record, rank, bias is not None).to(weight.dtype)
+        U, S, M = cache.whitened(record.name, weight.reshape(record.out_features, -1))
+        root = S[:rank].sqrt()
+        A, B = U[:, :rank] * root, root[:, None] * M[:rank]
+        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias)
 
 
 def fresh_lowrank_module(record: LayerRecord, rank: int, bias: bool):

@@ -12,6 +12,7 @@ from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
     Cost, ReplacementKind, dense_cost, efficient_rank_limit, lowrank_cost, rank_space,
 )
+from fxsketch.replacements.refit import refit_sketch
 from fxsketch.replacements.registry import register_kind
 from fxsketch.spec import Categorical, Int
 
@@ -58,6 +59,16 @@ class Sketch(ReplacementKind):
             g = record.conv
             module = SKConv2d(c, record.out_features, (kh, kw), l, k, g["stride"], g["padding"],
                               g["dilation"], bias=bias is not None, weight=w, seed=layer_seed(record.name))
+        C = cache.second_moment(record.name)
+        if copy_weights and cache.refit and C is not None:
+            # Zero-shot sketches keep almost nothing of the layer; a least-squares refit of the
+            # trainable halves to the layer's outputs on real inputs is what makes them usable.
+            W = weight.detach().reshape(record.out_features, -1).to(torch.float64)
+            f64 = [t.detach().to(torch.float64) for t in (module.S1, module.S2, module.U1, module.U2)]
+            S1, S2 = refit_sketch(*f64, W, C)
+            with torch.no_grad():
+                module.S1.copy_(S1)
+                module.S2.copy_(S2)
         module = module.to(weight.dtype)
         if bias is not None and copy_weights:
             with torch.no_grad():

@@ -1,0 +1,482 @@
+"""Panther's `SKAutoTuner`, running on fxsketch.
+
+Each layer (or `separate=False` group) is its own search through the search algorithm. A trial's
+model is the captured graph with that layer rewritten by `fxsketch.rewrite.apply_plan` (the other
+layers dense), so every trial runs on the fxsketch ops. The user's model is never modified: the
+methods that return a model return a new `torch.fx.GraphModule` in which each replaced layer sits
+under its original qualified name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import statistics
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch.fx
+from optuna.trial import TrialState
+from torch import nn
+
+from fxsketch.replacements import FactorCache, dense_cost, get_kind
+from fxsketch.rewrite import apply_plan
+from fxsketch.spec import TuningConfigs, load_spec
+from fxsketch.tuner.SkAutoTuner.Configs import (
+    LayerNameResolver, ParamsResolver, TuningUnit, algorithm_space, first_values, units_to_configs,
+)
+from fxsketch.tuner.SkAutoTuner.results import dump_results, read_results
+from fxsketch.tuner.SkAutoTuner.Searching import OptunaSearch
+
+__all__ = ["SKAutoTuner"]
+
+log = logging.getLogger(__name__)
+
+_REQUIRED_METHODS = ("initialize", "get_next_params", "update", "get_best_params", "get_best_score",
+                     "reset", "is_finished")
+_NO_RESOURCE = object()
+
+
+@dataclass
+class _Outcome:
+    """What one trial produced."""
+
+    state: str
+    accuracy: float = math.nan
+    speed: float = math.nan
+    score: float = math.nan
+    note: str = ""
+
+
+class SKAutoTuner:
+    """Auto-tuner for sketched layers: Panther's API on fxsketch's rewrite.
+
+    Args:
+        model: the model to tune; never modified.
+        configs: the layers to tune and their spaces (a TuningConfigs, or any form `load_spec` takes).
+        accuracy_eval_func: `model -> float`, higher is better. It may also accept keywords
+            `params` (every sampled value of the trial, extra parameters included) and `resource`
+            (the search algorithm's `get_resource()`, when it has one).
+        search_algorithm: a SearchAlgorithm (default: `OptunaSearch()`, TPE).
+        verbose: print one line per trial and a summary per layer.
+        accuracy_threshold: with `optimization_eval_func`, the score is the speed when accuracy >=
+            threshold, else -inf; otherwise the score is the accuracy.
+        optimization_eval_func: `model -> float` to maximize (e.g. throughput) under the threshold.
+        num_runs_per_param: evaluate each trial this many times and average.
+        optmization_eval_func: the misspelling of a later Panther revision; deprecated alias.
+        example_inputs: fxsketch extension, for models `torch.fx.symbolic_trace` cannot trace
+            (they are then captured with `torch.export`).
+        default_method: fxsketch extension: the replacement kind used when `params` names no
+            `method` (default `"sketch"`, Panther's SKLinear/SKConv2d; `"svd"` is another).
+
+    Raises:
+        ValueError: a selector matches nothing, a layer is selected twice, or `params` holds a
+            parameter no replacement kind takes while no evaluation function accepts `params`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        configs: Any,
+        accuracy_eval_func: Callable[..., float],
+        search_algorithm: Any = None,
+        verbose: bool = False,
+        accuracy_threshold: float | None = None,
+        optimization_eval_func: Callable[..., float] | None = None,
+        num_runs_per_param: int = 1,
+        *,
+        optmization_eval_func: Callable[..., float] | None = None,
+        example_inputs: Any = None,
+        default_method: str = "sketch",
+    ) -> None:
+        optimization_eval_func = _deprecated_alias(optimization_eval_func, optmization_eval_func)
+        _check_arguments(model, accuracy_eval_func, optimization_eval_func, num_runs_per_param)
+        self.model = model
+        self.accuracy_eval_func = accuracy_eval_func
+        self.optimization_eval_func = optimization_eval_func
+        self.accuracy_threshold = accuracy_threshold
+        self.num_runs_per_param = num_runs_per_param
+        self.verbose = verbose
+        self.search_algorithm = OptunaSearch() if search_algorithm is None else search_algorithm
+        _check_algorithm(self.search_algorithm)
+        self.default_method = default_method
+        self._keywords = {id(f): _keywords(f) for f in (accuracy_eval_func, optimization_eval_func) if f}
+        self._warn_score_rule()
+        self._resolver = LayerNameResolver(model, example_inputs)
+        self._params = ParamsResolver(self._resolver, default_method)
+        self._records = {r.name: r for r in self._resolver.records}
+        self._cache = FactorCache()
+        self._results: list[dict[str, Any]] = []
+        self._best_params: dict[str, dict[str, Any]] = {}
+        self._best_scores: dict[str, float] = {}
+        self._copy_weights: dict[str, bool] = {}
+        self._tuned = False
+        self.setConfigs(configs)
+
+    # ------------------------------------------------------------------ configuration
+
+    def getResolver(self) -> LayerNameResolver:
+        """The layer name resolver of the model, for advanced layer inspection."""
+        return self._resolver
+
+    def getConfigs(self) -> TuningConfigs:
+        """The resolved configurations: explicit layer-name lists and explicit spaces."""
+        return self._configs
+
+    def setConfigs(self, configs: Any) -> None:
+        """Set new configurations; layer names and parameters are resolved at once.
+
+        Results and best parameters found so far are kept; tuning again replaces those of the
+        layers it tunes.
+        """
+        units = self._params.units(load_spec(configs))
+        self._check_extras(units)
+        self._units = units
+        self._configs = units_to_configs(units)
+
+    # ------------------------------------------------------------------ tuning
+
+    def tune(self) -> dict[str, dict[str, Any]]:
+        """Search every layer (or group) in turn; returns the best parameters per layer name."""
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            for unit in self._units:
+                self._tune_unit(unit)
+            self._tuned = True
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+        return self.get_best_params()
+
+    def apply_best_params(self) -> torch.fx.GraphModule:
+        """A new model with each tuned layer replaced using its best parameters.
+
+        The user's model is not modified: the result is a new `torch.fx.GraphModule` in which
+        each replaced layer is reachable under its original qualified name
+        (`result.get_submodule("fc1")`). Layers without a feasible trial stay dense.
+
+        Raises:
+            RuntimeError: nothing was tuned or loaded yet.
+        """
+        if not self._best_params and not self._tuned:
+            raise RuntimeError("no best parameters yet: call tune() or load_tuning_results() first")
+        if not self._best_params:
+            warnings.warn("no layer had a feasible trial: the returned model is a dense copy", UserWarning,
+                          stacklevel=2)
+        plan = {name: self._entry_from_best(name, params) for name, params in self._best_params.items()}
+        return self._apply(plan, self._copy_weights)
+
+    def replace_without_tuning(self) -> torch.fx.GraphModule:
+        """A new model with every configured layer replaced using the first value of each spec.
+
+        The first choice of a Categorical, the low bound of an Int/Float. No trial is run and
+        the user's model is not modified (the result is a new GraphModule).
+        """
+        plan: dict[str, dict[str, Any]] = {}
+        copy_weights: dict[str, bool] = {}
+        for unit in self._units:
+            entry = self._entry(unit, first_values(unit.space))
+            for name in unit.layers:
+                plan[name], copy_weights[name] = entry, unit.copy_weights
+        return self._apply(plan, copy_weights)
+
+    # ------------------------------------------------------------------ results
+
+    def get_best_params(self) -> dict[str, dict[str, Any]]:
+        """The best parameters of each tuned layer (group members share their group's values)."""
+        return {name: dict(params) for name, params in self._best_params.items()}
+
+    def get_results_dataframe(self):
+        """Every trial as a pandas DataFrame: `layer_name`, one column per parameter, `score`,
+        `accuracy`, `speed` (then `trial`, `state`, `note`).
+
+        Raises:
+            ImportError: pandas is not installed.
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("get_results_dataframe() needs pandas: pip install pandas") from exc
+        params = list(dict.fromkeys(k for r in self._results for k in r["params"]))
+        rows = [{"layer_name": r["layer_name"], **r["params"], "score": r["score"], "accuracy": r["accuracy"],
+                 "speed": r["speed"], "trial": r["trial"], "state": r["state"], "note": r["note"]}
+                for r in self._results]
+        columns = ["layer_name", *params, "score", "accuracy", "speed", "trial", "state", "note"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def save_tuning_results(self, file_path: str | os.PathLike) -> None:
+        """Write the results and best parameters as JSON (fxsketch never writes pickles)."""
+        dump_results(file_path, {"default_method": self.default_method, "best_params": self._best_params,
+                                 "best_scores": self._best_scores, "copy_weights": self._copy_weights,
+                                 "results": self._results})
+
+    def load_tuning_results(self, file_path: str | os.PathLike, trusted: bool = False) -> None:
+        """Load results written by `save_tuning_results` (replacing the current ones).
+
+        Args:
+            file_path: the JSON file.
+            trusted: also read a Panther pickle file. Unpickling runs code from the file, so
+                this is refused unless the user says the file is trusted.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            ValueError: the file is not a results file, names layers this model lacks, or is a
+                pickle while `trusted` is False.
+        """
+        data = read_results(file_path, trusted)
+        unknown = [name for name in data["best_params"] if name not in self._records]
+        if unknown:
+            raise ValueError(f"{os.fspath(file_path)} holds parameters for {unknown}, which are not replaceable "
+                             f"layers of this model (layers: {', '.join(self._records)})")
+        self._best_params = data["best_params"]
+        self._best_scores = data["best_scores"]
+        self._copy_weights = {n: data["copy_weights"].get(n, True) for n in self._best_params}
+        self._results = data["results"]
+        self._tuned = True
+
+    # ------------------------------------------------------------------ one layer's search
+
+    def _tune_unit(self, unit: TuningUnit) -> None:
+        alg = self.search_algorithm
+        alg.reset()
+        space = algorithm_space(unit.space)
+        if isinstance(alg, OptunaSearch):
+            alg.initialize(space, study_suffix=unit.key)
+        else:
+            alg.initialize(space)
+        rows: list[dict[str, Any]] = []
+        while not alg.is_finished():
+            params = alg.get_next_params()
+            if params is None:
+                break
+            rows.append(self._run_trial(unit, dict(params), len(rows)))
+        self._record_best(unit, rows)
+
+    def _run_trial(self, unit: TuningUnit, params: dict[str, Any], number: int) -> dict[str, Any]:
+        try:
+            outcome = self._evaluate(unit, params)
+        except optuna.TrialPruned as exc:
+            outcome = _Outcome("PRUNED", note=str(exc) or "pruned by the pruner")
+        except Exception as exc:  # a failing trial is recorded and the search goes on
+            outcome = _Outcome("FAIL", note=f"{type(exc).__name__}: {exc}")
+            log.warning("trial %d of %s failed: %s", number, unit.key, outcome.note)
+        except BaseException:
+            if isinstance(self.search_algorithm, OptunaSearch):
+                self.search_algorithm.end_trial(TrialState.FAIL, interrupted=True)
+            raise
+        self._tell(unit, params, outcome)
+        row = {"layer_name": unit.key, "layers": list(unit.layers), "trial": number, "params": params,
+               "accuracy": outcome.accuracy, "speed": outcome.speed, "score": outcome.score,
+               "state": outcome.state, "note": outcome.note}
+        self._results.append(row)
+        if self.verbose:
+            print(_trial_line(row))
+        return row
+
+    def _evaluate(self, unit: TuningUnit, params: dict[str, Any]) -> _Outcome:
+        entry = self._entry(unit, params)
+        if unit.auto:
+            reason = self._inefficient(unit, entry)
+            if reason:
+                raise optuna.TrialPruned(reason)
+        module = self._apply({name: entry for name in unit.layers}, {name: unit.copy_weights for name in unit.layers})
+        resource = self._resource()
+        accuracies, speeds = [], []
+        for _ in range(self.num_runs_per_param):
+            accuracies.append(self._call(self.accuracy_eval_func, module, params, resource, "accuracy_eval_func"))
+            if self.optimization_eval_func is not None:
+                speeds.append(self._call(self.optimization_eval_func, module, params, resource,
+                                         "optimization_eval_func"))
+        accuracy = statistics.fmean(accuracies)
+        speed = statistics.fmean(speeds) if speeds else math.nan
+        return _Outcome("COMPLETE", accuracy, speed, self._score(accuracy, speed))
+
+    def _tell(self, unit: TuningUnit, params: dict[str, Any], outcome: _Outcome) -> None:
+        alg = self.search_algorithm
+        if isinstance(alg, OptunaSearch):
+            alg.set_user_attr("fxsketch.layer", unit.key)
+            for key in ("accuracy", "speed"):
+                value = getattr(outcome, key)
+                alg.set_user_attr(f"fxsketch.{key}", None if math.isnan(value) else value)
+            if outcome.note:
+                alg.set_user_attr("fxsketch.note", outcome.note)
+            if outcome.state == "COMPLETE":
+                alg.update(params, outcome.score)
+            else:
+                alg.end_trial(TrialState[outcome.state])
+        else:
+            alg.update(params, outcome.score if outcome.state == "COMPLETE" else self._worst())
+
+    def _record_best(self, unit: TuningUnit, rows: list[dict[str, Any]]) -> None:
+        alg = self.search_algorithm
+        best, score = alg.get_best_params(), alg.get_best_score()
+        if best is None and rows and all(r["state"] == "FAIL" for r in rows):
+            raise RuntimeError(f"every trial of {unit.key} failed; the first failure: {rows[0]['note']}")
+        if best is None or score is None or not math.isfinite(score):
+            log.warning("no trial of %s met the accuracy threshold: it stays dense", unit.key)
+            for name in unit.layers:
+                self._best_params.pop(name, None)
+            if self.verbose:
+                print(f"[{unit.key}] no feasible trial in {len(rows)} trial(s): the layer stays dense")
+            return
+        for name in unit.layers:
+            self._best_params[name] = dict(best)
+            self._copy_weights[name] = unit.copy_weights
+        self._best_scores[unit.key] = float(score)
+        if self.verbose:
+            print(f"[{unit.key}] best {_format(best)} score={score:.6g} ({len(rows)} trial(s) run)")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _entry(self, unit: TuningUnit, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The plan entry (method and replacement parameters) for a trial's values."""
+        unknown = [k for k in params if k not in unit.space]
+        if unknown:
+            raise ValueError(f"the search algorithm returned {unknown}, which are not in the space "
+                             f"{list(unit.space)} of {unit.key}")
+        if "method" in params:
+            method = params["method"]
+        elif "method" in unit.space:
+            raise ValueError(f"the search algorithm returned no 'method' for {unit.key}")
+        else:
+            method = self.default_method
+        kind = get_kind(method)
+        entry: dict[str, Any] = {"method": kind.name}
+        for p in kind.param_names:
+            if p not in params and p not in kind.defaults:
+                raise ValueError(f"the search algorithm returned no value for {p!r} ({unit.key}, method {kind.name})")
+            entry[p] = params[p] if p in params else kind.defaults[p]
+        return entry
+
+    def _entry_from_best(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        kind = get_kind(params.get("method", self.default_method))
+        entry: dict[str, Any] = {"method": kind.name}
+        for p in kind.param_names:
+            if p not in params and p not in kind.defaults:
+                raise ValueError(f"best parameters of {name} lack {p!r} (method {kind.name})")
+            entry[p] = params.get(p, kind.defaults.get(p))
+        return entry
+
+    def _apply(self, plan: dict[str, dict[str, Any]], copy_weights: Mapping[str, bool]) -> torch.fx.GraphModule:
+        """Rewrite the captured graph with `plan`; layers with copy_weights=False get a fresh init."""
+        copied = {n: e for n, e in plan.items() if copy_weights.get(n, True)}
+        fresh = {n: e for n, e in plan.items() if n not in copied}
+        module = apply_plan(self._resolver.graph_module, self._records, copied, self._cache, copy_weights=True)
+        if fresh:
+            module = apply_plan(module, self._records, fresh, self._cache, copy_weights=False)
+        module.meta["fxsketch_plan"] = {n: dict(e) for n, e in plan.items()}
+        return module
+
+    def _inefficient(self, unit: TuningUnit, entry: dict[str, Any]) -> str:
+        kind = get_kind(entry["method"])
+        params = {k: v for k, v in entry.items() if k != "method"}
+        for name in unit.layers:
+            record = self._records[name]
+            if kind.name != "dense" and kind.cost(record, params).flops_per_token >= dense_cost(record).flops_per_token:
+                return f"{name}: {kind.name} {params} is not cheaper than the dense layer"
+        return ""
+
+    def _resource(self) -> Any:
+        get_resource = getattr(self.search_algorithm, "get_resource", None)
+        return get_resource() if callable(get_resource) else _NO_RESOURCE
+
+    def _call(self, fn: Callable[..., Any], module: nn.Module, params: dict[str, Any], resource: Any,
+              what: str) -> float:
+        accepted = self._keywords.get(id(fn), frozenset())
+        kwargs: dict[str, Any] = {}
+        if "params" in accepted:
+            kwargs["params"] = dict(params)
+        if "resource" in accepted and resource is not _NO_RESOURCE:
+            kwargs["resource"] = resource
+        value = float(fn(module, **kwargs))
+        if math.isnan(value):
+            raise ValueError(f"{what} returned NaN")
+        return value
+
+    def _direction(self) -> str:
+        return getattr(self.search_algorithm, "direction", "maximize")
+
+    def _worst(self) -> float:
+        return math.inf if self._direction() == "minimize" else -math.inf
+
+    def _score(self, accuracy: float, speed: float) -> float:
+        if self.accuracy_threshold is None or self.optimization_eval_func is None:
+            return accuracy
+        return speed if accuracy >= self.accuracy_threshold else self._worst()
+
+    def _warn_score_rule(self) -> None:
+        has_threshold = self.accuracy_threshold is not None
+        if has_threshold != (self.optimization_eval_func is not None):
+            given, missing = (("accuracy_threshold", "optimization_eval_func") if has_threshold
+                              else ("optimization_eval_func", "accuracy_threshold"))
+            warnings.warn(f"{given} is set but {missing} is not: the score is the accuracy. Speed-under-"
+                          f"accuracy tuning needs both accuracy_threshold and optimization_eval_func.",
+                          UserWarning, stacklevel=3)
+
+    def _check_extras(self, units: list[TuningUnit]) -> None:
+        takes_params = any("params" in kw for kw in self._keywords.values())
+        for unit in units:
+            if unit.extras and not takes_params:
+                accepted = sorted({p for m in unit.methods for p in get_kind(m).param_names})
+                raise ValueError(
+                    f"parameter(s) {unit.extras} of config {unit.config_index} are not parameters of the "
+                    f"replacement kind(s) {unit.methods}, which take {accepted}. To co-tune them, give "
+                    "accuracy_eval_func or optimization_eval_func a `params` keyword argument: it receives "
+                    "every sampled value of the trial.")
+
+
+def _deprecated_alias(canonical: Callable | None, misspelled: Callable | None) -> Callable | None:
+    if misspelled is None:
+        return canonical
+    warnings.warn("optmization_eval_func is a misspelling kept for Panther compatibility; "
+                  "use optimization_eval_func", DeprecationWarning, stacklevel=3)
+    if canonical is not None:
+        raise TypeError("pass optimization_eval_func or optmization_eval_func, not both")
+    return misspelled
+
+
+def _check_arguments(model: Any, accuracy_fn: Any, speed_fn: Any, runs: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(accuracy_fn):
+        raise TypeError("accuracy_eval_func must be a callable taking a model and returning a float")
+    if speed_fn is not None and not callable(speed_fn):
+        raise TypeError("optimization_eval_func must be a callable taking a model and returning a float")
+    if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
+        raise ValueError(f"num_runs_per_param must be a positive integer, got {runs!r}")
+
+
+def _check_algorithm(alg: Any) -> None:
+    missing = [m for m in _REQUIRED_METHODS if not callable(getattr(alg, m, None))]
+    if missing:
+        raise TypeError(f"search_algorithm {type(alg).__name__} lacks {missing}: implement the SearchAlgorithm "
+                        "interface (fxsketch.tuner.SearchAlgorithm)")
+
+
+def _keywords(fn: Callable[..., Any]) -> frozenset[str]:
+    """Which of the optional keywords `params` and `resource` `fn` accepts."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return frozenset({"params", "resource"})
+    named = {p.name for p in parameters
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return frozenset(named & {"params", "resource"})
+
+
+def _format(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _trial_line(row: Mapping[str, Any]) -> str:
+    head = f"[{row['layer_name']}] trial {row['trial']}: {_format(row['params'])}"
+    if row["state"] != "COMPLETE":
+        return f"{head} -> {row['state'].lower()}: {row['note']}"
+    return f"{head} -> accuracy={row['accuracy']:.4f} speed={row['speed']:.4g} score={row['score']:.4g}"
