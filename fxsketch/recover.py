@@ -65,5 +65,6 @@ def distill(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    log.debug("distilled %d steps, final loss %.5f", steps, float(loss))
-    return float(loss)
+    final = float(loss.detach())
+    log.debug("distilled %d steps, final loss %.5f", steps, final)
+    return final
