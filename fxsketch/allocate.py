@@ -70,7 +70,7 @@ def unit_choices(unit, records: dict[str, LayerRecord], cache: FactorCache, weig
     kind = get_kind(method)
     errors = [0.0] * len(ranks)
     for name in unit.layers:
-        matrix = weights[name].reshape(records[name].out_features, -1)
+        matrix = records[name].weight_matrix(weights[name])
         for i, e in enumerate(cache.output_errors(name, method, matrix, ranks)):
             errors[i] += e
     choices = [Choice(None, 0.0, *_cost(records, unit.layers, None))]

@@ -157,6 +157,7 @@ def _replace(gm, name, layers, entry, cache) -> bool:
     problem = kind.invalid(record, params)
     if problem:
         raise ValueError(f"plan entry {name!r}: {problem}")
+    weight = weight.T if record.transposed else weight
     with torch.no_grad():
         module = kind.build(record, weight.detach(), None if bias is None else bias.detach(), params, cache)
         if module is None:

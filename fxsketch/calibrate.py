@@ -14,7 +14,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from fxsketch.capture import as_inputs, find_layers
+from fxsketch.capture import as_inputs, find_layers, input_of
 from fxsketch.records import LayerRecord
 
 __all__ = ["LayerStats", "calibrate"]
@@ -47,9 +47,7 @@ class _Recorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         record = self.targets.get(n)
         if record is not None:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            x = args[0] if args else kwargs["input"]
-            self.stats[record.name].add(_layer_rows(record, x))
+            self.stats[record.name].add(_layer_rows(record, self.env[input_of(n)]))
         return super().run_node(n)
 
 

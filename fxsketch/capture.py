@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ __all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs
 log = logging.getLogger(__name__)
 
 _LINEAR_FNS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+# x·W + b with W stored (in, out): transformers' Conv1D (GPT-2) and hand-written addmm layers
+_ADDMM_FNS = {torch.addmm, torch.ops.aten.addmm.default}
 _CONV_FNS = {
     F.conv2d,
     torch.conv2d,
@@ -96,10 +99,25 @@ def _symbolic_trace(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
 
 def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     """torch.export.export(strict=False)"""
+    _register_library_types()
     auto = torch.export.Dim.AUTO
     dynamic = tuple({i: auto for i in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in inputs)
     ep = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
     return ep.module()
+
+
+def _register_library_types() -> None:
+    """Let export see through transformers' KV caches (returned by default by decoder models)."""
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:
+        return
+    try:
+        register_dynamic_cache_export_support()
+    except Exception:  # already registered, or a version without the cache types: nothing to do
+        log.debug("transformers cache types not registered for export", exc_info=True)
 
 
 def _propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple | None) -> None:
@@ -151,18 +169,37 @@ def _record_for(gm, node: torch.fx.Node, order: dict[str, int], position: int) -
     if not _is_attr(weight) or (bias is not None and not _is_attr(bias)):
         return None  # computed weights are not layers we can factor
     name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
-    return functional_record(node, name, _module_type(node, name), tuple(_fetch_attr(gm, weight.target).shape),
-                             order.get(name, _FUNCTIONAL_ORDER), position, weight.target,
-                             bias.target if bias is not None else None)
+    shape = tuple(_fetch_attr(gm, weight.target).shape)
+    if len(shape) != (2 if node.target in _LINEAR_FNS | _ADDMM_FNS else 4):
+        return None
+    return functional_record(node, name, _module_type(node, name), shape, order.get(name, _FUNCTIONAL_ORDER),
+                             position, weight.target, bias.target if bias is not None else None)
 
 
 def is_functional_layer(node: torch.fx.Node) -> bool:
-    """Whether `node` is a functional or ATen linear/conv2d call."""
-    return node.op == "call_function" and node.target in _LINEAR_FNS | _CONV_FNS
+    """Whether `node` is a functional or ATen linear/conv2d call (or a plain x·W + b addmm)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _ADDMM_FNS:
+        return node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
+    return node.target in _LINEAR_FNS | _CONV_FNS
+
+
+def input_of(node: torch.fx.Node) -> Any:
+    """The node feeding a layer's input (its activations)."""
+    if node.op == "call_module":
+        return node.args[0] if node.args else next(iter(node.kwargs.values()))
+    return call_arguments(node)["input"]
 
 
 def call_arguments(node: torch.fx.Node) -> dict[str, Any]:
     """The arguments of a functional linear/conv2d node by name (`input`, `weight`, `bias`, ...)."""
+    if node.target in _ADDMM_FNS:
+        names = ("bias", "input", "weight")
+        args = dict(zip(names, node.args))
+        args.update({k2: node.kwargs[k1] for k1, k2 in (("input", "bias"), ("mat1", "input"), ("mat2", "weight"))
+                     if k1 in node.kwargs})
+        return args
     names = ("input", "weight", "bias") if node.target in _LINEAR_FNS else (
         "input", "weight", "bias", "stride", "padding", "dilation", "groups")
     args = dict(zip(names, node.args))
@@ -171,7 +208,11 @@ def call_arguments(node: torch.fx.Node) -> dict[str, Any]:
 
 
 def functional_record(node, name, module_type, shape, module_order, position, weight_target, bias_target) -> LayerRecord:
-    """The record of a functional linear/conv2d node whose weight has shape `shape`."""
+    """The record of a functional linear/conv2d node whose weight has shape `shape` (as stored)."""
+    if node.target in _ADDMM_FNS:  # the weight is stored (in, out): the record says (out, in)
+        record = _linear_record(node, name, module_type, shape[::-1], module_order, position, weight_target, bias_target)
+        record.transposed = True
+        return record
     if node.target in _LINEAR_FNS:
         return _linear_record(node, name, module_type, shape, module_order, position, weight_target, bias_target)
     args = call_arguments(node)

@@ -28,6 +28,7 @@ class LayerRecord:
         unsupported: why no replacement applies (empty when one does).
         nodes: the graph nodes computing this layer.
         weight_target / bias_target: attribute paths of the weight and bias in the graph module.
+        transposed: the weight is stored (in, out), as in `x·W + b` (transformers' Conv1D).
     """
 
     name: str
@@ -42,6 +43,11 @@ class LayerRecord:
     nodes: list[torch.fx.Node] = field(default_factory=list, repr=False)
     weight_target: str = ""
     bias_target: str | None = None
+    transposed: bool = False
+
+    def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The stored weight as the (out, in·kh·kw) matrix every factorization works on."""
+        return weight.T if self.transposed else weight.reshape(self.weight_shape[0], -1)
 
     @property
     def in_features(self) -> int:

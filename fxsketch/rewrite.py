@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxsketch.capture import as_inputs, capture, find_layers
+from fxsketch.capture import as_inputs, capture, find_layers, input_of
 from fxsketch.kernels import lowrank_conv2d, lowrank_linear
 from fxsketch.nn import LowRankConv2d, LowRankLinear
 from fxsketch.records import LayerRecord
@@ -120,6 +120,7 @@ def apply_plan(
         if problem:
             raise ValueError(f"plan entry {name!r}: {problem}")
         weight = _fetch(new, record.weight_target)
+        weight = weight.T if record.transposed else weight
         bias = _fetch(new, record.bias_target) if record.bias_target else None
         module = kind.build(record, weight, bias, params, cache, copy_weights=copy_weights)
         if module is not None:
@@ -156,7 +157,7 @@ def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx
     _set_submodule(gm, path, module)
     for node in nodes:
         with gm.graph.inserting_before(node):
-            call = _emit_call(gm.graph, path, module, node.args[0] if node.args else node.kwargs["input"])
+            call = _emit_call(gm.graph, path, module, input_of(node))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
@@ -233,7 +234,8 @@ def check_same_output_shapes(before: nn.Module, after: nn.Module, inputs: tuple)
     """Raise if the rewrite changed the structure or shapes of the outputs (a rewrite bug)."""
     with torch.no_grad():
         a, b = before(*inputs), after(*inputs)
-    sa = torch.utils._pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, a)
-    sb = torch.utils._pytree.tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, b)
-    if sa != sb:
-        raise RuntimeError(f"the rewritten module's outputs differ in shape from the original's: {sb} vs {sa}")
+    (leaves_a, spec_a), (leaves_b, spec_b) = (torch.utils._pytree.tree_flatten(o) for o in (a, b))
+    shapes_a = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in leaves_a]
+    shapes_b = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in leaves_b]
+    if spec_a != spec_b or shapes_a != shapes_b:
+        raise RuntimeError(f"the rewritten module's outputs differ in shape from the original's: {shapes_b} vs {shapes_a}")

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import fxsketch
-from fxsketch.capture import CaptureError
 from fxsketch.measure import plan_cost
 
 transformers = pytest.importorskip("transformers")
@@ -66,6 +65,11 @@ def _vit_layers():
             + [(f"layers.{i}.{s}", "Linear") for i in range(2) for s in per_layer] + [("pooler.dense", "Linear")])
 
 
+def _gpt2_layers():
+    per_layer = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    return [(f"h.{i}.{s}", "Linear") for i in range(2) for s in per_layer]
+
+
 def _resnet_layers():
     convs = ["embedder.embedder.convolution",
              "encoder.stages.0.layers.0.layer.0.convolution", "encoder.stages.0.layers.0.layer.1.convolution",
@@ -77,7 +81,7 @@ def _resnet_layers():
 SPECS = {
     # name: (builder, expected (qualified name, op type) in graph order, expected output keys)
     "bert": (_bert, _bert_layers, ("last_hidden_state", "pooler_output")),
-    "gpt2": (_gpt2, lambda: [], ("last_hidden_state",)),  # Conv1D (addmm) layers: not matched, see below
+    "gpt2": (_gpt2, _gpt2_layers, ("last_hidden_state",)),  # Conv1D: addmm on a weight stored (in, out)
     "vit": (_vit, _vit_layers, ("last_hidden_state", "pooler_output")),
     "resnet": (_resnet, _resnet_layers, ("last_hidden_state", "pooler_output")),
 }
@@ -201,29 +205,28 @@ def test_vit_patch_embedding_is_a_supported_conv(cases):
     assert patch.tokens == BATCH * (16 // 4) ** 2
 
 
-def test_gpt2_conv1d_layers_are_not_matched(cases):
-    """GPT2 computes its projections with transformers' Conv1D: `addmm(bias, x, W)` with W stored (in, out).
-    fxsketch matches only linear/conv2d nodes, so GPT2 has nothing to rewrite (a known gap)."""
+def test_gpt2_conv1d_layers_are_matched_as_transposed_linears(cases):
+    """GPT2 computes its projections with transformers' Conv1D: `addmm(bias, x, W)` with W stored
+    (in, out). fxsketch records them as Linear layers of shape (out, in) with a transposed weight."""
     case = cases["gpt2"]
-    assert case.records == []
-    addmms = [n for n in case.gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.addmm.default]
-    assert len(addmms) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
-    with pytest.raises(ValueError, match="matched no layer") as info:
-        fxsketch.select(case.gm, {"type": "Linear"})
-    assert "no Linear or Conv2d layer" in str(info.value)
-    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn \(Conv1D\)"):
-        fxsketch.select(case.gm, {"type": "Conv1D"})
+    c_attn = next(r for r in case.records if r.name == "h.0.attn.c_attn")
+    assert c_attn.module_type == "Conv1D" and c_attn.transposed
+    assert c_attn.weight_shape == (48, 16)  # q, k and v of width 16 each, from 16 inputs
+    assert fxsketch.select(case.gm, {"type": "Conv1D"}) == [n for n, _ in case.expected_layers]
 
 
-@pytest.mark.xfail(strict=True, raises=CaptureError, reason=(
-    "GPT2Model with its default use_cache=True returns past_key_values as a transformers DynamicCache, "
-    "which is not a registered pytree type, so torch.export (the fallback tracer) refuses the output; "
-    "the tests above build GPT2 with use_cache=False. Workaround: "
-    "transformers.integrations.executorch.register_dynamic_cache_export_support()."))
-def test_gpt2_with_its_default_kv_cache_captures():
+def test_gpt2_with_its_default_kv_cache_captures_and_rewrites():
+    """Decoder models return a KV cache by default; capture registers transformers' cache types
+    with export, so the cache passes through the rewritten model."""
     torch.manual_seed(0)
     model, make_inputs = _gpt2(use_cache=True)
-    fxsketch.capture(model.eval(), make_inputs(BATCH))
+    model.eval()
+    ids = make_inputs(BATCH)
+    gm = fxsketch.rewrite(model, {"h.0.mlp.c_fc": {"method": "svd", "low_rank": 16}}, ids)
+    with torch.no_grad():
+        out, ref = gm(ids), model(ids)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=1e-4, atol=1e-5)
+    assert out.past_key_values is not None
 
 
 # (2) full-rank rewrite is exact ------------------------------------------------------------------

