@@ -73,6 +73,10 @@ def _html(result: "Result") -> str:
     scatter.add_scatter(x=chosen["speed"], y=chosen["accuracy"], mode="markers", name="chosen per layer",
                         marker=dict(symbol="star", size=14, color="#f4a261", line=dict(width=1, color="black")),
                         text=chosen["layer"], hovertemplate="%{text}<br>speed %{x:.3f}<br>accuracy %{y:.4f}")
+    if result.pareto:
+        front = sorted(result.pareto, key=lambda p: p.speed)
+        scatter.add_scatter(x=[p.speed for p in front], y=[p.accuracy for p in front], mode="lines+markers",
+                            name="Pareto front", line=dict(color="#264653", dash="dot"))
     if result.accuracy_threshold is not None:
         scatter.add_hrect(y0=result.accuracy_threshold, y1=max(1.0, points["accuracy"].max()), fillcolor="#2a9d8f",
                           opacity=0.08, line_width=0, annotation_text="feasible region")
@@ -88,6 +92,9 @@ def _html(result: "Result") -> str:
         history.to_html(full_html=False, include_plotlyjs="inline"),
         scatter.to_html(full_html=False, include_plotlyjs=False),
         "<h2>Layers</h2>", result.layer_table().to_html(index=False),
+        *(["<h2>Sensitivity</h2><p>Relative output error of each layer's factorization by rank (share of its "
+           "full rank), and the smallest rank under each error.</p>", result.sensitivity.to_html(index=False)]
+          if not result.sensitivity.empty else []),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -115,6 +122,9 @@ def _png(result: "Result", path: Path) -> None:
     chosen = points[points["chosen"]]
     ax_s.scatter(chosen["speed"], chosen["accuracy"], marker="*", s=180, c="#f4a261", edgecolors="black",
                  label="chosen per layer")
+    if result.pareto:
+        front = sorted(result.pareto, key=lambda p: p.speed)
+        ax_s.plot([p.speed for p in front], [p.accuracy for p in front], ":o", c="#264653", label="Pareto front")
     if result.accuracy_threshold is not None and not math.isnan(result.accuracy_threshold):
         ax_s.axhspan(result.accuracy_threshold, max(1.0, points["accuracy"].max()), color="#2a9d8f", alpha=0.08)
         ax_s.axhline(result.accuracy_threshold, ls="--", c="gray", label="threshold")

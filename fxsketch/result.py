@@ -51,6 +51,40 @@ class Result:
     records: list[LayerRecord] = field(repr=False, default_factory=list)
     validation: list[dict[str, Any]] = field(default_factory=list)
     accuracy_threshold: float | None = None
+    pareto: list = field(default_factory=list)
+    sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+
+    def select(self, min_accuracy: float):
+        """The fastest Pareto point (multi-objective search) whose accuracy is at least `min_accuracy`.
+
+        Raises:
+            ValueError: the search was not multi-objective, or no point reaches `min_accuracy`.
+        """
+        if not self.pareto:
+            raise ValueError("no Pareto front: run optimize(..., objectives=('accuracy', 'speed'))")
+        fit = [p for p in self.pareto if p.accuracy >= min_accuracy]
+        if not fit:
+            best = max(p.accuracy for p in self.pareto)
+            raise ValueError(f"no Pareto point reaches accuracy {min_accuracy}; the most accurate has {best:.4f}")
+        return max(fit, key=lambda p: (p.speed, p.accuracy))
+
+    def importance(self) -> pd.DataFrame:
+        """Optuna's parameter importances, per tuning unit (one study can mix units' parameters)."""
+        rows = []
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        for unit in sorted({t.user_attrs.get(UNIT_ATTR) for t in done} - {None}):
+            trials = [t for t in done if t.user_attrs.get(UNIT_ATTR) == unit]
+            if len(trials) < 2:
+                continue
+            scratch = optuna.create_study(directions=self.study.directions)
+            scratch.add_trials(trials)
+            target = (lambda t: t.user_attrs.get("fxsketch.speed", math.nan)) if len(self.study.directions) > 1 else None
+            try:
+                scores = optuna.importance.get_param_importances(scratch, target=target)
+            except (RuntimeError, ValueError):  # a single distinct value, or nothing varied
+                continue
+            rows += [{"unit": unit, "param": p, "importance": v} for p, v in scores.items()]
+        return pd.DataFrame(rows, columns=["unit", "param", "importance"])
 
     def layer_table(self) -> pd.DataFrame:
         """One row per matchable layer: kind, parameters, rank, and params/MFLOPs before and after."""
@@ -86,6 +120,12 @@ class Result:
             "",
             self.layer_table().to_string(index=False),
         ]
+        if not self.sensitivity.empty:
+            lines += ["", "sensitivity (relative output error by rank; smallest rank under each error):",
+                      self.sensitivity.to_string(index=False, float_format=lambda v: f"{v:.3g}")]
+        if self.pareto:
+            lines += ["", f"Pareto front ({len(self.pareto)} plans): accuracy / speed "
+                      + ", ".join(f"{p.accuracy:.4f}/{p.speed:.2f}" for p in self.pareto)]
         return "\n".join(lines)
 
     def __str__(self) -> str:

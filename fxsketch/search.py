@@ -24,6 +24,7 @@ from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import compare_latency, plan_cost
+from fxsketch.joint import best_joint, pareto_points, run_joint
 from fxsketch.records import LayerRecord
 from fxsketch.recover import distill
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "svd"
 OBJECTIVES = ("latency", "flops")
+STRATEGIES = ("layerwise", "joint")
 
 
 @dataclass
@@ -192,6 +194,7 @@ class _Context:
     warm: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # plans to try first
     selected_dense: tuple[int, int] = (0, 0)  # FLOPs and params of the selected layers, dense
     recover: tuple[list, int, float] = ([], 0, 0.0)  # (batches, steps, lr) of distillation after each build
+    selected: list[str] = field(default_factory=list)  # the tuned layers' names
 
     def build(self, plan: dict, copy_weights: bool = True) -> nn.Module:
         """The model with `plan` applied (and distilled, when recovery is on)."""
@@ -219,6 +222,14 @@ class _Context:
 
 
 def _prune_reason(ctx: _Context, unit: Unit, entry: dict[str, Any]) -> str:
+    problem = invalid_reason(ctx, unit, entry)
+    if problem:
+        return problem
+    return _over_budget(ctx, unit, get_kind(entry["method"]), {k: v for k, v in entry.items() if k != "method"})
+
+
+def invalid_reason(ctx: _Context, unit: Unit, entry: dict[str, Any]) -> str:
+    """Why `entry` cannot or should not be built for the unit's layers ("" when it can)."""
     kind = get_kind(entry["method"])
     params = {k: v for k, v in entry.items() if k != "method"}
     for name in unit.layers:
@@ -228,7 +239,7 @@ def _prune_reason(ctx: _Context, unit: Unit, entry: dict[str, Any]) -> str:
             return f"{name}: {problem}"
         if kind.name != "dense" and kind.cost(record, params).flops_per_token >= dense_cost(record).flops_per_token:
             return f"{name}: {kind.name} {params} is not cheaper than the dense layer"
-    return _over_budget(ctx, unit, kind, params)
+    return ""
 
 
 def _over_budget(ctx: _Context, unit: Unit, kind, params: dict[str, Any]) -> str:
@@ -315,12 +326,13 @@ def _best_entry(study: optuna.Study, key: str) -> tuple[dict[str, Any], float] |
     return None if best is None else (best[1], best[2])
 
 
-def _create_study(storage, study_name, load_if_exists, sampler, pruner, seed) -> optuna.Study:
+def _create_study(storage, study_name, load_if_exists, sampler, pruner, seed, multi=False) -> optuna.Study:
     if sampler is None:
         sampler = optuna.samplers.TPESampler(seed=seed)
+    directions = ["maximize", "maximize"] if multi else ["maximize"]
     try:
         return optuna.create_study(storage=storage, study_name=study_name, load_if_exists=load_if_exists,
-                                   direction="maximize", sampler=sampler, pruner=pruner)
+                                   directions=directions, sampler=sampler, pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
         raise ValueError(f"study {study_name!r} already exists in {storage!r}: pass load_if_exists=True "
                          "to resume it, or choose another study_name") from None
@@ -378,6 +390,8 @@ def optimize(
     warm_start: bool = True,
     recover_steps: int = 0,
     recover_lr: float = 1e-3,
+    strategy: str = "layerwise",
+    objectives: Sequence[str] | None = None,
 ) -> Result:
     """Find the fastest plan that keeps `accuracy_fn(model) >= accuracy_threshold`, and apply it.
 
@@ -413,12 +427,21 @@ def optimize(
             at 25/50/75% of the FLOPs (and the budget, when given).
         recover_steps, recover_lr: distill each candidate (and the final model) for this many
             Adam steps on the calibration data against the original model before judging it.
+        strategy: "layerwise" tunes each unit on its own with the others dense, then combines
+            and validates (the seeds' way); "joint" makes every trial a whole-model plan (each
+            unit with its own values), so budgets and the warm start apply to the whole model.
+        objectives: ("accuracy", "speed") searches both (joint) and returns the Pareto front
+            (`Result.pareto`, `Result.select`); the threshold, if given, is a constraint.
 
     Returns:
         A Result with the rewritten GraphModule, the plan, measurements and the trials.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    multi = _check_objectives(objectives)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    strategy = "joint" if multi else strategy
     if not callable(accuracy_fn):
         raise TypeError("accuracy_fn must be a callable taking a model and returning a float")
     if n_trials < 1:
@@ -435,7 +458,8 @@ def optimize(
     cache = FactorCache(calibrate(gm, batches, records) if batches else None, refit=refit)
     ctx = _Context(gm, {r.name: r for r in records}, inputs, accuracy_fn, accuracy_threshold, speed_fn,
                    objective, cache, plan_cost(records, {})[1], default_method, Budget(max_flops, max_params))
-    selected = [ctx.records[n] for u in units for n in u.layers]
+    ctx.selected = [n for u in units for n in u.layers]
+    selected = [ctx.records[n] for n in ctx.selected]
     ctx.selected_dense = (sum(dense_cost(r).flops_per_token * r.tokens for r in selected),
                           sum(dense_cost(r).params for r in selected))
     if batches and warm_start:
@@ -454,11 +478,23 @@ def optimize(
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fxsketch reports trials itself
     try:
-        study = _create_study(storage, study_name, load_if_exists, sampler, pruner, seed)
-        _search(ctx, study, units, n_trials, timeout, verbose, callbacks)
+        study = _create_study(storage, study_name, load_if_exists, sampler, pruner, seed, multi)
+        if strategy == "joint":
+            printer = [_print_trial] if verbose else []
+            run_joint(ctx, study, units, n_trials, timeout, [*printer, *callbacks], multi)
+        else:
+            _search(ctx, study, units, n_trials, timeout, verbose, callbacks)
     finally:
         optuna.logging.set_verbosity(optuna_verbosity)
-    return _finish(ctx, study, units, records, dense_accuracy, verbose)
+    return _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
+
+
+def _check_objectives(objectives: Sequence[str] | None) -> bool:
+    if objectives is None:
+        return False
+    if sorted(objectives) != ["accuracy", "speed"]:
+        raise ValueError(f"objectives must be ('accuracy', 'speed'), got {tuple(objectives)!r}")
+    return True
 
 
 def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
@@ -534,17 +570,42 @@ def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     attrs = trial.user_attrs
     entry = ", ".join(f"{k}={v}" for k, v in attrs.get(ENTRY_ATTR, {}).items())
     if trial.state == optuna.trial.TrialState.COMPLETE:
+        score = f" score={attrs['fxsketch.score']:.4f}" if "fxsketch.score" in attrs else ""
         print(f"trial {trial.number:3d} {attrs.get(UNIT_ATTR)} [{entry}] accuracy={attrs['fxsketch.accuracy']:.4f} "
-              f"speed={attrs['fxsketch.speed']:.3f} score={trial.value:.4f}")
+              f"speed={attrs['fxsketch.speed']:.3f}{score}")
     else:
         print(f"trial {trial.number:3d} {attrs.get(UNIT_ATTR)} [{entry}] {trial.state.name.lower()}: "
               f"{attrs.get('fxsketch.note', '')}")
 
 
-def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose) -> Result:
+def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strategy, multi) -> Result:
     trials = trials_frame(study)
     if not trials.empty and (trials["state"] == "FAIL").all():
         raise RuntimeError(f"every trial failed; the first failure: {trials['note'].iloc[0]}")
+    pareto = pareto_points(ctx, study, ctx.build) if multi else []
+    plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
+    plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
+    params_before, flops_before = plan_cost(records, {})
+    params_after, flops_after = plan_cost(records, plan)
+    dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.5)
+    sensitivity = sensitivity_table(ctx, units)
+    return Result(graph_module=module, plan=plan, accuracy=accuracy, dense_accuracy=dense_accuracy,
+                  speedup=dense_latency / latency, flops_ratio=flops_before / flops_after, params_before=params_before,
+                  params_after=params_after, trials=trials, study=study, records=records, validation=steps,
+                  accuracy_threshold=ctx.threshold, pareto=pareto, sensitivity=sensitivity)
+
+
+def _chosen_plan(ctx, study, units, strategy, pareto) -> tuple[dict, dict[str, float]]:
+    """The plan to validate: per-unit bests combined, the best joint plan, or a Pareto point."""
+    if pareto:
+        point = pareto[0] if ctx.threshold is not None else max(pareto, key=lambda p: (p.accuracy, p.speed))
+        return dict(point.plan), {}
+    if strategy == "joint":
+        best = best_joint(study)
+        if best is None:
+            log.warning("no plan met the accuracy threshold: the model stays dense")
+            return {}, {}
+        return dict(best[0]), {}
     plan: dict[str, dict[str, Any]] = {}
     accuracies: dict[str, float] = {}
     for unit in units:
@@ -554,13 +615,30 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose) -> Re
             continue
         for name in unit.layers:
             plan[name], accuracies[name] = dict(best[0]), best[1]
-    plan = {k: v for k, v in plan.items() if v["method"] != "dense"}
-    plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
-    params_before, flops_before = plan_cost(records, {})
-    params_after, flops_after = plan_cost(records, plan)
-    dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.5)
+    return {k: v for k, v in plan.items() if v["method"] != "dense"}, accuracies
+
+
+def sensitivity_table(ctx: _Context, units: list[Unit]) -> "pd.DataFrame":
+    """Per tuned layer: the relative output error of its factorization at a few ranks, and the
+    smallest rank keeping it under 1% / 5% / 10% (from the cached decompositions, no evaluation)."""
+    import pandas as pd
+
+    from fxsketch.rewrite import _fetch
+
+    method = "whitened_svd" if ctx.cache.stats else "svd"
+    rows = []
+    for name in ctx.selected:
+        record = ctx.records[name]
+        if method == "whitened_svd" and name not in ctx.cache.stats:
+            continue
+        full = min(record.out_features, record.in_features)
+        ranks = sorted({max(1, round(full * f)) for f in (0.05, 0.1, 0.25, 0.5)} | set(range(1, full + 1)))
+        matrix = record.weight_matrix(_fetch(ctx.gm, record.weight_target))
+        errors = dict(zip(ranks, ctx.cache.output_errors(name, method, matrix, ranks)))
+        row = {"layer": name, "method": method}
+        row.update({f"err@{round(100 * f)}%": errors[max(1, round(full * f))] for f in (0.05, 0.1, 0.25, 0.5)})
+        for tol in (0.01, 0.05, 0.10):
+            row[f"rank<{round(100 * tol)}%"] = next((r for r in ranks if errors[r] <= tol), full)
+        rows.append(row)
     ctx.cache.clear()
-    return Result(graph_module=module, plan=plan, accuracy=accuracy, dense_accuracy=dense_accuracy,
-                  speedup=dense_latency / latency, flops_ratio=flops_before / flops_after, params_before=params_before,
-                  params_after=params_after, trials=trials, study=study, records=records, validation=steps,
-                  accuracy_threshold=ctx.threshold)
+    return pd.DataFrame(rows)

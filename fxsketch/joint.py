@@ -1,0 +1,159 @@
+"""Joint search: every trial is a whole-model plan (each layer with its own values).
+
+This is the strategy for budgets on the whole model, for the allocation warm start to pay off
+directly, and for multi-objective search, whose Pareto front is a set of whole-model plans.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import optuna
+from torch import nn
+
+from fxsketch.measure import plan_cost
+from fxsketch.result import ENTRY_ATTR, UNIT_ATTR
+
+__all__ = ["JOINT_KEY", "ParetoPoint", "run_joint", "best_joint", "pareto_points"]
+
+JOINT_KEY = "*"
+PLAN_ATTR = "fxsketch.plan"
+
+
+@dataclass
+class ParetoPoint:
+    """One plan of the accuracy/speed Pareto front."""
+
+    plan: dict[str, dict[str, Any]]
+    accuracy: float
+    speed: float
+    params: int
+    trial: int
+    _build: Callable[[dict], nn.Module] | None = field(default=None, repr=False)
+
+    @property
+    def graph_module(self) -> nn.Module:
+        """The model rewritten with this plan (built on first use)."""
+        if self._build is None:
+            raise RuntimeError("this point was loaded without its model; use fxsketch.rewrite(model, point.plan)")
+        return self._build(self.plan)
+
+
+def _suggest_plan(ctx, units, trial) -> tuple[dict, dict, str]:
+    from fxsketch.search import _suggest_entry, invalid_reason
+
+    plan, flat, reason = {}, {}, ""
+    for unit in units:
+        entry = _suggest_entry(unit, trial, ctx.default_method)
+        reason = reason or invalid_reason(ctx, unit, entry)
+        flat.update({f"{unit.key}.{k}": v for k, v in entry.items()})
+        plan.update({name: entry for name in unit.layers})
+    return {k: v for k, v in plan.items() if v["method"] != "dense"}, flat, reason
+
+
+def _over_budget(ctx, plan) -> str:
+    if ctx.budget.flops is None and ctx.budget.params is None:
+        return ""
+    selected = [ctx.records[n] for n in ctx.selected]
+    params, flops = plan_cost(selected, plan)
+    max_flops, max_params = ctx.budget.limits(*ctx.selected_dense)
+    if flops > max_flops:
+        return f"over the FLOP budget: {flops:,} > {max_flops:,.0f}"
+    if params > max_params:
+        return f"over the parameter budget: {params:,} > {max_params:,.0f}"
+    return ""
+
+
+def _joint_trial(ctx, units, trial: optuna.Trial, multi: bool):
+    from fxsketch.search import TrialFailed, _call_metric
+
+    trial.set_user_attr(UNIT_ATTR, JOINT_KEY)
+    plan, flat, reason = _suggest_plan(ctx, units, trial)
+    trial.set_user_attr(ENTRY_ATTR, flat)
+    trial.set_user_attr(PLAN_ATTR, plan)
+    reason = reason or _over_budget(ctx, plan)
+    if reason:
+        trial.set_user_attr("fxsketch.note", f"pruned before evaluation: {reason}")
+        raise optuna.TrialPruned(reason)
+    key = (JOINT_KEY, json.dumps(plan, sort_keys=True))
+    if key in ctx.memo:
+        accuracy, speed, first = ctx.memo[key]
+        trial.set_user_attr("fxsketch.note", f"same plan as trial {first}: result reused")
+    else:
+        module = ctx.build(plan)
+        try:
+            accuracy, speed = _call_metric(ctx.accuracy_fn, module, "accuracy_fn"), ctx.speed(module, plan)
+        except TrialFailed as exc:
+            trial.set_user_attr("fxsketch.note", str(exc))
+            raise
+        ctx.memo[key] = (accuracy, speed, trial.number)
+    trial.set_user_attr("fxsketch.accuracy", accuracy)
+    trial.set_user_attr("fxsketch.speed", speed)
+    if ctx.threshold is not None:
+        trial.set_constraint("accuracy", ctx.threshold - accuracy)
+    if multi:
+        return accuracy, speed
+    score = ctx.score(accuracy, speed)
+    trial.set_user_attr("fxsketch.score", score)
+    return score
+
+
+def _enqueue_warm(ctx, study, units) -> None:
+    for plan in ctx.warm:
+        params = {}
+        for unit in units:
+            entry = plan.get(unit.layers[0])
+            if entry is not None and "low_rank" in unit.space and unit.space["low_rank"].contains(entry["low_rank"]):
+                params[f"{unit.key}:low_rank"] = entry["low_rank"]
+                if "method" in unit.space:
+                    params[f"{unit.key}:method"] = entry["method"]
+        if params:
+            study.enqueue_trial(params, skip_if_exists=True)
+
+
+def run_joint(ctx, study, units, n_trials, timeout, callbacks, multi: bool) -> None:
+    """Run (or resume) the joint search for `n_trials` plans in all."""
+    from fxsketch.search import TrialFailed, _finished
+
+    remaining = n_trials - _finished(study, JOINT_KEY)
+    if remaining <= 0:
+        return
+    if ctx.warm:
+        _enqueue_warm(ctx, study, units)
+    study.optimize(lambda trial: _joint_trial(ctx, units, trial, multi), n_trials=remaining, timeout=timeout,
+                   catch=(TrialFailed,), callbacks=list(callbacks))
+
+
+def _complete(study):
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get(UNIT_ATTR) == JOINT_KEY]
+
+
+def best_joint(study) -> tuple[dict, float] | None:
+    """The plan and accuracy of the best feasible single-objective joint trial, or None."""
+    scored = [t for t in _complete(study) if math.isfinite(t.value)]
+    if not scored:
+        return None
+    best = max(scored, key=lambda t: (t.value, t.user_attrs["fxsketch.accuracy"]))
+    return best.user_attrs[PLAN_ATTR], best.user_attrs["fxsketch.accuracy"]
+
+
+def pareto_points(ctx, study, build) -> list[ParetoPoint]:
+    """The non-dominated feasible plans (accuracy and speed both maximized), fastest first."""
+    trials = [t for t in _complete(study)
+              if ctx.threshold is None or t.user_attrs["fxsketch.accuracy"] >= ctx.threshold]
+    selected = [ctx.records[n] for n in ctx.selected]
+    points = []
+    for t in trials:
+        a, s = t.user_attrs["fxsketch.accuracy"], t.user_attrs["fxsketch.speed"]
+        dominated = any(o is not t and o.user_attrs["fxsketch.accuracy"] >= a and o.user_attrs["fxsketch.speed"] >= s
+                        and (o.user_attrs["fxsketch.accuracy"], o.user_attrs["fxsketch.speed"]) != (a, s)
+                        for o in trials)
+        if not dominated:
+            plan = t.user_attrs[PLAN_ATTR]
+            points.append(ParetoPoint(plan, a, s, plan_cost(selected, plan)[0], t.number, build))
+    unique = {json.dumps(p.plan, sort_keys=True): p for p in sorted(points, key=lambda p: -p.trial)}
+    return sorted(unique.values(), key=lambda p: (-p.speed, -p.accuracy))
