@@ -177,3 +177,16 @@ def allocate_units(units, records, cache, weights, budget: Budget) -> dict[str, 
              len(plan), len(units), 100 * sum(c.flops for c in picked) / max(dense_flops, 1),
              sum(c.error for c in picked))
     return plan
+
+
+def target_error_units(units, records, cache, weights, tolerance: float) -> dict[str, dict[str, Any]]:
+    """Per unit, the cheapest rank whose relative output error stays under `tolerance` per layer
+    (units that cannot reach it stay dense): the plan that spends FLOPs only where they matter."""
+    plan = {}
+    for unit in units:
+        fit = [c for c in unit_choices(unit, records, cache, weights)
+               if c.entry is not None and c.error <= tolerance * len(unit.layers)]
+        if fit:
+            best = min(fit, key=lambda c: c.flops)
+            plan.update({name: dict(best.entry) for name in unit.layers})
+    return plan

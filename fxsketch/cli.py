@@ -205,6 +205,10 @@ def demo(
     out: Path = typer.Option(Path("fxsketch-demo.pt2"), help="Where to save the optimized model."),
     objective: str = typer.Option("latency", help="latency (measured) or flops (cost model)."),
     seed: int = typer.Option(0, help="Seed for training and the sampler."),
+    method: Optional[str] = typer.Option(None, help="Replacement kind: svd, whitened_svd, sketch "
+                                         "(default: svd, or whitened_svd with --calibrate)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Calibrate on training digits: activation-aware "
+                                   "factorizations, refits and an allocation warm start."),
 ) -> None:
     """Train a small MLP on the bundled digits data, optimize it, and save the result."""
     import fxsketch
@@ -216,10 +220,13 @@ def demo(
     threshold = dense - 0.01
     console.print(f"trained in {task.train_seconds:.1f}s; dense accuracy {dense:.4f}; "
                   f"threshold {threshold:.4f} (one point below)")
-    spec = fxsketch.LayerConfig(layer_names={"type": "Linear"}, params="auto")
-    result = fxsketch.optimize(task.model, spec, example_inputs=task.example_inputs, accuracy_fn=task.accuracy,
-                               accuracy_threshold=threshold, objective=objective, n_trials=trials, seed=seed,
-                               verbose=True)
+    params = "auto" if method in (None, "svd", "whitened_svd") else {"method": [method]}
+    spec = fxsketch.LayerConfig(layer_names={"type": "Linear"}, params=params)
+    with _user_code("the demo"):
+        result = fxsketch.optimize(task.model, spec, example_inputs=task.example_inputs, accuracy_fn=task.accuracy,
+                                   accuracy_threshold=threshold, objective=objective, n_trials=trials, seed=seed,
+                                   verbose=True, default_method=method,
+                                   calibration_data=task.calibration if calibrate else None)
     typer.echo("")
     typer.echo(result.summary())
     fxsketch.save(result.graph_module, out, task.example_inputs)

@@ -20,6 +20,7 @@ class DemoTask:
     y_val: torch.Tensor
     example_inputs: tuple[torch.Tensor]
     train_seconds: float
+    calibration: list[torch.Tensor]  # training batches (never the validation digits)
 
     def accuracy(self, model: nn.Module) -> float:
         """Top-1 accuracy on the held-out digits."""
@@ -54,4 +55,5 @@ def make_demo_task(hidden: int = 1024, epochs: int = 40, seed: int = 0) -> DemoT
             opt.step()
     model.eval()
     example = X[val].repeat(2, 1)  # a 720-row batch: the size the latency is measured at
-    return DemoTask(model, X[val], y[val], (example,), time.perf_counter() - start)
+    calibration = [X[train[i:i + 256]] for i in range(0, len(train), 256)]
+    return DemoTask(model, X[val], y[val], (example,), time.perf_counter() - start, calibration)

@@ -20,7 +20,7 @@ import optuna
 import torch
 from torch import nn
 
-from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units
+from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units, target_error_units
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import compare_latency, plan_cost
@@ -423,8 +423,8 @@ def optimize(
             outputs (closed-form least squares).
         max_flops, max_params: hard budgets for the selected layers, as a fraction of their dense
             cost (float ≤ 1) or absolute; a trial over budget is pruned before evaluation.
-        warm_start: with calibration data, first try the ranks that `fxsketch.allocate` picks
-            at 25/50/75% of the FLOPs (and the budget, when given).
+        warm_start: with calibration data, first try each layer's cheapest rank under 1% and 5%
+            output error, then the ranks `fxsketch.allocate` picks at 25/50% of the FLOPs.
         recover_steps, recover_lr: distill each candidate (and the final model) for this many
             Adam steps on the calibration data against the original model before judging it.
         strategy: "layerwise" tunes each unit on its own with the others dense, then combines
@@ -520,7 +520,8 @@ def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
 
 
 def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:
-    """Allocation plans at a few FLOP budgets (and the user's), for the first trials of each unit."""
+    """Plans to try first: each layer's cheapest rank under 1% and 5% output error, then the
+    allocations at 25% and 50% of the FLOPs (with a FLOP budget: the allocations under it)."""
     usable = [u for u in units if "low_rank" in u.space and _methods(u.space, u.method)[0] in ALLOCATABLE
               and ("method" not in u.space or u.space["method"].first() in ALLOCATABLE)]
     if not usable:
@@ -528,10 +529,11 @@ def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[s
     from fxsketch.rewrite import _fetch
 
     weights = {n: _fetch(ctx.gm, ctx.records[n].weight_target) for u in usable for n in u.layers}
-    budgets = [Budget(f, ctx.budget.params) for f in (0.25, 0.5, 0.75)]
+    plans = [target_error_units(usable, ctx.records, ctx.cache, weights, tol) for tol in (0.01, 0.05)]
+    budgets = [Budget(f, ctx.budget.params) for f in (0.25, 0.5)]
     if ctx.budget.flops is not None:
         budgets.insert(0, ctx.budget)
-    plans = []
+        plans = []  # with a FLOP budget, start from plans that respect it
     for budget in budgets:
         try:
             plans.append(allocate_units(usable, ctx.records, ctx.cache, weights, budget))

@@ -152,18 +152,27 @@ def _agreement(model):
     return lambda m: (m(HELD_OUT).argmax(1) == ref).float().mean().item()
 
 
-def test_optimize_with_calibration_uses_whitened_svd_and_starts_from_the_allocation():
+def test_optimize_with_calibration_uses_whitened_svd_and_starts_from_the_error_curves():
     model = _model()
     spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
     result = fxsketch.optimize(model, spec, example_inputs=CALIB[:64], accuracy_fn=_agreement(model),
                                accuracy_threshold=0.9, objective="flops", n_trials=8, seed=0,
                                calibration_data=[CALIB[:1000]])
     assert set(result.trials["method"]) == {"whitened_svd"}
-    warm = [fxsketch.allocate(model, spec, [CALIB[:1000]], budget=b, example_inputs=CALIB[:64]) for b in (0.25, 0.5)]
+    gm = fxsketch.capture(model, CALIB[:64])
+    cache = FactorCache(calibrate(gm, [CALIB[:1000]]))
     first = result.trials.sort_values("number").groupby("layer").first()
-    for name in first.index:  # each unit starts from the rank of the first allocation that factors it
-        expected = next(plan[name]["low_rank"] for plan in warm if name in plan)
-        assert first.loc[name, "low_rank"] == expected
+    records = {r.name: r for r in fxsketch.find_layers(gm)}
+    checked = 0
+    for name, layer in (("0", model[0]), ("2", model[2])):
+        # the first trial of each layer is its cheapest "auto" rank with under 1% output error
+        ranks = fxsketch.get_kind("whitened_svd").auto_space(records[name])["low_rank"].values()
+        errors = cache.output_errors(name, "whitened_svd", layer.weight, ranks)
+        under = [r for r, e in zip(ranks, errors) if e <= 0.01]
+        if under:
+            assert first.loc[name, "low_rank"] == under[0]
+            checked += 1
+    assert checked
     assert result.accuracy >= 0.9
 
 
