@@ -115,15 +115,12 @@ def _enqueue_warm(ctx, study, units) -> None:
 
 
 def run_joint(ctx, study, units, n_trials, timeout, callbacks, multi: bool) -> None:
-    """Run (or resume) the joint search for `n_trials` plans in all."""
-    from fxsketch.search import TrialFailed, _finished
+    """Run `n_trials` joint trials (more, on a resumed study)."""
+    from fxsketch.search import TrialFailed
 
-    remaining = n_trials - _finished(study, JOINT_KEY)
-    if remaining <= 0:
-        return
     if ctx.warm:
         _enqueue_warm(ctx, study, units)
-    study.optimize(lambda trial: _joint_trial(ctx, units, trial, multi), n_trials=remaining, timeout=timeout,
+    study.optimize(lambda trial: _joint_trial(ctx, units, trial, multi), n_trials=n_trials, timeout=timeout,
                    catch=(TrialFailed,), callbacks=list(callbacks))
 
 

@@ -167,12 +167,19 @@ def _suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str) -> dict
 
 
 def _call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str) -> float:
+    """`fn(module)` as a finite float; anything else (an exception, running out of memory, None,
+    NaN, inf, a non-number) fails the trial with the reason."""
     try:
-        value = float(fn(module))
-    except Exception as exc:
+        raw = fn(module)
+    except Exception as exc:  # MemoryError and torch.OutOfMemoryError included
         raise TrialFailed(f"{what} raised {type(exc).__name__}: {exc}") from exc
-    if math.isnan(value):
-        raise TrialFailed(f"{what} returned NaN")
+    if isinstance(raw, torch.Tensor) and raw.numel() == 1:
+        raw = raw.item()
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise TrialFailed(f"{what} returned {raw!r} ({type(raw).__name__}), not a number")
+    value = float(raw)
+    if not math.isfinite(value):
+        raise TrialFailed(f"{what} returned {'NaN' if math.isnan(value) else value}")
     return value
 
 
@@ -310,8 +317,28 @@ def _space_size(unit: Unit, default_method: str) -> float:
 
 
 def _finished(study: optuna.Study, key: str) -> int:
+    """Trials of unit `key` that ran to an outcome (an interrupted or killed trial does not count)."""
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=done) if t.user_attrs.get(UNIT_ATTR) == key)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=done)
+               if t.user_attrs.get(UNIT_ATTR) == key and _ran(t))
+
+
+def _ran(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state != optuna.trial.TrialState.FAIL or "fxsketch.note" in trial.user_attrs
+
+
+def _seed_memo(ctx: _Context, study: optuna.Study) -> None:
+    """A resumed study's finished configurations are remembered, so none is evaluated twice."""
+    from fxsketch.joint import PLAN_ATTR
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = t.user_attrs
+        if "fxsketch.accuracy" not in attrs or UNIT_ATTR not in attrs:
+            continue
+        entry = attrs.get(PLAN_ATTR) if attrs[UNIT_ATTR] == "*" else attrs.get(ENTRY_ATTR)
+        values = json.dumps(entry, sort_keys=True)
+        ctx.memo.setdefault((attrs[UNIT_ATTR], values), (attrs["fxsketch.accuracy"], attrs["fxsketch.speed"], t.number))
+        ctx.seen.setdefault(attrs[UNIT_ATTR], set()).add(values)
 
 
 def _best_entry(study: optuna.Study, key: str) -> tuple[dict[str, Any], float] | None:
@@ -405,13 +432,15 @@ def optimize(
         speed_fn: `model -> float`, higher is better; replaces the built-in speed measure.
         objective: "latency" (measured speedup vs dense, same process) or "flops" (exact cost
             model; deterministic).
-        n_trials: the total trial budget, split evenly over the tuning units (a layer, or a group
-            with `separate=False`); a unit whose space runs out early passes its share on.
+        n_trials: the trials this call runs, split evenly over the tuning units (a layer, or a
+            group with `separate=False`); a unit whose space runs out early passes its share on.
+            Resuming a stored study adds these to the ones it holds (as `study.optimize` does),
+            and configurations it already evaluated are not evaluated again.
         timeout: seconds for the whole search; units not reached stay dense.
         sampler, pruner: Optuna objects, passed straight through (default: seeded TPE that is
             told the accuracy constraint).
-        storage, study_name, load_if_exists: Optuna storage; a resumed study runs only the trials
-            each unit still lacks.
+        storage, study_name, load_if_exists: Optuna storage (a URL or a storage object); several
+            workers can share one study.
         seed: seeds the default sampler.
         verbose: print a line per trial and the validation steps.
         callbacks: Optuna callbacks called after each trial (progress bars, early stops).
@@ -479,14 +508,32 @@ def optimize(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fxsketch reports trials itself
     try:
         study = _create_study(storage, study_name, load_if_exists, sampler, pruner, seed, multi)
-        if strategy == "joint":
-            printer = [_print_trial] if verbose else []
-            run_joint(ctx, study, units, n_trials, timeout, [*printer, *callbacks], multi)
-        else:
-            _search(ctx, study, units, n_trials, timeout, verbose, callbacks)
+        _seed_memo(ctx, study)
+        try:
+            if strategy == "joint":
+                printer = [_print_trial] if verbose else []
+                run_joint(ctx, study, units, n_trials, timeout, [*printer, *callbacks], multi)
+            else:
+                _search(ctx, study, units, n_trials, timeout, verbose, callbacks)
+        except KeyboardInterrupt:
+            _interrupted(study, storage)
     finally:
         optuna.logging.set_verbosity(optuna_verbosity)
     return _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C before any trial finished; the message says how to resume."""
+
+
+def _interrupted(study: optuna.Study, storage: Any) -> None:
+    """Ctrl-C: keep what finished and return the best plan so far, or say how to resume."""
+    finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished() and _ran(t))
+    resume = (f"resume with storage={storage!r}, study_name={study.study_name!r}, load_if_exists=True"
+              if storage is not None else "pass storage= (e.g. 'sqlite:///study.db') and study_name= to make it resumable")
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        raise SearchInterrupted(f"interrupted before any trial finished; {resume}")
+    log.warning("interrupted after %d finished trials: returning the best plan so far; %s", finished, resume)
 
 
 def _check_objectives(objectives: Sequence[str] | None) -> bool:
@@ -498,25 +545,24 @@ def _check_objectives(objectives: Sequence[str] | None) -> bool:
 
 
 def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
-    """Run the units one after another, splitting `n_trials` evenly over them.
+    """Run the units one after another, splitting this call's `n_trials` evenly over them.
 
-    A unit that finishes early (its space exhausted) leaves its share to the units after it; a
-    resumed study counts the trials each unit already has.
+    A unit that finishes early (its space exhausted) leaves its share to the units after it.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     printer = [_print_trial] if verbose else []
     used = 0
     for i, unit in enumerate(units):
         share = -(-max(0, n_trials - used) // (len(units) - i))  # ceil: earlier units get the remainder
-        remaining = share - _finished(study, unit.key)
         left = None if deadline is None else deadline - time.monotonic()
-        if remaining > 0 and left is not None and left <= 0:
-            log.warning("timeout reached: %s was not tuned and stays dense", unit.key)
-        elif remaining > 0:
-            _search_unit(ctx, study, unit, remaining, left, [*printer, *callbacks])
-        elif share == 0:
-            log.warning("n_trials=%d leaves no trial for %s: it stays dense", n_trials, unit.key)
-        used += _finished(study, unit.key)
+        before = _finished(study, unit.key)
+        if share and left is not None and left <= 0:
+            log.warning("timeout reached: %s was not tuned", unit.key)
+        elif share:
+            _search_unit(ctx, study, unit, share, left, [*printer, *callbacks])
+        else:
+            log.warning("n_trials=%d leaves no trial for %s", n_trials, unit.key)
+        used += _finished(study, unit.key) - before
 
 
 def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:
@@ -583,7 +629,9 @@ def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strategy, multi) -> Result:
     trials = trials_frame(study)
     if not trials.empty and (trials["state"] == "FAIL").all():
-        raise RuntimeError(f"every trial failed; the first failure: {trials['note'].iloc[0]}")
+        reasons = trials["note"].value_counts()
+        summary = "; ".join(f"{n}× {reason}" for reason, n in reasons.items())
+        raise RuntimeError(f"every trial failed ({len(trials)}): {summary}")
     pareto = pareto_points(ctx, study, ctx.build) if multi else []
     plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
     plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)

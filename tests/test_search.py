@@ -258,15 +258,25 @@ def test_latency_objective_measures_finite_speedups():
     assert len(done) and (done["speed"] > 0).all() and done["speed"].map(math.isfinite).all()
 
 
-def test_sqlite_storage_resume_runs_only_missing_trials(tmp_path):
+def test_sqlite_storage_resume_adds_trials_without_repeating_configurations(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     first = _run(storage=url, study_name="s", n_trials=4)
     assert len(first.trials) == 4
     with pytest.raises(ValueError, match="load_if_exists=True"):
         _run(storage=url, study_name="s", n_trials=4)
-    resumed = _run(storage=url, study_name="s", n_trials=6, load_if_exists=True)
-    assert len(resumed.trials) == 6
-    assert resumed.trials.groupby("layer").size().to_dict() == {"0": 3, "2": 3}
+    calls = []
+    model = _mlp()
+    base = _agreement(model)
+
+    def counting(m):
+        calls.append(1)
+        return base(m)
+
+    resumed = _run(model, storage=url, study_name="s", n_trials=4, load_if_exists=True, accuracy_fn=counting)
+    assert len(resumed.trials) == 8  # this call's trials are added to the stored ones
+    assert resumed.trials.groupby("layer").size().to_dict() == {"0": 4, "2": 4}
+    reused = resumed.trials["note"].str.contains("reused").sum()
+    assert len(calls) == 1 + (4 - reused) + len(resumed.validation)  # stored configurations are not re-run
 
 
 def test_invalid_arguments():
@@ -305,3 +315,58 @@ def test_summary_and_plan_file_round_trip(tmp_path):
     replay = fxsketch.rewrite(model, path, X)
     with torch.no_grad():
         assert torch.equal(replay(X), result.graph_module(X))
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (None, "returned None"),
+    ("0.9", "returned '0.9' \\(str\\), not a number"),
+    (float("inf"), "returned inf"),
+    (MemoryError("out of memory"), "raised MemoryError: out of memory"),
+])
+def test_every_kind_of_bad_accuracy_fails_the_trial_with_its_reason(bad, reason):
+    model = _mlp()
+    base = _agreement(model)
+
+    def accuracy(m):
+        if not _replaced(m):
+            return base(m)
+        if isinstance(bad, Exception):
+            raise bad
+        return bad
+
+    with pytest.raises(RuntimeError, match=f"every trial failed \\(4\\): 4× accuracy_fn {reason}"):
+        _run(model, accuracy_fn=accuracy)
+
+
+def test_ctrl_c_returns_the_best_plan_so_far_and_the_study_resumes(tmp_path, caplog):
+    model = _mlp()
+    base = _agreement(model)
+    calls = {"n": 0}
+
+    def interrupt_on_fourth(m):
+        if _replaced(m):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+        return base(m)
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    result = _run(model, accuracy_fn=interrupt_on_fourth, storage=url, study_name="s", n_trials=8)
+    done = (result.trials["state"] == "COMPLETE").sum()
+    assert done >= 3 and (result.trials["state"] == "FAIL").sum() == 1  # the interrupted trial
+    assert f"interrupted after {done} finished trials" in caplog.text and "load_if_exists=True" in caplog.text
+    resumed = _run(model, storage=url, study_name="s", n_trials=2, load_if_exists=True)
+    assert (resumed.trials["state"] == "COMPLETE").sum() == done + 2
+
+
+def test_ctrl_c_before_any_trial_says_how_to_resume():
+    model = _mlp()
+    base = _agreement(model)
+
+    def interrupt(m):
+        if _replaced(m):
+            raise KeyboardInterrupt
+        return base(m)
+
+    with pytest.raises(KeyboardInterrupt, match="pass storage="):
+        _run(model, accuracy_fn=interrupt)
