@@ -45,7 +45,9 @@ class Budget:
 def _limit(value: float | int | None, dense: int, what: str) -> float:
     if value is None:
         return math.inf
-    if isinstance(value, bool) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a positive fraction (<= 1) or an absolute count, got {value!r}")
+    if not value > 0:  # also refuses NaN
         raise ValueError(f"{what} must be a positive fraction (<= 1) or an absolute count, got {value!r}")
     return float(value) * dense if isinstance(value, float) and value <= 1 else float(value)
 
@@ -144,16 +146,45 @@ def allocate(
     """
     from fxsketch.search import resolve_units
 
-    batches = list(calibration_data)
+    batches = list(_batches(calibration_data))
     if not batches:
         raise ValueError("calibration_data is empty: pass an iterable of input batches")
     inputs = as_inputs(example_inputs if example_inputs is not None else batches[0])
     gm = capture(model, inputs)
     records = find_layers(gm)
     units = resolve_units(records, load_spec(spec), other_modules(gm, records), method)
+    by_name = {r.name: r for r in records}
+    for unit in units:
+        _check_ranks(unit, by_name)
     cache = FactorCache(calibrate(gm, batches, records))
     return allocate_units(units, {r.name: r for r in records}, cache, _weights(gm, records),
                           Budget(budget, max_params))
+
+
+def _batches(calibration_data: Any) -> Iterable[Any]:
+    """`iter(calibration_data)`, with an error that says what calibration data is."""
+    try:
+        if isinstance(calibration_data, (str, bytes)):
+            raise TypeError
+        return iter(calibration_data)
+    except TypeError:
+        raise TypeError(f"calibration_data must be an iterable of input batches (tensors or tuples of "
+                        f"positional inputs), got {type(calibration_data).__name__}") from None
+
+
+def _check_ranks(unit, records: dict[str, LayerRecord]) -> None:
+    """Refuse a unit none of whose ranks can be built: it could only stay dense, which the budget
+    error that would follow would not explain."""
+    if "low_rank" not in unit.space or unit.space["low_rank"].values() is None:
+        return
+    ranks = unit.space["low_rank"].values()
+    svd = get_kind("svd")
+    if any(not svd.invalid(records[n], {"low_rank": r}) for r in ranks for n in unit.layers):
+        return
+    full = min(min(records[n].out_features, records[n].in_features) for n in unit.layers)
+    shown = ranks if len(ranks) <= 10 else [*ranks[:10], "..."]
+    raise ValueError(f"{unit.key}: none of the ranks {shown} can be built: low_rank must be an integer in "
+                     f"[1, {full}] for {', '.join(unit.layers)}")
 
 
 def _weights(gm, records):

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from fxsketch.capture import as_inputs, find_layers, input_of
+from fxsketch.capture import as_inputs, describe_inputs, find_layers, input_of
 from fxsketch.records import LayerRecord
 
 __all__ = ["LayerStats", "calibrate"]
@@ -47,7 +47,12 @@ class _Recorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         record = self.targets.get(n)
         if record is not None:
-            self.stats[record.name].add(_layer_rows(record, self.env[input_of(n)]))
+            rows = _layer_rows(record, self.env[input_of(n)])
+            width = self.stats[record.name].gram.shape[0]
+            if rows.shape[-1] != width:
+                raise ValueError(f"layer {record.name} {record.weight_shape} takes inputs with {width} features, "
+                                 f"but this calibration batch gives it {rows.shape[-1]}")
+            self.stats[record.name].add(rows)
         return super().run_node(n)
 
 
@@ -78,6 +83,16 @@ def calibrate(
     Raises:
         ValueError: `batches` is empty.
     """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"calibrate takes a captured GraphModule (fxsketch.capture(model, example_inputs)), "
+                        f"got {type(gm).__name__}")
+    try:
+        if isinstance(batches, (str, bytes)):
+            raise TypeError
+        batches = iter(batches)
+    except TypeError:
+        raise TypeError(f"calibration_data must be an iterable of input batches (tensors or tuples of "
+                        f"positional inputs), got {type(batches).__name__}") from None
     records = records if records is not None else find_layers(gm)
     stats = {r.name: LayerStats(torch.zeros(r.in_features, r.in_features, dtype=torch.float64)) for r in records}
     targets = {node: r for r in records for node in r.nodes}
@@ -85,7 +100,15 @@ def calibrate(
     seen = 0
     with torch.no_grad():
         for batch in batches:
-            recorder.run(*as_inputs(batch))
+            if batch is None:
+                raise ValueError(f"calibration batch {seen} is None: each batch is a tensor or a tuple of the "
+                                 "model's positional inputs")
+            inputs = as_inputs(batch)
+            try:
+                recorder.run(*inputs)
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError(f"calibration batch {seen} {describe_inputs(inputs)} does not run through the "
+                                 f"model: {str(exc).strip().splitlines()[0]}") from exc
             seen += 1
     if not seen:
         raise ValueError("calibration_data is empty: pass an iterable of input batches (tensors or tuples)")

@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxsketch.records import LayerRecord
 
-__all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs"]
+__all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs", "describe_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,10 @@ def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModul
     Raises:
         CaptureError: both tracers failed; the message says what each one hit and what to try.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (or a torch.fx.GraphModule), got {type(model).__name__}")
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
+    _check_capturable(model, inputs)
     if isinstance(model, torch.fx.GraphModule):
         gm = copy.deepcopy(model)
         gm.meta.setdefault("fxsketch_tracer", "given")
@@ -76,20 +79,47 @@ def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModul
             gm = tracer(owned, inputs)
             _propagate_shapes(gm, inputs)
         except Exception as exc:  # every tracer failure is reported together below
-            errors.append(f"{tracer.__doc__} failed with {type(exc).__name__}: {_first_line(exc)}")
+            cause = _unwrap_shape_prop(exc)
+            errors.append(f"{tracer.__doc__} failed with {type(cause).__name__}: {_first_line(cause)}")
             log.debug("capture with %s failed", tracer.__name__, exc_info=True)
             continue
         gm.meta["fxsketch_module_order"] = {name: i for i, (name, _) in enumerate(modules)}
         gm.meta["fxsketch_module_types"] = {name: type(m).__name__ for name, m in modules if name}
         gm.meta["fxsketch_tracer"] = tracer.__name__.lstrip("_")
         return gm
+    described = f" on example_inputs {describe_inputs(inputs)}" if inputs is not None else ""
     raise CaptureError(
-        f"could not capture {type(model).__name__} as a graph:\n  - " + "\n  - ".join(errors)
+        f"could not capture {type(model).__name__} as a graph{described}:\n  - " + "\n  - ".join(errors)
         + ("" if inputs is not None else "\nPass example_inputs so that torch.export can try too.") +
         "\nCheck that example_inputs are what forward() takes (a tuple of positional tensors) and "
         "run on them; or export the model yourself (torch.export.export(model, args, strict=False)"
         ".module()) and pass the resulting GraphModule."
     )
+
+
+def describe_inputs(inputs: tuple) -> str:
+    """`(Tensor[4, 9] float32 cpu, 3)`: what the example inputs are, for error messages."""
+    parts = [f"Tensor{list(x.shape)} {str(x.dtype).removeprefix('torch.')} {x.device}"
+             if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _check_capturable(model: nn.Module, inputs: tuple | None) -> None:
+    """Refuse, before tracing, what no tracer can handle: lazy parameters nothing can initialize,
+    and example inputs on the meta device for a model with real weights."""
+    lazy = [n for n, p in model.named_parameters() if torch.nn.parameter.is_lazy(p)]
+    if lazy and inputs is None:
+        raise ValueError(
+            f"{type(model).__name__} has uninitialized lazy parameters ({', '.join(lazy[:5])}): pass "
+            "example_inputs so that capture can run the model once and give them their shapes, or run "
+            "the model once yourself before handing it to fxsketch")
+    devices = {p.device.type for p in model.parameters() if not torch.nn.parameter.is_lazy(p)}
+    meta = [i for i, x in enumerate(inputs or ()) if isinstance(x, torch.Tensor) and x.is_meta]
+    if meta and devices and "meta" not in devices:
+        raise ValueError(
+            f"example_inputs {describe_inputs(inputs)} hold a tensor on the 'meta' device (position "
+            f"{meta[0]}), but the model's parameters are on {', '.join(sorted(devices))}: fxsketch runs the "
+            "model on its example inputs, so give real tensors on the model's device")
 
 
 def _symbolic_trace(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
@@ -125,6 +155,13 @@ def _propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple | None) -> None:
         return
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
+
+
+def _unwrap_shape_prop(exc: BaseException) -> BaseException:
+    """ShapeProp's wrapper only names the failing node; its cause says what went wrong."""
+    if str(exc).startswith("ShapeProp error") and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
 
 
 def _first_line(exc: BaseException) -> str:

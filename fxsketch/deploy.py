@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsketch.capture import as_inputs
+from fxsketch.capture import as_inputs, describe_inputs
 
 __all__ = ["save", "load", "package", "read_metadata", "ArtifactError"]
 
@@ -48,6 +49,7 @@ def save(
     """
     from fxsketch import __version__
 
+    _check_save_arguments(module, path)
     inputs = as_inputs(example_inputs)
     program = _export(module, inputs, dynamic_batch, dynamic_other_dims)
     meta = {
@@ -60,6 +62,17 @@ def save(
     }
     torch.export.save(program, path, extra_files={_META: json.dumps(meta)})
     return program
+
+
+def _check_save_arguments(module: Any, path: Any) -> None:
+    """Refuse, before the (slow) export, a non-module or a path that cannot be written."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"save/package take a torch.nn.Module (e.g. a rewritten GraphModule), got {type(module).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot write {os.fspath(path)!r}: the directory {parent!r} does not exist")
 
 
 def _export(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynamic_other_dims: bool):
@@ -76,8 +89,9 @@ def _export(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynamic_other
         if not dynamic_batch:
             raise
         raise ArtifactError(
-            f"exporting with a dynamic batch dimension failed ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            "Use example inputs with a batch of at least 2 that all share it, or pass dynamic_batch=False."
+            f"exporting with a dynamic batch dimension failed on example_inputs {describe_inputs(inputs)} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Check that they are what the module's forward "
+            "takes; use example inputs with a batch of at least 2 that all share it, or pass dynamic_batch=False."
         ) from exc
 
 
@@ -109,6 +123,7 @@ def package(
     from fxsketch import __version__
     from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
 
+    _check_save_arguments(module, path)
     program = _export(module, as_inputs(example_inputs), dynamic_batch, dynamic_other_dims)
     program = program.run_decompositions({
         torch.ops.fxsketch.lowrank_linear.default: lowrank_linear_aten,
@@ -122,9 +137,13 @@ def package(
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The fxsketch metadata stored in an artifact (raises ArtifactError if there is none)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an artifact path is a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such artifact: {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory, not a .pt2 artifact written by fxsketch.save")
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith(f"/{_META}") or n == _META]
@@ -135,6 +154,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except zipfile.BadZipFile as exc:
         raise ArtifactError(f"{path!r} is not a .pt2 archive or is truncated ({exc}): save it again "
                             "with fxsketch.save") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path!r} has a corrupt {_META} ({exc}): save it again with fxsketch.save") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format", 0), int):
+        raise ArtifactError(f"{path!r} has a malformed {_META} (expected an object with an integer 'format', "
+                            f"got {str(meta)[:100]}): save it again with fxsketch.save")
     if meta.get("format", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{path!r} was written by fxsketch {meta.get('fxsketch_version')} (format "
                             f"{meta.get('format')}), newer than this fxsketch reads (format {FORMAT_VERSION}): "
@@ -142,9 +166,30 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load an artifact written by `save` as a callable module (the fxsketch ops are registered on import)."""
+def load(path: str | os.PathLike, *, trusted: bool = False) -> nn.Module:
+    """Load an artifact written by `save` as a callable module (the fxsketch ops are registered on import).
+
+    Args:
+        path: the `.pt2` file.
+        trusted: also load archives holding pickled Python objects (tensor subclasses, script or
+            opaque objects, sample inputs beyond plain tensors). `torch.export.load` unpickles those,
+            which runs code stored in the file, so they are refused unless you trust the file;
+            `save` never writes them.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ArtifactError: not an fxsketch artifact, truncated, newer than this fxsketch, holding
+            pickled objects while `trusted` is False, or not loadable by this torch.
+    """
     meta = read_metadata(path)
+    if not trusted:
+        pickled = _pickled_members(os.fspath(path))
+        if pickled:
+            raise ArtifactError(
+                f"{os.fspath(path)!r} holds pickled Python objects ({', '.join(pickled[:5])}) that torch.export.load "
+                "would unpickle; unpickling runs code stored in the file, so fxsketch refuses it by default "
+                "(fxsketch.save never writes such objects). If you wrote this file and trust it, call "
+                "fxsketch.load(path, trusted=True).")
     try:
         program = torch.export.load(path)
     except Exception as exc:
@@ -158,3 +203,32 @@ def load(path: str | os.PathLike) -> nn.Module:
     module = program.module()
     module.meta["fxsketch"] = meta
     return module
+
+
+def _pickled_members(path: str) -> list[str]:
+    """Members of the archive that torch.export.load would unpickle beyond plain tensors.
+
+    Weights and constants listed with `use_pickle` (tensor subclasses) and non-tensor constants
+    (script and opaque objects) are always unpickled with full pickle; `.pt` members (sample inputs,
+    legacy weights) are tried with `weights_only=True` first and unpickled in full if that fails, so
+    each must load with `weights_only=True` here.
+    """
+    found = []
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith("_config.json") and ("/data/weights/" in f"/{name}" or "/data/constants/" in f"/{name}"):
+                try:
+                    entries = json.loads(archive.read(name)).get("config", {})
+                except (ValueError, AttributeError):
+                    continue  # malformed: torch.export.load reports it
+                for key, entry in entries.items() if isinstance(entries, dict) else ():
+                    file = str(entry.get("path_name", "")) if isinstance(entry, dict) else ""
+                    constant = "/data/constants/" in f"/{name}"
+                    if (isinstance(entry, dict) and entry.get("use_pickle")) or (constant and not file.startswith("tensor_")):
+                        found.append(f"{name}:{key}")
+            elif name.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception:  # anything the restricted unpickler refuses
+                    found.append(name)
+    return found

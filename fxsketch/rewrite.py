@@ -30,13 +30,21 @@ Plan = dict[str, dict[str, Any]]
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read a plan JSON file: the plan dict itself, or `{"plan": {...}, <metadata>}`."""
+    if not isinstance(path, (str, os.PathLike)):  # an int would be opened as a file descriptor
+        raise TypeError(f"load_plan takes the path of a plan JSON file (str or os.PathLike), got {type(path).__name__}")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"plan file {os.fspath(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"plan file {os.fspath(path)!r} is not valid JSON ({exc}); "
+    except IsADirectoryError:
+        raise IsADirectoryError(f"plan file {os.fspath(path)!r} is a directory, not a plan JSON file") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        hint = (" (it is a zip archive: a .pt2 artifact keeps its plan in fxsketch.deploy.read_metadata(path)['plan'])"
+                if raw[:2] == b"PK" else "")
+        raise ValueError(f"plan file {os.fspath(path)!r} is not valid JSON ({exc}){hint}; "
                          "write it again with Result.save_plan or fix it by hand") from None
     return normalize_plan(data)
 
@@ -49,10 +57,18 @@ def normalize_plan(plan: Mapping[str, Any] | str | os.PathLike) -> Plan:
         raise TypeError(f"a plan is a dict {{qualified_name: {{'method': ..., **params}}}} or a path, got {type(plan).__name__}")
     if "plan" in plan and isinstance(plan["plan"], Mapping):
         plan = plan["plan"]
+    if isinstance(plan.get("layers"), list):
+        raise ValueError("this is a tuning spec ({'layers': [...]}), not a plan: pass it to optimize/load_spec; "
+                         "a plan is {qualified_name: {'method': ..., **params}}")
     out: Plan = {}
     for name, entry in plan.items():
         if not isinstance(entry, Mapping) or "method" not in entry:
             raise ValueError(f"plan entry {name!r} must be a dict with a 'method' key, got {entry!r}")
+        kind = get_kind(entry["method"])  # an unknown method is reported here, before any capture
+        unknown = sorted(map(str, set(entry) - {"method"} - set(kind.param_names)))
+        if unknown:
+            raise ValueError(f"plan entry {name!r}: {unknown} are not parameters of method {kind.name!r} "
+                             f"(it takes {list(kind.param_names) or 'none'})")
         out[str(name)] = dict(entry)
     return out
 
@@ -105,7 +121,7 @@ def apply_plan(
     new = copy.deepcopy(gm)
     nodes = {n.name: n for n in new.graph.nodes}
     for name, entry in plan.items():
-        record = _record(records, name)
+        record = _record(records, name, gm)
         kind = get_kind(entry["method"])
         params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
         unknown = set(params) - set(kind.param_names)
@@ -133,11 +149,24 @@ def apply_plan(
     return new
 
 
-def _record(records: Mapping[str, LayerRecord], name: str) -> LayerRecord:
+def _record(records: Mapping[str, LayerRecord], name: str, gm: nn.Module | None = None) -> LayerRecord:
     if name in records:
         return records[name]
     close = difflib.get_close_matches(name, list(records), n=5)
-    hint = f"closest: {', '.join(close)}" if close else f"available: {', '.join(list(records)[:10])}"
+    if close:
+        hint = f"closest: {', '.join(close)}"
+    elif records:
+        hint = f"available: {', '.join(list(records)[:10])}"
+    else:
+        hint = "the model has no Linear/Conv2d layer fxsketch can rewrite"
+    try:
+        module = gm.get_submodule(name) if gm is not None else None
+    except AttributeError:
+        module = None
+    if module is not None:  # e.g. a quantized Linear: a module of that name exists but is not matchable
+        cls = type(module)
+        hint = (f"it is a {cls.__module__}.{cls.__qualname__}; fxsketch rewrites float torch.nn.Linear/Conv2d "
+                f"layers and functional linear/conv2d calls; {hint}")
     raise ValueError(f"plan names layer {name!r}, which is not a Linear/Conv2d layer of this model ({hint})")
 
 

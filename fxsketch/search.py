@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import compare_latency, plan_cost
 from fxsketch.joint import best_joint, pareto_points, run_joint
 from fxsketch.records import LayerRecord
+from fxsketch.workers import check_sendable, fresh_journal, open_storage, resolve_callable, run_workers
 from fxsketch.recover import distill
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
 from fxsketch.result import ENTRY_ATTR, UNIT_ATTR, Result, trials_frame
@@ -202,6 +204,8 @@ class _Context:
     selected_dense: tuple[int, int] = (0, 0)  # FLOPs and params of the selected layers, dense
     recover: tuple[list, int, float] = ([], 0, 0.0)  # (batches, steps, lr) of distillation after each build
     selected: list[str] = field(default_factory=list)  # the tuned layers' names
+    units: dict[str, Unit] = field(default_factory=dict)
+    started: int = 0  # trials this process started (other workers may share the study)
 
     def build(self, plan: dict, copy_weights: bool = True) -> nn.Module:
         """The model with `plan` applied (and distilled, when recovery is on)."""
@@ -269,7 +273,10 @@ def _over_budget(ctx: _Context, unit: Unit, kind, params: dict[str, Any]) -> str
 
 
 def _run_trial(ctx: _Context, unit: Unit, trial: optuna.Trial) -> float:
+    # A retried trial of a dead worker carries its unit (and fixed values); evaluate that unit.
+    unit = ctx.units.get(trial.user_attrs.get(UNIT_ATTR), unit)
     trial.set_user_attr(UNIT_ATTR, unit.key)
+    ctx.started += 1
     entry = _suggest_entry(unit, trial, ctx.default_method)
     trial.set_user_attr(ENTRY_ATTR, entry)
     values = json.dumps(entry, sort_keys=True)
@@ -314,13 +321,6 @@ def _space_size(unit: Unit, default_method: str) -> float:
             size *= math.inf if values is None else len(values)
         total += size
     return total
-
-
-def _finished(study: optuna.Study, key: str) -> int:
-    """Trials of unit `key` that ran to an outcome (an interrupted or killed trial does not count)."""
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=done)
-               if t.user_attrs.get(UNIT_ATTR) == key and _ran(t))
 
 
 def _ran(trial: optuna.trial.FrozenTrial) -> bool:
@@ -419,7 +419,10 @@ def optimize(
     recover_lr: float = 1e-3,
     strategy: str = "layerwise",
     objectives: Sequence[str] | None = None,
-) -> Result:
+    n_workers: int = 1,
+    heartbeat_interval: int | None = None,
+    _worker: bool = False,
+) -> Result | None:
     """Find the fastest plan that keeps `accuracy_fn(model) >= accuracy_threshold`, and apply it.
 
     Args:
@@ -461,20 +464,29 @@ def optimize(
             unit with its own values), so budgets and the warm start apply to the whole model.
         objectives: ("accuracy", "speed") searches both (joint) and returns the Pareto front
             (`Result.pareto`, `Result.select`); the threshold, if given, is a constraint.
+        n_workers: run the trials in this many processes on one shared storage (a journal file
+            by default); `accuracy_fn` and `speed_fn` must be picklable (module-level functions)
+            or given as 'package.module:function'.
+        heartbeat_interval: seconds between worker heartbeats on an RDB storage URL; a trial of a
+            worker that died is then failed and retried once by another worker.
 
     Returns:
         A Result with the rewritten GraphModule, the plan, measurements and the trials.
     """
+    call = dict(locals())  # what worker processes are started with, when n_workers > 1
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     multi = _check_objectives(objectives)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     strategy = "joint" if multi else strategy
+    accuracy_fn, speed_fn = resolve_callable(accuracy_fn), resolve_callable(speed_fn)
     if not callable(accuracy_fn):
         raise TypeError("accuracy_fn must be a callable taking a model and returning a float")
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    if not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
     batches = list(calibration_data) if calibration_data is not None else None
     default_method = default_method or ("whitened_svd" if batches else DEFAULT_METHOD)
     get_kind(default_method)
@@ -488,6 +500,7 @@ def optimize(
     ctx = _Context(gm, {r.name: r for r in records}, inputs, accuracy_fn, accuracy_threshold, speed_fn,
                    objective, cache, plan_cost(records, {})[1], default_method, Budget(max_flops, max_params))
     ctx.selected = [n for u in units for n in u.layers]
+    ctx.units = {u.key: u for u in units}
     selected = [ctx.records[n] for n in ctx.selected]
     ctx.selected_dense = (sum(dense_cost(r).flops_per_token * r.tokens for r in selected),
                           sum(dense_cost(r).params for r in selected))
@@ -497,17 +510,20 @@ def optimize(
         if not batches:
             raise ValueError("recover_steps needs calibration_data to distill on")
         ctx.recover = (batches, recover_steps, recover_lr)
-    try:
-        dense_accuracy = _call_metric(accuracy_fn, gm, "accuracy_fn")
-    except TrialFailed as exc:
-        raise RuntimeError(f"{exc} on the original (dense) model: fix accuracy_fn before searching") from exc
-    if accuracy_threshold is not None and dense_accuracy < accuracy_threshold:
-        log.warning("the dense model's accuracy %.4f is below the threshold %.4f: no plan is likely to meet it",
-                    dense_accuracy, accuracy_threshold)
+    dense_accuracy = None if _worker else _dense_accuracy(accuracy_fn, gm, accuracy_threshold)
+    if n_workers > 1:
+        check_sendable(model=model, spec=spec, accuracy_fn=call["accuracy_fn"], speed_fn=call["speed_fn"],
+                       sampler=sampler, pruner=pruner, calibration_data=batches)
+        storage = call["storage"] = storage if storage is not None else fresh_journal()
+        study_name = call["study_name"] = study_name or f"fxsketch-{os.getpid()}-{int(time.time())}"
+    storage = open_storage(storage, heartbeat_interval)
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fxsketch reports trials itself
     try:
         study = _create_study(storage, study_name, load_if_exists, sampler, pruner, seed, multi)
+        if n_workers > 1:
+            _parallel(study, call)
+            return _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
         _seed_memo(ctx, study)
         try:
             if strategy == "joint":
@@ -519,6 +535,8 @@ def optimize(
             _interrupted(study, storage)
     finally:
         optuna.logging.set_verbosity(optuna_verbosity)
+    if _worker:
+        return None
     return _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
 
 
@@ -534,6 +552,27 @@ def _interrupted(study: optuna.Study, storage: Any) -> None:
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         raise SearchInterrupted(f"interrupted before any trial finished; {resume}")
     log.warning("interrupted after %d finished trials: returning the best plan so far; %s", finished, resume)
+
+
+def _dense_accuracy(accuracy_fn, gm, threshold) -> float:
+    try:
+        dense = _call_metric(accuracy_fn, gm, "accuracy_fn")
+    except TrialFailed as exc:
+        raise RuntimeError(f"{exc} on the original (dense) model: fix accuracy_fn before searching") from exc
+    if threshold is not None and dense < threshold:
+        log.warning("the dense model's accuracy %.4f is below the threshold %.4f: no plan is likely to meet it",
+                    dense, threshold)
+    return dense
+
+
+def _parallel(study: optuna.Study, call: dict[str, Any]) -> None:
+    """Spread this call's trials over worker processes sharing `study`; they return when done."""
+    if call["callbacks"]:
+        log.warning("callbacks run in the calling process only: they are not sent to worker processes")
+    job = {k: v for k, v in call.items() if k not in ("n_workers", "_worker", "callbacks", "verbose", "n_trials",
+                                                     "storage", "study_name", "load_if_exists", "seed")}
+    job["calibration_data"] = list(job["calibration_data"]) if job["calibration_data"] is not None else None
+    run_workers(call["n_workers"], call["n_trials"], call["storage"], study.study_name, job, call["seed"])
 
 
 def _check_objectives(objectives: Sequence[str] | None) -> bool:
@@ -555,14 +594,14 @@ def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
     for i, unit in enumerate(units):
         share = -(-max(0, n_trials - used) // (len(units) - i))  # ceil: earlier units get the remainder
         left = None if deadline is None else deadline - time.monotonic()
-        before = _finished(study, unit.key)
+        before = ctx.started
         if share and left is not None and left <= 0:
             log.warning("timeout reached: %s was not tuned", unit.key)
         elif share:
             _search_unit(ctx, study, unit, share, left, [*printer, *callbacks])
         else:
             log.warning("n_trials=%d leaves no trial for %s", n_trials, unit.key)
-        used += _finished(study, unit.key) - before
+        used += ctx.started - before
 
 
 def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:

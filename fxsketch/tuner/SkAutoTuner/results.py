@@ -41,7 +41,12 @@ def read_results(path: str | os.PathLike, trusted: bool = False) -> dict[str, An
         FileNotFoundError: the file does not exist.
         ValueError: the content is not a results file, or it is a pickle and `trusted` is False.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a tuning results file is a path (str or os.PathLike), got {type(path).__name__}")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"tuning results file {path!r} is a directory, not a file written by "
+                                "save_tuning_results")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tuning results file {path!r} does not exist")
     with open(path, "rb") as f:
@@ -57,7 +62,16 @@ def read_results(path: str | os.PathLike, trusted: bool = False) -> dict[str, An
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a tuning results file: expected a JSON object with "
                          f"\"format\": \"{FORMAT}\" (written by save_tuning_results)")
-    return _check(path, _decode(data))
+    version = data.get("version", VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
+        raise ValueError(f"{path} has tuning results format version {version!r}; this fxsketch reads versions up "
+                         f"to {VERSION}: upgrade fxsketch")
+    try:
+        return _check(path, _decode(data))
+    except ValueError as exc:
+        if str(exc).startswith(path):
+            raise
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _from_pickle(path: str, raw: bytes) -> dict[str, Any]:
@@ -93,6 +107,12 @@ def _check(path: str, data: Mapping[str, Any]) -> dict[str, Any]:
     rows = data.get("results", [])
     if not isinstance(rows, list) or not all(isinstance(r, Mapping) and "params" in r for r in rows):
         raise ValueError(f"{path}: 'results' must be a list of trial rows with 'params'")
+    for key in ("best_scores", "copy_weights"):
+        if not isinstance(data.get(key, {}), Mapping):
+            raise ValueError(f"{path}: {key!r} must map layer names to values, got {type(data[key]).__name__}")
+    bad = {k: v for k, v in data.get("copy_weights", {}).items() if isinstance(v, (str, list, dict, type(None)))}
+    if bad:
+        raise ValueError(f"{path}: 'copy_weights' values must be true or false, got {bad}")
     return {"best_params": {str(k): dict(v) for k, v in best.items()},
             "best_scores": {str(k): _float(v) for k, v in dict(data.get("best_scores", {})).items()},
             "copy_weights": {str(k): bool(v) for k, v in dict(data.get("copy_weights", {})).items()},
@@ -105,7 +125,7 @@ def _float(value: Any) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {value!r}") from None
+        raise ValueError(f"expected a number (or \"inf\", \"-inf\", \"nan\"), got {value!r}") from None
 
 
 def _number(value: Any) -> Any:

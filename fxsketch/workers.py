@@ -1,0 +1,107 @@
+"""Scale-out: several worker processes on one shared Optuna study.
+
+Workers on other machines simply run `fxsketch.optimize(..., storage=URL, study_name=S,
+load_if_exists=True)` against one RDB storage (PostgreSQL). `optimize(..., n_workers=N)` does the
+same on one machine: it spawns N processes on a shared journal file (or the given storage), waits,
+and finishes the search in the calling process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import tempfile
+import uuid
+from typing import Any
+
+import optuna
+
+__all__ = ["open_storage", "run_workers", "check_sendable", "fresh_journal", "resolve_callable"]
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "journal:///"
+
+
+def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
+    """A storage object from a URL: `journal:///path/to/file.log` (a file shared by processes, also
+    over NFS), any SQLAlchemy URL (with heartbeats and one retry of a dead worker's trial when
+    `heartbeat_interval` is given), or an Optuna storage object / None as they are."""
+    if not isinstance(storage, str):
+        return storage
+    if storage.startswith(JOURNAL):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(storage[len(JOURNAL) - 1:]))
+    if heartbeat_interval:
+        return optuna.storages.RDBStorage(
+            storage, heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    return storage
+
+
+def fresh_journal() -> str:
+    """A new journal-file storage URL in a temporary directory (the default for `n_workers > 1`)."""
+    return f"{JOURNAL}{os.path.join(tempfile.mkdtemp(prefix='fxsketch-'), 'study.log')}"
+
+
+def check_sendable(**objects: Any) -> None:
+    """Raise a TypeError naming what cannot be pickled into a worker process, and what to do."""
+    for name, obj in objects.items():
+        if obj is None or isinstance(obj, str):
+            continue
+        try:
+            pickle.dumps(obj)
+        except Exception as exc:
+            raise TypeError(
+                f"{name} cannot be sent to a worker process ({type(exc).__name__}: {exc}). Define it at "
+                f"module level in an importable module and pass it, or pass its name as 'package.module:function'"
+            ) from None
+
+
+def resolve_callable(ref: Any) -> Any:
+    """A callable given as 'package.module:name' (or a callable, returned as is)."""
+    if not isinstance(ref, str):
+        return ref
+    import importlib
+
+    module, _, name = ref.partition(":")
+    if not module or not name:
+        raise ValueError(f"{ref!r} is not 'package.module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_workers(n_workers: int, n_trials: int, storage: Any, study_name: str | None, kwargs: dict[str, Any],
+                seed: int | None) -> tuple[Any, str]:
+    """Run `n_trials` over `n_workers` spawned processes on one study; returns (storage, study_name)."""
+    storage = storage if storage is not None else fresh_journal()
+    study_name = study_name or f"fxsketch-{uuid.uuid4().hex[:8]}"
+    shares = [n_trials // n_workers + (1 if i < n_trials % n_workers else 0) for i in range(n_workers)]
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for i, share in enumerate(shares):
+        if not share:
+            continue
+        job = dict(kwargs, n_trials=share, storage=storage, study_name=study_name, load_if_exists=True,
+                   seed=None if seed is None else seed + i, n_workers=1, threads=max(1, (os.cpu_count() or 1) // n_workers))
+        processes.append(context.Process(target=_worker_main, args=(job,), name=f"fxsketch-worker-{i}"))
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+        if p.exitcode:
+            log.warning("%s exited with code %s; its finished trials are kept", p.name, p.exitcode)
+    return storage, study_name
+
+
+def _worker_main(job: dict[str, Any]) -> None:
+    import torch
+
+    from fxsketch.search import optimize
+
+    torch.set_num_threads(job.pop("threads"))
+    job["accuracy_fn"] = resolve_callable(job["accuracy_fn"])
+    job["speed_fn"] = resolve_callable(job.get("speed_fn"))
+    optimize(**job, _worker=True)

@@ -1,0 +1,112 @@
+"""Scale-out on one machine: worker processes on a shared journal/SQLite study, dead workers,
+and user functions that cannot be sent to a process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import fxsketch
+
+X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            out, inp = layer.weight.shape
+            layer.weight.copy_(torch.randn(out, 6) @ torch.randn(6, inp) / inp**0.5 + 0.01 * torch.randn(out, inp))
+    return model
+
+
+with torch.no_grad():
+    REFERENCE = make_model()(X).argmax(1)
+
+
+def accuracy(model: nn.Module) -> float:
+    with torch.no_grad():
+        return (model(X).argmax(1) == REFERENCE).float().mean().item()
+
+
+SPEC = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params={"low_rank": [2, 6, 12]})
+GRID = {"0:low_rank": [2, 6, 12], "2:low_rank": [2, 6, 12]}
+
+
+def _optimize(**kw):
+    args = dict(example_inputs=X, accuracy_fn=accuracy, accuracy_threshold=0.9, objective="flops")
+    args.update(kw)
+    return fxsketch.optimize(make_model(), SPEC, **args)
+
+
+def test_three_workers_finish_exactly_the_trials_asked_and_find_the_one_process_best():
+    single = _optimize(strategy="joint", n_trials=9, sampler=optuna.samplers.GridSampler(GRID, seed=0))
+    parallel = _optimize(strategy="joint", n_trials=9, n_workers=3, sampler=optuna.samplers.GridSampler(GRID, seed=0))
+    states = parallel.trials["state"].value_counts().to_dict()
+    assert sum(states.values()) == 9 and states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 9
+    plans = {tuple(r) for r in parallel.trials[["0.low_rank", "2.low_rank"]].itertuples(index=False)}
+    assert len(plans) == 9  # the grid was shared: no configuration twice
+    assert parallel.plan == single.plan and parallel.accuracy == single.accuracy
+
+
+def test_layerwise_workers_split_the_trials_over_processes_and_layers(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = _optimize(n_trials=8, n_workers=2, storage=url, study_name="w", seed=0)
+    assert result.trials.groupby("layer").size().to_dict() == {"0": 4, "2": 4}
+    assert len(optuna.load_study(study_name="w", storage=url).trials) == 8
+
+
+def test_functions_that_cannot_reach_a_worker_are_refused_with_the_fix():
+    with pytest.raises(TypeError, match="accuracy_fn cannot be sent to a worker process.*module:function"):
+        _optimize(n_trials=2, n_workers=2, accuracy_fn=lambda m: 1.0)
+
+
+def test_a_function_named_by_module_reaches_the_workers():
+    result = _optimize(n_trials=4, n_workers=2, accuracy_fn="test_workers:accuracy")
+    assert (result.trials["state"] == "COMPLETE").sum() == 4
+
+
+def _stuck_worker(url: str, marker: str) -> None:
+    def hang_first_time(model):
+        replaced = any(isinstance(m, fxsketch.LowRankLinear) for m in model.modules())
+        if replaced and not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(120)  # killed here
+        return accuracy(model)
+
+    fxsketch.optimize(make_model(), fxsketch.LayerConfig("2", params={"low_rank": [6]}), example_inputs=X,
+                      accuracy_fn=hang_first_time, objective="flops", n_trials=1, storage=url, study_name="k",
+                      load_if_exists=True, heartbeat_interval=1)
+
+
+def test_a_killed_worker_trial_is_failed_and_retried(tmp_path):
+    url, marker = f"sqlite:///{tmp_path / 'k.db'}", str(tmp_path / "started")
+    optuna.create_study(study_name="k", storage=url, direction="maximize")
+    worker = multiprocessing.get_context("spawn").Process(target=_stuck_worker, args=(url, marker))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    stale = optuna.load_study(study_name="k", storage=url).trials
+    assert [t.state for t in stale] == [optuna.trial.TrialState.RUNNING]
+    time.sleep(2.5)  # past the grace period: the dead worker's heartbeat is stale
+    result = fxsketch.optimize(make_model(), fxsketch.LayerConfig("2", params={"low_rank": [6]}), example_inputs=X,
+                               accuracy_fn=accuracy, objective="flops", n_trials=1, storage=url, study_name="k",
+                               load_if_exists=True, heartbeat_interval=1)
+    trials = optuna.load_study(study_name="k", storage=url).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retry = trials[1]
+    assert retry.system_attrs.get("failed_trial") == 0 and retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.params == {"2:low_rank": 6}
+    assert result.plan == {"2": {"method": "svd", "low_rank": 6}}
