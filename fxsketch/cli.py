@@ -53,6 +53,7 @@ def load_object(ref: str) -> Any:
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(path.resolve().parent))
+        sys.modules[path.stem] = module  # so its functions pickle into worker processes
         spec.loader.exec_module(module)
     else:
         module = importlib.import_module(module_ref)
@@ -142,6 +143,7 @@ def optimize(
     out: Optional[Path] = typer.Option(None, help="Write the optimized model here (.pt2)."),
     plan_out: Optional[Path] = typer.Option(None, help="Write the plan here (.json)."),
     report: Optional[Path] = typer.Option(None, help="Write the HTML report here."),
+    workers: int = typer.Option(1, help="Worker processes sharing the study (a journal file unless --storage)."),
 ) -> None:
     """Search for the fastest plan that keeps accuracy above the threshold."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -161,7 +163,8 @@ def optimize(
             result = fxsketch.optimize(
                 model, spec, example_inputs=example_inputs, accuracy_fn=accuracy_fn, accuracy_threshold=threshold,
                 objective=objective, n_trials=trials, storage=storage, study_name=study_name,
-                load_if_exists=storage is not None, seed=seed, callbacks=[_progress_callback(progress, task)])
+                load_if_exists=storage is not None, seed=seed, n_workers=workers,
+                callbacks=[_progress_callback(progress, task)] if workers == 1 else [])
     typer.echo(result.summary())
     _write_outputs(result, example_inputs, out, plan_out, report)
 

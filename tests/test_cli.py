@@ -136,3 +136,13 @@ def test_every_command_has_help():
     for command in ("inspect", "optimize", "apply", "demo"):
         result = _runner_invoke(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_optimize_with_two_workers(tmp_path):
+    target, spec, accuracy = _project(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "fxsketch.cli", "optimize", target, "--spec", spec,
+                           "--accuracy", accuracy, "--threshold", "0.9", "--trials", "4", "--objective", "flops",
+                           "--workers", "2", "--storage", f"sqlite:///{tmp_path / 'w.db'}", "--study-name", "w"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trials       4 (" in proc.stdout
