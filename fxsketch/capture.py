@@ -171,6 +171,9 @@ def _first_line(exc: BaseException) -> str:
 
 def find_layers(gm: torch.fx.GraphModule) -> list[LayerRecord]:
     """Describe every matchable Linear/Conv2d node of `gm`, one record per weight, in graph order."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"find_layers takes a captured GraphModule (fxsketch.capture(model, example_inputs)), "
+                        f"got {type(gm).__name__}")
     order = gm.meta.get("fxsketch_module_order") or {n: i for i, (n, _) in enumerate(gm.named_modules())}
     records: dict[str, LayerRecord] = {}
     for position, node in enumerate(gm.graph.nodes):

@@ -421,6 +421,7 @@ def optimize(
     objectives: Sequence[str] | None = None,
     n_workers: int = 1,
     heartbeat_interval: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     _worker: bool = False,
 ) -> Result | None:
     """Find the fastest plan that keeps `accuracy_fn(model) >= accuracy_threshold`, and apply it.
@@ -469,6 +470,8 @@ def optimize(
             or given as 'package.module:function'.
         heartbeat_interval: seconds between worker heartbeats on an RDB storage URL; a trial of a
             worker that died is then failed and retried once by another worker.
+        cache_dir: keep the per-layer decompositions in this directory, so a resumed search (or
+            another worker, or a later run on the same weights) does not recompute them.
 
     Returns:
         A Result with the rewritten GraphModule, the plan, measurements and the trials.
@@ -496,7 +499,7 @@ def optimize(
     units = resolve_units(records, load_spec(spec), other_modules(gm, records), default_method)
     if not units:
         raise ValueError("nothing to tune: every selected layer is unsupported or too small to compress")
-    cache = FactorCache(calibrate(gm, batches, records) if batches else None, refit=refit)
+    cache = FactorCache(calibrate(gm, batches, records) if batches else None, refit=refit, cache_dir=cache_dir)
     ctx = _Context(gm, {r.name: r for r in records}, inputs, accuracy_fn, accuracy_threshold, speed_fn,
                    objective, cache, plan_cost(records, {})[1], default_method, Budget(max_flops, max_params))
     ctx.selected = [n for u in units for n in u.layers]

@@ -218,3 +218,21 @@ def test_recover_steps_need_calibration_data():
     with pytest.raises(ValueError, match="recover_steps needs calibration_data"):
         fxsketch.optimize(model, fxsketch.LayerConfig("0", params="auto"), example_inputs=CALIB[:8],
                           accuracy_fn=lambda m: 1.0, n_trials=1, recover_steps=5)
+
+
+def test_decompositions_survive_in_a_cache_directory(tmp_path, monkeypatch):
+    model, gm, records = _setup()
+    stats = calibrate(gm, [CALIB])
+    plan = {"0": {"method": "whitened_svd", "low_rank": 6}, "2": {"method": "svd", "low_rank": 5}}
+    first = apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    calls = []
+    original = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))
+    assert calls == []  # both decompositions came from disk
+    with torch.no_grad():
+        assert torch.equal(first(HELD_OUT), again(HELD_OUT))
+    (next(tmp_path.glob("svd-*.pt"))).write_bytes(b"truncated")
+    apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))  # a bad file is recomputed
+    assert calls == [1]

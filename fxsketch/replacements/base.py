@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,16 +113,42 @@ class FactorCache:
     one (`torch.svd_lowrank`) with oversampling, computed with a fixed seed so a plan rebuilds bit
     for bit. With calibration statistics (`stats`, from `fxsketch.calibrate`) the cache also holds
     the activation-whitened decompositions, and `refit` asks kinds to refit their trainable factors
-    to the layer's outputs on those statistics.
+    to the layer's outputs on those statistics. With `cache_dir`, decompositions are also kept on
+    disk, keyed by the exact weights (and statistics), so a resumed or repeated search skips them.
     """
 
     EXACT_BELOW = 1024
 
-    def __init__(self, stats: dict | None = None, refit: bool = True) -> None:
+    def __init__(self, stats: dict | None = None, refit: bool = True, cache_dir: str | os.PathLike | None = None) -> None:
         self.stats = dict(stats or {})
         self.refit = refit
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
         self._whitened: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _disk(self, what: str, key: str, *tensors: torch.Tensor) -> Path | None:
+        """The file holding a decomposition of these exact tensors (None without a cache_dir)."""
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha1(what.encode())
+        for t in tensors:
+            digest.update(t.detach().to(torch.float64).contiguous().cpu().numpy().tobytes())
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+        return self.cache_dir / f"{what}-{safe}-{digest.hexdigest()[:16]}.pt"
+
+    @staticmethod
+    def _load(path: Path | None):
+        if path is None or not path.exists():
+            return None
+        try:
+            return tuple(torch.load(path, weights_only=True))
+        except Exception:  # a truncated or foreign file: recompute and overwrite it
+            return None
+
+    def _store(self, path: Path | None, value: tuple) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(list(value), path)
 
     def second_moment(self, key: str) -> torch.Tensor | None:
         """E[xᵀx] of the layer's inputs (float64), or None without calibration."""
@@ -129,9 +158,15 @@ class FactorCache:
     def svd(self, key: str, matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U_R, S_R, Vh_R) of `matrix` (float32 or wider), computing or widening the cached SVD."""
         cached = self._svd.get(key)
+        if cached is None:
+            path = self._disk("svd", key, matrix)
+            cached = self._load(path)
+            if cached is not None:
+                cached = (*cached[:3], bool(cached[3]))
         if cached is None or (not cached[3] and cached[1].numel() < rank):
             cached = self._decompose(matrix, rank)
-            self._svd[key] = cached
+            self._store(self._disk("svd", key, matrix), (*cached[:3], torch.tensor(cached[3])))
+        self._svd[key] = cached
         U, S, Vh, _ = cached
         return U[:, :rank], S[:rank], Vh[:rank]
 
@@ -159,12 +194,18 @@ class FactorCache:
             if C is None:
                 raise ValueError(f"whitened_svd needs calibration statistics for layer {key!r}: pass "
                                  "calibration_data=... to optimize/rewrite/allocate")
+            path = self._disk("whitened", key, matrix, C)
+            stored = self._load(path)
+            if stored is not None:
+                self._whitened[key] = stored
+                return stored
             W = matrix.detach().to(torch.float64)
             ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
             L = torch.linalg.cholesky(C + ridge * torch.eye(C.shape[0], dtype=C.dtype))
             U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
             M = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T  # Vᵀ L⁻¹
             self._whitened[key] = (U, S, M)
+            self._store(path, (U, S, M))
         return self._whitened[key]
 
     def output_errors(self, key: str, method: str, matrix: torch.Tensor, ranks: list[int]) -> list[float]:
