@@ -326,8 +326,12 @@ def as_param_spec(value: Any) -> ParamSpec:
     """
     if isinstance(value, ParamSpec):
         return value
+    distribution = _from_optuna(value)
+    if distribution is not None:
+        return distribution
     if isinstance(value, (list, tuple)):
-        return Categorical(value)
+        shorthand = _from_shorthand(value)
+        return shorthand if shorthand is not None else Categorical(value)
     if isinstance(value, Mapping):
         if "type" not in value:
             raise ValueError(
@@ -337,6 +341,47 @@ def as_param_spec(value: Any) -> ParamSpec:
     if isinstance(value, (bool, int, float, str)):
         return Categorical((value,))
     raise TypeError(f"cannot use {value!r} ({type(value).__name__}) as a param spec: give {_PARAM_FORMS}")
+
+
+_SHORTHAND = {  # LightningTune's tuple shorthand: (kind, *arguments)
+    "int": lambda lo, hi: Int(lo, hi),
+    "int_log": lambda lo, hi: Int(lo, hi, log=True),
+    "uniform": lambda lo, hi: Float(lo, hi),
+    "loguniform": lambda lo, hi: Float(lo, hi, log=True),
+    "discrete_uniform": lambda lo, hi, q: Float(lo, hi, step=q),
+    "categorical": lambda choices: Categorical(choices),
+}
+
+
+def _from_shorthand(value: Sequence[Any]) -> ParamSpec | None:
+    """`("int", 8, 64)`, `("loguniform", 1e-5, 1e-2)`, `("categorical", [...])`... or None."""
+    if not value or not isinstance(value[0], str) or value[0] not in _SHORTHAND:
+        return None
+    args = list(value[1:])
+    if value[0] == "categorical" and (len(args) != 1 or not isinstance(args[0], (list, tuple))):
+        return None
+    if value[0] != "categorical" and not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        return None
+    try:
+        return _SHORTHAND[value[0]](*args)
+    except TypeError:
+        raise ValueError(f"shorthand {tuple(value)!r} has the wrong number of values: "
+                         "write ('int', low, high), ('discrete_uniform', low, high, q), ('categorical', [...])") from None
+
+
+def _from_optuna(value: Any) -> ParamSpec | None:
+    """Optuna's own distribution objects, as the equivalent spec (None for anything else)."""
+    if type(value).__module__.split(".")[0] != "optuna":
+        return None
+    import optuna.distributions as dist
+
+    if isinstance(value, dist.IntDistribution):
+        return Int(value.low, value.high, step=value.step, log=value.log)
+    if isinstance(value, dist.FloatDistribution):
+        return Float(value.low, value.high, step=value.step, log=value.log)
+    if isinstance(value, dist.CategoricalDistribution):
+        return Categorical(value.choices)
+    return None
 
 
 # --------------------------------------------------------------------------- layer configs

@@ -643,3 +643,29 @@ def test_suggest_emits_no_warnings_for_grid_aligned_specs():
         warnings.simplefilter("error")
         Int(8, 64, step=8).suggest(trial, "r")
         Float(0.0, 1.0, step=0.1).suggest(trial, "f")
+
+
+@pytest.mark.parametrize("value,expected", [
+    (("int", 8, 64), Int(8, 64)),
+    (["int_log", 1, 1024], Int(1, 1024, log=True)),
+    (("uniform", 0.0, 0.5), Float(0.0, 0.5)),
+    (("loguniform", 1e-5, 1e-2), Float(1e-5, 1e-2, log=True)),
+    (("discrete_uniform", 0.1, 1.0, 0.1), Float(0.1, 1.0, step=0.1)),
+    (("categorical", ["relu", "gelu"]), Categorical(["relu", "gelu"])),
+    (("int", "float"), Categorical(["int", "float"])),  # not shorthand: plain choices
+])
+def test_lightningtune_tuple_shorthand(value, expected):
+    assert as_param_spec(value) == expected
+
+
+def test_shorthand_with_wrong_arity_is_a_clear_error():
+    with pytest.raises(ValueError, match="wrong number of values"):
+        as_param_spec(("discrete_uniform", 0.1, 1.0))
+
+
+def test_optuna_distributions_are_accepted():
+    import optuna
+
+    assert as_param_spec(optuna.distributions.IntDistribution(8, 64, step=8)) == Int(8, 64, step=8)
+    assert as_param_spec(optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)) == Float(1e-4, 1e-1, log=True)
+    assert as_param_spec(optuna.distributions.CategoricalDistribution(["a", "b"])) == Categorical(["a", "b"])
