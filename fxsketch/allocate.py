@@ -39,7 +39,8 @@ class Budget:
     params: float | int | None = None
 
     def limits(self, dense_flops: int, dense_params: int) -> tuple[float, float]:
-        return _limit(self.flops, dense_flops, "flops"), _limit(self.params, dense_params, "max_params")
+        return (_limit(self.flops, dense_flops, "the FLOP budget (budget=/max_flops=)"),
+                _limit(self.params, dense_params, "the parameter budget (max_params=)"))
 
 
 def _limit(value: float | int | None, dense: int, what: str) -> float:
@@ -182,7 +183,7 @@ def _check_ranks(unit, records: dict[str, LayerRecord]) -> None:
     if any(not svd.invalid(records[n], {"low_rank": r}) for r in ranks for n in unit.layers):
         return
     full = min(min(records[n].out_features, records[n].in_features) for n in unit.layers)
-    shown = ranks if len(ranks) <= 10 else [*ranks[:10], "..."]
+    shown = str(ranks) if len(ranks) <= 10 else f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}]"
     raise ValueError(f"{unit.key}: none of the ranks {shown} can be built: low_rank must be an integer in "
                      f"[1, {full}] for {', '.join(unit.layers)}")
 

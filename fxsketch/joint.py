@@ -47,7 +47,7 @@ def _suggest_plan(ctx, units, trial) -> tuple[dict, dict, str]:
 
     plan, flat, reason = {}, {}, ""
     for unit in units:
-        entry = _suggest_entry(unit, trial, ctx.default_method)
+        entry = _suggest_entry(unit, trial, ctx.default_method, ctx.records)
         reason = reason or invalid_reason(ctx, unit, entry)
         flat.update({f"{unit.key}.{k}": v for k, v in entry.items()})
         plan.update({name: entry for name in unit.layers})

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ class Unit:
     space: dict[str, ParamSpec]
     copy_weights: bool = True
     method: str = DEFAULT_METHOD  # searched when the space names no method
+    define_by_run: Callable[[Any, LayerRecord], dict[str, Any]] | None = None  # replaces `space`
 
 
 class TrialFailed(Exception):
@@ -84,6 +86,10 @@ def resolve_units(
         chosen = [by_name[n] for n in names if _supported(by_name[n], cfg, default_method)]
         groups = [[r] for r in chosen] if cfg.separate else _joint_groups(chosen, cfg)
         for group in groups:
+            if callable(cfg.params):
+                key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
+                units.append(Unit(key, [r.name for r in group], {}, cfg.copy_weights, default_method, cfg.params))
+                continue
             space = _unit_space(cfg, group, default_method)
             if space is None:
                 log.warning("skipping %s: no configuration is cheaper than the dense layer",
@@ -157,8 +163,30 @@ def _methods(space: Mapping[str, ParamSpec], default_method: str) -> list[str]:
     return list(spec.choices)
 
 
-def _suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str) -> dict[str, Any]:
+class _PrefixedTrial:
+    """A trial whose parameter names carry the unit's prefix, for define-by-run spaces."""
+
+    def __init__(self, trial: optuna.Trial, prefix: str) -> None:
+        self._trial, self._prefix = trial, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._trial, name)
+        if name.startswith("suggest_"):
+            return lambda param, *args, **kwargs: attr(f"{self._prefix}:{param}", *args, **kwargs)
+        return attr
+
+
+def _suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str, records=None) -> dict[str, Any]:
     """Define-by-run: the method first, then only the parameters that method takes."""
+    if unit.define_by_run is not None:
+        entry = dict(unit.define_by_run(_PrefixedTrial(trial, unit.key), records[unit.layers[0]]))
+        entry.setdefault("method", default_method)
+        kind = get_kind(entry["method"])
+        unknown = set(entry) - {"method"} - set(kind.param_names)
+        if unknown:
+            raise ValueError(f"the params callable of {unit.key} returned {sorted(unknown)}, which method "
+                             f"{kind.name!r} does not take (it takes {list(kind.param_names)})")
+        return {"method": kind.name, **{p: entry.get(p, kind.defaults.get(p)) for p in kind.param_names}}
     space = unit.space
     method = space["method"].suggest(trial, f"{unit.key}:method") if "method" in space else default_method
     kind = get_kind(method)
@@ -277,7 +305,7 @@ def _run_trial(ctx: _Context, unit: Unit, trial: optuna.Trial) -> float:
     unit = ctx.units.get(trial.user_attrs.get(UNIT_ATTR), unit)
     trial.set_user_attr(UNIT_ATTR, unit.key)
     ctx.started += 1
-    entry = _suggest_entry(unit, trial, ctx.default_method)
+    entry = _suggest_entry(unit, trial, ctx.default_method, ctx.records)
     trial.set_user_attr(ENTRY_ATTR, entry)
     values = json.dumps(entry, sort_keys=True)
     ctx.seen.setdefault(unit.key, set()).add(values)
@@ -312,7 +340,9 @@ def _evaluate(ctx: _Context, unit: Unit, entry: dict[str, Any], trial: optuna.Tr
 
 
 def _space_size(unit: Unit, default_method: str) -> float:
-    """How many distinct value sets a unit's space holds (inf for continuous ranges)."""
+    """How many distinct value sets a unit's space holds (inf for continuous or define-by-run ones)."""
+    if unit.define_by_run is not None:
+        return math.inf
     total = 0.0
     for m in _methods(unit.space, default_method):
         size = 1.0
@@ -422,6 +452,7 @@ def optimize(
     n_workers: int = 1,
     heartbeat_interval: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    experiment_dir: str | os.PathLike | None = None,
     _worker: bool = False,
 ) -> Result | None:
     """Find the fastest plan that keeps `accuracy_fn(model) >= accuracy_threshold`, and apply it.
@@ -472,10 +503,19 @@ def optimize(
             worker that died is then failed and retried once by another worker.
         cache_dir: keep the per-layer decompositions in this directory, so a resumed search (or
             another worker, or a later run on the same weights) does not recompute them.
+        experiment_dir: one folder for the whole experiment: the study database (`study.db`, resumed
+            when it exists), the factor cache, and at the end the best plan (`best_plan.json`) and
+            the saved best model (`best_model.pt2`).
 
     Returns:
         A Result with the rewritten GraphModule, the plan, measurements and the trials.
     """
+    if experiment_dir is not None:
+        experiment_dir = Path(experiment_dir)
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        storage = storage if storage is not None else f"sqlite:///{experiment_dir / 'study.db'}"
+        study_name, load_if_exists = study_name or "fxsketch", True
+        cache_dir = cache_dir if cache_dir is not None else experiment_dir / "factors"
     call = dict(locals())  # what worker processes are started with, when n_workers > 1
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -540,7 +580,20 @@ def optimize(
         optuna.logging.set_verbosity(optuna_verbosity)
     if _worker:
         return None
-    return _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
+    result = _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
+    if experiment_dir is not None:
+        _keep_best(result, experiment_dir, inputs)
+    return result
+
+
+def _keep_best(result: Result, folder: Path, inputs: tuple) -> None:
+    from fxsketch.deploy import save
+
+    result.save_plan(folder / "best_plan.json")
+    try:
+        save(result.graph_module, folder / "best_model.pt2", inputs)
+    except Exception as exc:  # the plan is kept either way; say why the model is not
+        log.warning("could not save the best model to %s: %s", folder / "best_model.pt2", exc)
 
 
 class SearchInterrupted(KeyboardInterrupt):

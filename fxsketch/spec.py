@@ -405,8 +405,11 @@ def _normalize_selector(selector: Any) -> Any:
     )
 
 
-def _normalize_params(params: Any) -> str | dict[str, ParamSpec]:
-    """Turn `params` into `"auto"` or a dict of ParamSpecs, naming the parameter on errors."""
+def _normalize_params(params: Any) -> Any:
+    """Turn `params` into `"auto"`, a dict of ParamSpecs, or a define-by-run callable
+    `(trial, record) -> {"method": ..., **params}`, naming the parameter on errors."""
+    if callable(params) and not isinstance(params, Mapping):
+        return params
     if isinstance(params, str):
         if params != "auto":
             raise ValueError(f"params must be 'auto' or a mapping of name -> spec, got the string {params!r}")
@@ -463,6 +466,8 @@ class LayerConfig:
                 "use a str, a list of str or a dict instead"
             )
         params = self.params
+        if callable(params):
+            raise ValueError(f"cannot serialize a define-by-run params callable ({params!r}): use a dict of specs")
         if not isinstance(params, str):
             params = {name: spec.to_dict() for name, spec in params.items()}
         return {

@@ -557,7 +557,7 @@ CASES: list[Case] = [
          lambda f: fxsketch.allocate(MLP(), SPEC, [X, torch.randn(4, 9)], example_inputs=X), ValueError,
          r"calibration batch 1 \(Tensor\[4, 9\]"),
     Case("allocate-budget-0", "allocate", lambda f: fxsketch.allocate(MLP(), SPEC, [X], budget=0), ValueError,
-         r"must be a positive fraction \(<= 1\) or an absolute count, got 0"),
+         r"FLOP budget.* must be a positive fraction \(<= 1\) or an absolute count, got 0"),
     Case("allocate-budget-negative", "allocate", lambda f: fxsketch.allocate(MLP(), SPEC, [X], budget=-1),
          ValueError, r"positive fraction.*got -1"),
     Case("allocate-budget-nan", "allocate", lambda f: fxsketch.allocate(MLP(), SPEC, [X], budget=math.nan),
@@ -575,7 +575,7 @@ CASES: list[Case] = [
          r"fc1: none of the ranks \[-3, 0\] can be built: low_rank must be an integer in \[1, 8\]"),
     Case("allocate-ranks-above-full", "allocate",
          lambda f: fxsketch.allocate(MLP(), LayerConfig("fc1", params={"low_rank": Int(9, 64)}), [X]), ValueError,
-         r"none of the ranks \[9, 10, .*\.\.\.\] can be built: low_rank must be an integer in \[1, 8\]"),
+         r"none of the ranks \[9, 10, \.\.\., 64\] can be built: low_rank must be an integer in \[1, 8\]"),
     Case("allocate-model-str", "allocate", lambda f: fxsketch.allocate("m", SPEC, [X]), TypeError,
          r"torch\.nn\.Module"),
     # ---- optimize
@@ -617,7 +617,7 @@ CASES: list[Case] = [
          lambda f: optimize(calibration_data=[torch.randn(4, 9)]), ValueError,
          r"calibration batch 0 \(Tensor\[4, 9\]"),
     Case("optimize-max-flops-negative", "optimize", lambda f: optimize(max_flops=-0.5), ValueError,
-         r"must be a positive fraction.*got -0\.5"),
+         r"FLOP budget \(budget=/max_flops=\) must be a positive fraction.*got -0\.5"),
     Case("optimize-max-flops-str", "optimize", lambda f: optimize(max_flops="half"), TypeError,
          r"must be a positive fraction.*got 'half'"),
     Case("optimize-recover-steps-negative", "optimize", lambda f: optimize(recover_steps=-1, calibration_data=[X]),
@@ -739,7 +739,7 @@ CASES: list[Case] = [
          r"'copy_weights' values must be true or false, got \{'fc1': 'false'\}"),
     Case("tuner-results-score-str", "load_tuning_results",
          lambda f: tuner().load_tuning_results(f.results("sc.json", results=[{"params": {}, "score": "high"}])),
-         ValueError, r"sc\.json: expected a number .*got 'high'"),
+         ValueError, r"sc\.json: 'results'\[0\]\['score'\]: expected a number .*got 'high'"),
     Case("tuner-results-rank-0", "load_tuning_results",
          lambda f: (lambda t: (t.load_tuning_results(f.results("r0.json", best_params={"fc1": {"method": "svd",
                                                                                                 "low_rank": 0}})),
@@ -870,8 +870,7 @@ def test_untrusted_pickles_are_refused_and_trusted_ones_really_unpickle(files: F
     with pytest.raises(ValueError, match="trusted=True"):
         tuner().load_tuning_results(files.results_pickle)
     assert not files.marker.exists()
-    with pytest.raises(Exception):  # the payload is no tuning results mapping, but it did run
-        tuner().load_tuning_results(files.results_pickle, trusted=True)
+    tuner().load_tuning_results(files.results_pickle, trusted=True)  # the user vouched for it: it runs
     assert files.marker.exists()
     files.marker.unlink()
     with pytest.raises(ArtifactError):  # sample inputs that unpickle to a file object do not load...

@@ -370,3 +370,41 @@ def test_ctrl_c_before_any_trial_says_how_to_resume():
 
     with pytest.raises(KeyboardInterrupt, match="pass storage="):
         _run(model, accuracy_fn=interrupt)
+
+
+def test_define_by_run_params_give_conditional_spaces():
+    seen = []
+
+    def space(trial, record):
+        seen.append(record.name)
+        method = trial.suggest_categorical("method", ["svd", "sketch"])
+        if method == "svd":
+            return {"method": "svd", "low_rank": trial.suggest_int("rank", 2, min(record.weight_shape) // 2)}
+        return {"method": "sketch", "num_terms": 1, "low_rank": trial.suggest_int("k", 1, 4)}
+
+    result = _run(spec=LayerConfig({"type": "Linear", "range": [0, 2]}, params=space), n_trials=8,
+                  accuracy_threshold=0.0)
+    assert set(seen) == {"0", "2"}
+    names = {p for t in result.study.trials for p in t.params}
+    assert names <= {"0:method", "0:rank", "0:k", "2:method", "2:rank", "2:k"}
+    svd = result.trials[result.trials["method"] == "svd"]
+    assert svd["num_terms"].isna().all() if "num_terms" in svd else True
+    with pytest.raises(ValueError, match="define-by-run"):
+        LayerConfig("0", params=space).to_dict()
+
+
+def test_define_by_run_returning_foreign_params_is_a_clear_error():
+    with pytest.raises(ValueError, match="returned \\['dropout'\\], which method 'svd' does not take"):
+        _run(spec=LayerConfig("0", params=lambda trial, record: {"low_rank": 4, "dropout": 0.1}), n_trials=1)
+
+
+def test_experiment_dir_keeps_the_study_the_best_plan_and_model(tmp_path):
+    model = _mlp()
+    first = _run(model, experiment_dir=tmp_path, n_trials=4)
+    assert {p.name for p in tmp_path.iterdir()} >= {"study.db", "best_plan.json", "best_model.pt2", "factors"}
+    assert fxsketch.load_plan(tmp_path / "best_plan.json") == first.plan
+    loaded = fxsketch.load(tmp_path / "best_model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X[:5]), first.graph_module(X[:5]))
+    again = _run(model, experiment_dir=tmp_path, n_trials=2)  # resumes the same study
+    assert len(again.trials) == 6

@@ -143,6 +143,13 @@ def _encode(state: dict[str, Any]) -> dict[str, Any]:
 def _decode(data: dict[str, Any]) -> dict[str, Any]:
     rows = data.get("results", [])
     if isinstance(rows, list):
-        data["results"] = [{k: _float(v) if k in _NUMERIC else v for k, v in r.items()} if isinstance(r, dict) else r
-                           for r in rows]
+        data["results"] = [{k: _row_float(i, k, v) if k in _NUMERIC else v for k, v in r.items()}
+                           if isinstance(r, dict) else r for i, r in enumerate(rows)]
     return data
+
+
+def _row_float(index: int, key: str, value: Any) -> float:
+    try:
+        return _float(value)
+    except ValueError as exc:
+        raise ValueError(f"'results'[{index}][{key!r}]: {exc}") from None
