@@ -69,6 +69,8 @@ def _check_save_arguments(module: Any, path: Any) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"save/package take a torch.nn.Module (e.g. a rewritten GraphModule), got {type(module).__name__}")
     if not isinstance(path, (str, os.PathLike)):
+        if hasattr(path, "write"):  # a file object: torch.export.save writes to it
+            return
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(parent):
