@@ -49,6 +49,7 @@ def backend(plan: Any = None, inner: str | Callable = "inductor") -> Callable:
         inner: the backend that compiles the rewritten graph ("inductor", "eager", any registered
             name, or a backend callable).
     """
+    _inner(inner)  # an unknown inner backend fails here, not later inside Dynamo
     if hasattr(plan, "plan") and not isinstance(plan, Mapping):
         plan = plan.plan
     plan = normalize_plan(plan) if plan is not None else {}
@@ -77,7 +78,11 @@ def _inner(inner: str | Callable) -> Callable:
         return lambda gm, _: gm.forward
     from torch._dynamo.backends.registry import lookup_backend
 
-    return lookup_backend(inner)
+    try:
+        return lookup_backend(inner)
+    except Exception as exc:
+        raise ValueError(f"unknown inner backend {inner!r}: use 'inductor', 'eager', another registered "
+                         f"torch.compile backend ({', '.join(torch._dynamo.list_backends())}), or a callable") from exc
 
 
 def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], plan: Mapping[str, Mapping],

@@ -8,9 +8,11 @@ combination meets the accuracy threshold.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ import optuna
 import torch
 from torch import nn
 
-from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units, target_error_units
+from fxsketch.allocate import ALLOCATABLE, Budget, _batches, allocate_units, target_error_units
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import compare_latency, plan_cost
@@ -91,6 +93,9 @@ def resolve_units(
                 units.append(Unit(key, [r.name for r in group], {}, cfg.copy_weights, default_method, cfg.params))
                 continue
             space = _unit_space(cfg, group, default_method)
+            problem = _space_problem(space, group, default_method) if space is not None else ""
+            if problem:
+                raise ValueError(f"config {index}: {problem}")
             if space is None:
                 log.warning("skipping %s: no configuration is cheaper than the dense layer",
                             ", ".join(r.name for r in group))
@@ -98,6 +103,29 @@ def resolve_units(
             key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
             units.append(Unit(key, [r.name for r in group], space, cfg.copy_weights, default_method))
     return units
+
+
+def _space_problem(space: dict[str, ParamSpec], records: list[LayerRecord], default_method: str) -> str:
+    """Why no value of `space` can be built for some layer ("" when every layer has one)."""
+    spec = space.get("method")
+    methods = list(spec.choices) if spec is not None else [default_method]
+    for record in records:
+        reasons, open_ended = [], False
+        for method in methods:
+            kind = get_kind(method)
+            grid = {p: space[p].values() if p in space else [kind.defaults.get(p)] for p in kind.param_names}
+            if any(v is None for v in grid.values()):
+                open_ended = True
+                continue
+            problems = [kind.invalid(record, dict(zip(grid, combo)))
+                        for combo in itertools.islice(itertools.product(*grid.values()), 10_000)]
+            if not all(problems):
+                break
+            reasons.append(f"{method}: {problems[0]}")
+        else:
+            if reasons and not open_ended:
+                return f"no value of the space can be built for {record.name} ({'; '.join(reasons)})"
+    return ""
 
 
 def _supported(record: LayerRecord, cfg: LayerConfig, default_method: str) -> bool:
@@ -524,21 +552,25 @@ def optimize(
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     strategy = "joint" if multi else strategy
     accuracy_fn, speed_fn = resolve_callable(accuracy_fn), resolve_callable(speed_fn)
-    if not callable(accuracy_fn):
-        raise TypeError("accuracy_fn must be a callable taking a model and returning a float")
-    if n_trials < 1:
-        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    _check_arguments(accuracy_fn, speed_fn, n_trials, accuracy_threshold, timeout, sampler, pruner, callbacks)
+    Budget(max_flops, max_params).limits(1, 1)
     if not isinstance(n_workers, int) or n_workers < 1:
         raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
-    batches = list(calibration_data) if calibration_data is not None else None
+    batches = list(_batches(calibration_data)) if calibration_data is not None else None
     default_method = default_method or ("whitened_svd" if batches else DEFAULT_METHOD)
     get_kind(default_method)
     inputs = as_inputs(example_inputs)
+    configs = load_spec(spec)
+    storage = open_storage(storage, heartbeat_interval) if n_workers == 1 else storage
     gm = capture(model, inputs)
     records = find_layers(gm)
-    units = resolve_units(records, load_spec(spec), other_modules(gm, records), default_method)
+    others = other_modules(gm, records)
+    units = resolve_units(records, configs, others, default_method)
     if not units:
-        raise ValueError("nothing to tune: every selected layer is unsupported or too small to compress")
+        selected = {n for c in configs for n in match_layers(records, c.layer_names, other_modules=others)}
+        why = [f"{r.name} ({r.module_type}): {r.unsupported or 'no configuration is cheaper than the dense layer'}"
+               for r in records if r.name in selected]
+        raise ValueError("nothing to tune: " + "; ".join(why))
     cache = FactorCache(calibrate(gm, batches, records) if batches else None, refit=refit, cache_dir=cache_dir)
     ctx = _Context(gm, {r.name: r for r in records}, inputs, accuracy_fn, accuracy_threshold, speed_fn,
                    objective, cache, plan_cost(records, {})[1], default_method, Budget(max_flops, max_params))
@@ -559,7 +591,7 @@ def optimize(
                        sampler=sampler, pruner=pruner, calibration_data=batches)
         storage = call["storage"] = storage if storage is not None else fresh_journal()
         study_name = call["study_name"] = study_name or f"fxsketch-{os.getpid()}-{int(time.time())}"
-    storage = open_storage(storage, heartbeat_interval)
+        storage = open_storage(storage, heartbeat_interval)
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fxsketch reports trials itself
     try:
@@ -575,7 +607,7 @@ def optimize(
             else:
                 _search(ctx, study, units, n_trials, timeout, verbose, callbacks)
         except KeyboardInterrupt:
-            _interrupted(study, storage)
+            _interrupted(study, call["storage"])
     finally:
         optuna.logging.set_verbosity(optuna_verbosity)
     if _worker:
@@ -608,6 +640,33 @@ def _interrupted(study: optuna.Study, storage: Any) -> None:
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         raise SearchInterrupted(f"interrupted before any trial finished; {resume}")
     log.warning("interrupted after %d finished trials: returning the best plan so far; %s", finished, resume)
+
+
+def _check_arguments(accuracy_fn, speed_fn, n_trials, threshold, timeout, sampler, pruner, callbacks) -> None:
+    """Refuse wrong arguments before any work, naming the value and what is allowed."""
+    if not callable(accuracy_fn):
+        raise TypeError("accuracy_fn must be a callable taking a model and returning a float")
+    if speed_fn is not None and not callable(speed_fn):
+        raise TypeError(f"speed_fn must be a callable taking a model and returning a float (or None), "
+                        f"got {type(speed_fn).__name__}")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int):
+        raise TypeError(f"n_trials must be an int >= 1, got {n_trials!r}")
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"accuracy_threshold must be None or a number, got {threshold!r}")
+        if math.isnan(threshold):
+            raise ValueError("accuracy_threshold must be a number or None, got nan")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
+    if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
+        raise TypeError(f"sampler must be an optuna.samplers.BaseSampler (e.g. TPESampler()), got {type(sampler).__name__}")
+    if pruner is not None and not isinstance(pruner, optuna.pruners.BasePruner):
+        raise TypeError(f"pruner must be an optuna.pruners.BasePruner, got {type(pruner).__name__}")
+    bad = [c for c in callbacks if not callable(c)]
+    if bad:
+        raise TypeError(f"callbacks must be callables (study, trial) -> None, got {bad[0]!r}")
 
 
 def _dense_accuracy(accuracy_fn, gm, threshold) -> float:

@@ -28,18 +28,35 @@ JOURNAL = "journal:///"
 def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
     """A storage object from a URL: `journal:///path/to/file.log` (a file shared by processes, also
     over NFS), any SQLAlchemy URL (with heartbeats and one retry of a dead worker's trial when
-    `heartbeat_interval` is given), or an Optuna storage object / None as they are."""
-    if not isinstance(storage, str):
-        return storage
-    if storage.startswith(JOURNAL):
-        from optuna.storages.journal import JournalFileBackend
+    `heartbeat_interval` is given), or an Optuna storage object / None as they are.
 
-        return optuna.storages.JournalStorage(JournalFileBackend(storage[len(JOURNAL) - 1:]))
-    if heartbeat_interval:
-        return optuna.storages.RDBStorage(
-            storage, heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
-    return storage
+    Raises:
+        TypeError: not a URL or storage; ImportError: the database driver is missing;
+        ValueError: the database cannot be opened (the message says what a URL looks like).
+    """
+    if storage is None or isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    if not isinstance(storage, str):
+        raise TypeError(f"storage must be None, a database URL such as 'sqlite:///study.db', or an "
+                        f"optuna.storages.BaseStorage, got {type(storage).__name__}")
+    try:
+        if storage.startswith(JOURNAL):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(storage[len(JOURNAL) - 1:]))
+        if heartbeat_interval:
+            return optuna.storages.RDBStorage(
+                storage, heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        return optuna.storages.get_storage(storage)
+    except ImportError as exc:
+        raise ImportError(f"cannot open storage {storage!r}: its database driver is not installed ({exc}); "
+                          "for PostgreSQL: pip install 'fxsketch[postgres]'") from exc
+    except Exception as exc:  # SQLAlchemy's errors, a journal path that cannot be created
+        raise ValueError(f"cannot open storage {storage!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+                         "Give a URL such as 'sqlite:///path/study.db' (its directory must exist), "
+                         "'postgresql+psycopg://user@host:port/db' of a reachable server, or "
+                         "'journal:///path/study.log'") from exc
 
 
 def fresh_journal() -> str:

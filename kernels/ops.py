@@ -73,6 +73,8 @@ _LIB.impl("lowrank_conv2d", _lowrank_conv2d_impl, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("fxsketch::lowrank_linear")
 def _lowrank_linear_fake(x, B, A, bias=None):
+    torch._check(x.shape[-1] == B.shape[1], lambda: f"lowrank_linear: x has {x.shape[-1]} features, B expects {B.shape[1]}")
+    torch._check(A.shape[1] == B.shape[0], lambda: f"lowrank_linear: A has rank {A.shape[1]}, B has {B.shape[0]}")
     return x.new_empty((*x.shape[:-1], A.shape[0]))
 
 
