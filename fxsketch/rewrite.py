@@ -118,7 +118,17 @@ def apply_plan(
     copy_weights: bool = True,
 ) -> torch.fx.GraphModule:
     """A rewritten deep copy of `gm` (which stays untouched) with each plan entry built and installed."""
-    new = copy.deepcopy(gm)
+    # The dense weights of the layers being replaced are dropped from the copy: share them instead
+    # of copying them (for large layers that is most of the copy's cost).
+    memo = {}
+    for name, entry in plan.items():
+        record = records.get(name)
+        replaced = record is not None and not record.unsupported and entry.get("method") != "dense"
+        for target in (record.weight_target, record.bias_target) if replaced else ():
+            if target:
+                tensor = _fetch(gm, target)
+                memo[id(tensor)] = tensor
+    new = copy.deepcopy(gm, memo)
     nodes = {n.name: n for n in new.graph.nodes}
     for name, entry in plan.items():
         record = _record(records, name, gm)

@@ -791,7 +791,7 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strat
     plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
     params_before, flops_before = plan_cost(records, {})
     params_after, flops_after = plan_cost(records, plan)
-    dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.5)
+    dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.2)
     sensitivity = sensitivity_table(ctx, units)
     return Result(graph_module=module, plan=plan, accuracy=accuracy, dense_accuracy=dense_accuracy,
                   speedup=dense_latency / latency, flops_ratio=flops_before / flops_after, params_before=params_before,
