@@ -94,6 +94,7 @@ def calibrate(
         raise TypeError(f"calibration_data must be an iterable of input batches (tensors or tuples of "
                         f"positional inputs), got {type(batches).__name__}") from None
     records = records if records is not None else find_layers(gm)
+    records = [r for r in records if not r.unsupported]  # never factored: nothing to record
     stats = {r.name: LayerStats(torch.zeros(r.in_features, r.in_features, dtype=torch.float64)) for r in records}
     targets = {node: r for r in records for node in r.nodes}
     recorder = _Recorder(gm, targets, stats)

@@ -236,3 +236,12 @@ def test_decompositions_survive_in_a_cache_directory(tmp_path, monkeypatch):
     (next(tmp_path.glob("svd-*.pt"))).write_bytes(b"truncated")
     apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))  # a bad file is recomputed
     assert calls == [1]
+
+
+def test_calibration_skips_layers_that_are_never_factored():
+    """An even kernel with padding='same' cannot be a symmetric zero-padded conv: it stays dense, and
+    calibration must not try to unfold its inputs."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(2, 1, 5, 5)
+    stats = fxsketch.calibrate(fxsketch.capture(net, x), [x])
+    assert set(stats) == {"1"}
