@@ -88,6 +88,17 @@ class _Moved(nn.Module):
             f"alone and pass attr=<its attribute name> to LightningAccuracy")
 
 
+def _as_trial(obj: Any) -> optuna.trial.Trial | None:
+    """An Optuna trial, or the pending trial of an `fxsketch.tuner.OptunaSearch` (None between trials)."""
+    if obj is None or isinstance(obj, optuna.trial.Trial):
+        return obj
+    from fxsketch.tuner import OptunaSearch
+
+    if isinstance(obj, OptunaSearch):
+        return obj._trial
+    raise TypeError(f"trial must be an optuna.trial.Trial or an fxsketch.tuner.OptunaSearch, got {type(obj).__name__}")
+
+
 def _running_trial() -> optuna.trial.Trial | None:
     """The Optuna trial whose objective is running (a local named `trial` up the call stack)."""
     from fxsketch import search
@@ -242,8 +253,11 @@ class LightningAccuracy:
 
     # ------------------------------------------------------------------ evaluation
 
-    def __call__(self, model: nn.Module, trial: optuna.trial.Trial | None = None) -> float:
+    def __call__(self, model: nn.Module, trial: Any = None) -> float:
         """Validate `model` (after a short fit, if configured) inside the LightningModule; the score.
+
+        `trial` (for pruning and checkpoint names): an Optuna trial, or the `OptunaSearch` of an
+        `fxsketch.tuner.SKAutoTuner` (its pending trial); default: the trial running on the stack.
 
         Raises:
             LightningMetricError: `metric` was not logged, or is NaN/inf.
@@ -251,6 +265,7 @@ class LightningAccuracy:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"LightningAccuracy takes the candidate nn.Module, got {type(model).__name__}")
+        trial = _as_trial(trial)
         if trial is None and (self.prune or self.save_checkpoints):
             trial = _running_trial()
         with contextlib.ExitStack() as stack:

@@ -279,6 +279,28 @@ def test_pruning_inside_optimize():
     assert result.plan == {"0": {"method": "svd", "low_rank": 24}}
 
 
+def test_pruning_through_the_tuner_search():
+    """SKAutoTuner: pass its OptunaSearch as `trial`; the tuner records the pruned trial as PRUNED."""
+    from fxsketch.tuner import OptunaSearch, SKAutoTuner
+    from fxsketch.tuner import LayerConfig as TunerLayerConfig, TuningConfigs
+
+    lit = trained_lit(lr=0.05)
+    acc = LightningAccuracy(lit, attr="net", train_dataloaders=train_data(), val_dataloaders=val_data(),
+                            max_steps=10, val_check_interval=5, seed=0, trainer_kwargs=CPU)
+    search = OptunaSearch(n_trials=2, sampler=ListSampler([24, 1]),
+                          pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    configs = TuningConfigs([TunerLayerConfig(["0"], params={"method": ["svd"], "low_rank": [24, 1]})])
+    tuner = SKAutoTuner(copy.deepcopy(lit.net), configs, lambda m: acc(m, trial=search), search_algorithm=search)
+    tuner.tune()
+    first, second = search.study.trials
+    assert first.state == optuna.trial.TrialState.COMPLETE and sorted(first.intermediate_values) == [5, 10]
+    assert second.params["low_rank"] == 1 and second.state == optuna.trial.TrialState.PRUNED
+    assert second.user_attrs[PRUNED_ATTR] == 5
+    assert tuner.get_best_params()["0"]["low_rank"] == 24
+    with pytest.raises(TypeError, match="trial must be an optuna.trial.Trial"):
+        acc(lit.net, trial="trial-3")
+
+
 def test_early_stopping_and_extra_callbacks():
     class Count(pl.Callback):
         def __init__(self):
