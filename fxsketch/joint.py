@@ -85,7 +85,8 @@ def _joint_trial(ctx, units, trial: optuna.Trial, multi: bool):
     else:
         module = ctx.build(plan)
         try:
-            accuracy, speed = _call_metric(ctx.accuracy_fn, module, "accuracy_fn"), ctx.speed(module, plan)
+            accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+            speed = ctx.speed(module, plan, accuracy)
         except TrialFailed as exc:
             trial.set_user_attr("fxsketch.note", str(exc))
             raise

@@ -36,6 +36,8 @@ class Result:
         trials: one row per trial (layer, parameters, accuracy, speed, score, state, note).
         study: the Optuna study (one study; each trial tunes one layer or group).
         validation: the whole-model checks of the combined plan, one dict per back-off step.
+        speedup_estimate: with objective "latency", the per-layer estimate the trials use
+            (`fxsketch.measure.LayerTimer`) for the returned plan, beside its measured `speedup`.
     """
 
     graph_module: torch.fx.GraphModule
@@ -53,6 +55,7 @@ class Result:
     accuracy_threshold: float | None = None
     pareto: list = field(default_factory=list)
     sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    speedup_estimate: float | None = None
 
     def select(self, min_accuracy: float):
         """The fastest Pareto point (multi-objective search) whose accuracy is at least `min_accuracy`.
@@ -113,7 +116,8 @@ class Result:
         thr = "" if self.accuracy_threshold is None else f" (threshold {self.accuracy_threshold:.4f})"
         lines = [
             f"accuracy     dense {dense} -> optimized {acc}{thr}",
-            f"latency      {self.speedup:.2f}x faster than dense (measured on the example inputs)",
+            f"latency      {self.speedup:.2f}x faster than dense (measured on the example inputs"
+            + (f"; the trials' per-layer estimate: {self.speedup_estimate:.2f}x)" if self.speedup_estimate else ")"),
             f"FLOPs        {self.flops_ratio:.2f}x fewer in the matchable layers",
             f"parameters   {self.params_before:,} -> {self.params_after:,} in the matchable layers",
             f"trials       {len(self.trials)} ({_state_counts(self.trials)})",

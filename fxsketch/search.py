@@ -27,7 +27,7 @@ from torch import nn
 from fxsketch.allocate import ALLOCATABLE, Budget, _batches, allocate_units, target_error_units
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
-from fxsketch.measure import compare_latency, plan_cost
+from fxsketch.measure import LayerTimer, compare_latency, plan_cost
 from fxsketch.joint import best_joint, pareto_points, run_joint
 from fxsketch.records import LayerRecord
 from fxsketch.workers import check_sendable, fresh_journal, open_storage, resolve_callable, run_workers
@@ -262,6 +262,8 @@ class _Context:
     selected: list[str] = field(default_factory=list)  # the tuned layers' names
     units: dict[str, Unit] = field(default_factory=dict)
     started: int = 0  # trials this process started (other workers may share the study)
+    multi: bool = False  # multi-objective: every trial needs its speed
+    timer: LayerTimer | None = None  # per-layer latency estimates (objective "latency")
 
     def build(self, plan: dict, copy_weights: bool = True) -> nn.Module:
         """The model with `plan` applied (and distilled, when recovery is on)."""
@@ -274,11 +276,23 @@ class _Context:
     memo: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
     seen: dict[str, set[str]] = field(default_factory=dict)
 
-    def speed(self, module: nn.Module, plan: dict) -> float:
+    def speed(self, module: nn.Module, plan: dict, accuracy: float | None = None) -> float:
+        """The trial's speed. With objective "latency", an infeasible trial (accuracy below the
+        threshold, single objective: its score is -inf whatever its speed) is not timed (NaN), and
+        a feasible one gets the per-layer estimate (`LayerTimer`): only layer shapes and values no
+        earlier trial timed are measured. The plan `optimize` returns is timed on the whole model."""
         if self.speed_fn is not None:
             return _call_metric(self.speed_fn, module, "speed_fn")
         if self.objective == "flops":
             return self.dense_flops / plan_cost(list(self.records.values()), plan)[1]
+        if (accuracy is not None and self.threshold is not None and not self.multi
+                and accuracy < self.threshold):
+            return math.nan
+        if self.timer is None:
+            self.timer = LayerTimer(self.gm, self.records, self.inputs, self.cache)
+        estimate = self.timer.speedup(plan)
+        if estimate is not None:
+            return estimate
         dense, candidate = compare_latency([self.gm, module], self.inputs, budget_s=0.15)
         return dense / candidate
 
@@ -360,7 +374,8 @@ def _evaluate(ctx: _Context, unit: Unit, entry: dict[str, Any], trial: optuna.Tr
     plan = {name: entry for name in unit.layers}
     module = ctx.build(plan, copy_weights=unit.copy_weights)
     try:
-        return _call_metric(ctx.accuracy_fn, module, "accuracy_fn"), ctx.speed(module, plan)
+        accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+        return accuracy, ctx.speed(module, plan, accuracy)
     except TrialFailed as exc:
         trial.set_user_attr("fxsketch.note", str(exc))
         log.warning("trial %d (%s) failed: %s", trial.number, unit.key, exc)
@@ -576,6 +591,7 @@ def optimize(
                    objective, cache, plan_cost(records, {})[1], default_method, Budget(max_flops, max_params))
     ctx.selected = [n for u in units for n in u.layers]
     ctx.units = {u.key: u for u in units}
+    ctx.multi = multi
     selected = [ctx.records[n] for n in ctx.selected]
     ctx.selected_dense = (sum(dense_cost(r).flops_per_token * r.tokens for r in selected),
                           sum(dense_cost(r).params for r in selected))
@@ -791,12 +807,18 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strat
     plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
     params_before, flops_before = plan_cost(records, {})
     params_after, flops_after = plan_cost(records, plan)
-    dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.2)
+    if plan:  # the returned plan is always timed on the whole model, interleaved with the dense one
+        dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.2)
+        speedup = dense_latency / latency
+    else:  # nothing replaced: the model is the dense graph
+        speedup = 1.0
+    estimate = ctx.timer.speedup(plan) if ctx.timer is not None and plan else None
     sensitivity = sensitivity_table(ctx, units)
     return Result(graph_module=module, plan=plan, accuracy=accuracy, dense_accuracy=dense_accuracy,
-                  speedup=dense_latency / latency, flops_ratio=flops_before / flops_after, params_before=params_before,
+                  speedup=speedup, flops_ratio=flops_before / flops_after, params_before=params_before,
                   params_after=params_after, trials=trials, study=study, records=records, validation=steps,
-                  accuracy_threshold=ctx.threshold, pareto=pareto, sensitivity=sensitivity)
+                  accuracy_threshold=ctx.threshold, pareto=pareto, sensitivity=sensitivity,
+                  speedup_estimate=estimate)
 
 
 def _chosen_plan(ctx, study, units, strategy, pareto) -> tuple[dict, dict[str, float]]:
@@ -838,7 +860,12 @@ def sensitivity_table(ctx: _Context, units: list[Unit]) -> "pd.DataFrame":
         full = min(record.out_features, record.in_features)
         ranks = sorted({max(1, round(full * f)) for f in (0.05, 0.1, 0.25, 0.5)} | set(range(1, full + 1)))
         matrix = record.weight_matrix(_fetch(ctx.gm, record.weight_target))
-        errors = dict(zip(ranks, ctx.cache.output_errors(name, method, matrix, ranks)))
+        if method == "svd":  # no statistics: the error at rank r is the exact SVD's tail energy
+            energy = ctx.cache.svd(name, matrix, full)[1].to(torch.float64).square()
+            tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+            errors = dict(zip(ranks, (tail[ranks] / tail[0].clamp_min(1e-300)).tolist()))
+        else:
+            errors = dict(zip(ranks, ctx.cache.output_errors(name, method, matrix, ranks)))
         row = {"layer": name, "method": method}
         row.update({f"err@{round(100 * f)}%": errors[max(1, round(full * f))] for f in (0.05, 0.1, 0.25, 0.5)})
         for tol in (0.01, 0.05, 0.10):
