@@ -29,14 +29,15 @@ _LIB.define(
 
 def kernel_backend(x: torch.Tensor) -> str:
     """Which implementation runs for tensors like `x`: FXSKETCH_KERNEL=triton|aten forces one; unset
-    picks Triton on CUDA (when it imports) and ATen elsewhere."""
+    picks ATen off CUDA and, on CUDA, the faster of the fused Triton kernel and the cuBLAS chain
+    for each shape ("auto", timed once per shape by `fxsketch.kernels.choose`)."""
     forced = os.environ.get("FXSKETCH_KERNEL")
     if forced:
         forced = forced.strip().lower()
         if forced not in BACKENDS:
             raise ValueError(f"FXSKETCH_KERNEL={forced!r} is not one of {BACKENDS}: unset it or pick one")
         return forced
-    return "triton" if x.is_cuda and _triton_available() else "aten"
+    return "auto" if x.is_cuda and _triton_available() else "aten"
 
 
 @functools.cache
@@ -48,20 +49,40 @@ def _triton_available() -> bool:
     return True
 
 
+def _pick(kind: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias, fused, chain) -> str:
+    backend = kernel_backend(x)
+    if backend != "auto":
+        return backend
+    from fxsketch.kernels.choose import choose
+
+    M = x.numel() // max(x.shape[-1], 1) if kind == "linear" else x.shape[0] * x.shape[2] * x.shape[3]
+    key = (kind, 1 << max(M - 1, 0).bit_length(), tuple(B.shape), A.shape[0], x.dtype, bias is not None,
+           torch.backends.cuda.matmul.allow_tf32, x.device.index)
+    return choose(key, {"triton": fused, "aten": chain})
+
+
 def _lowrank_linear_impl(x, B, A, bias=None):
-    if kernel_backend(x) == "triton":
+    def fused():
         from fxsketch.kernels.triton_lowrank import lowrank_linear_triton
 
         return lowrank_linear_triton(x, B, A, bias)
-    return lowrank_linear_aten(x, B, A, bias)
+
+    def chain():
+        return lowrank_linear_aten(x, B, A, bias)
+
+    return fused() if _pick("linear", x, B, A, bias, fused, chain) == "triton" else chain()
 
 
 def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation):
-    if kernel_backend(x) == "triton":
+    def fused():
         from fxsketch.kernels.triton_lowrank import pointwise_conv_triton
 
         return pointwise_conv_triton(F.conv2d(x, B, None, stride, padding, dilation), A, bias)
-    return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
+
+    def chain():
+        return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
+
+    return fused() if _pick("conv2d", x, B, A, bias, fused, chain) == "triton" else chain()
 
 
 # The lower-level Library API keeps per-call overhead near a plain ATen call (~2 µs instead of

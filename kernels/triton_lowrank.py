@@ -37,7 +37,7 @@ def _lowrank_fwd_kernel(
     sx_b, sx_m, sx_k, sb_r, sb_k, sa_n, sa_r, sy_b, sy_m, sy_n, s_bias,
     M_BUCKET,  # autotune key only: the power-of-two bucket of M
     HAS_BIAS: tl.constexpr, IDENTITY_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, N_SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -46,44 +46,69 @@ def _lowrank_fwd_kernel(
     m_mask = offs_m < M
     x_rows = (offs_m // HW) * sx_b + (offs_m % HW) * sx_m
     y_rows = (offs_m // HW) * sy_b + (offs_m % HW) * sy_m
-    offs_k = tl.arange(0, BK)
-    offs_r = tl.arange(0, BR)
-    offs_n = tl.arange(0, BN)
     tiles_per_split = tl.cdiv(tl.cdiv(N, BN), N_SPLIT)
     n_begin = pid_s * tiles_per_split * BN
     n_stop = tl.minimum(n_begin + tiles_per_split * BN, N)
     if n_begin >= n_stop:
         return  # more splits than column tiles: nothing left for this program
-    for r0 in range(0, R, BR):
-        r_idx = r0 + offs_r
-        r_mask = r_idx < R
-        if IDENTITY_B:
-            t = tl.load(x_ptr + x_rows[:, None] + r_idx[None, :] * sx_k,
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        else:
-            acc_t = tl.zeros((BM, BR), dtype=ACC)
-            for k0 in range(0, K, BK):
-                k_idx = k0 + offs_k
-                k_mask = k_idx < K
-                xt = tl.load(x_ptr + x_rows[:, None] + k_idx[None, :] * sx_k,
-                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                bt = tl.load(b_ptr + r_idx[None, :] * sb_r + k_idx[:, None] * sb_k,
-                             mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-                acc_t = _dot(xt, bt, acc_t, PRECISION, UPCAST)
-            t = acc_t.to(x_ptr.dtype.element_ty)
-        for n0 in range(n_begin, n_stop, BN):
-            n_idx = n0 + offs_n
-            n_mask = n_idx < n_stop
-            at = tl.load(a_ptr + n_idx[None, :] * sa_n + r_idx[:, None] * sa_r,
-                         mask=n_mask[None, :] & r_mask[:, None], other=0.0)
-            acc = _dot(t, at, tl.zeros((BM, BN), dtype=ACC), PRECISION, UPCAST)
-            y_ptrs = y_ptr + y_rows[:, None] + n_idx[None, :] * sy_n
-            out_mask = m_mask[:, None] & n_mask[None, :]
-            if r0 > 0:
-                acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(ACC)
-            elif HAS_BIAS:
-                acc += tl.load(bias_ptr + n_idx * s_bias, mask=n_mask, other=0.0).to(ACC)[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if ONE_CHUNK:
+        # R fits one chunk (the usual case): two flat loops, which Triton pipelines best.
+        t = _rank_chunk(x_ptr, b_ptr, x_rows, m_mask, 0, R, K, sx_k, sb_r, sb_k,
+                        IDENTITY_B, PRECISION, UPCAST, ACC, BM, BK, BR)
+        _emit(t, a_ptr, bias_ptr, y_ptr, y_rows, m_mask, 0, n_begin, n_stop, sa_n, sa_r, sy_n, s_bias, R,
+              HAS_BIAS, PRECISION, UPCAST, ACC, BM, BN, BR)
+    else:
+        for r0 in range(0, R, BR):
+            t = _rank_chunk(x_ptr, b_ptr, x_rows, m_mask, r0, R, K, sx_k, sb_r, sb_k,
+                            IDENTITY_B, PRECISION, UPCAST, ACC, BM, BK, BR)
+            _emit(t, a_ptr, bias_ptr, y_ptr, y_rows, m_mask, r0, n_begin, n_stop, sa_n, sa_r, sy_n, s_bias, R,
+                  HAS_BIAS, PRECISION, UPCAST, ACC, BM, BN, BR)
+
+
+@triton.jit
+def _rank_chunk(x_ptr, b_ptr, x_rows, m_mask, r0, R, K, sx_k, sb_r, sb_k,
+                IDENTITY_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+                BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """t = x_tile · B[r0:r0+BR]ᵀ (BM × BR), in the input dtype."""
+    r_idx = r0 + tl.arange(0, BR)
+    r_mask = r_idx < R
+    if IDENTITY_B:
+        return tl.load(x_ptr + x_rows[:, None] + r_idx[None, :] * sx_k,
+                       mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    offs_k = tl.arange(0, BK)
+    acc_t = tl.zeros((BM, BR), dtype=ACC)
+    for k0 in range(0, K, BK):
+        k_idx = k0 + offs_k
+        k_mask = k_idx < K
+        xt = tl.load(x_ptr + x_rows[:, None] + k_idx[None, :] * sx_k,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        bt = tl.load(b_ptr + r_idx[None, :] * sb_r + k_idx[:, None] * sb_k,
+                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        acc_t = _dot(xt, bt, acc_t, PRECISION, UPCAST)
+    return acc_t.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _emit(t, a_ptr, bias_ptr, y_ptr, y_rows, m_mask, r0, n_begin, n_stop, sa_n, sa_r, sy_n, s_bias, R,
+          HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    """y[:, n_begin:n_stop] (+)= t · A[:, r0:r0+BR]ᵀ, plus bias on the first chunk."""
+    r_idx = r0 + tl.arange(0, BR)
+    r_mask = r_idx < R
+    offs_n = tl.arange(0, BN)
+    for n0 in range(n_begin, n_stop, BN):
+        n_idx = n0 + offs_n
+        n_mask = n_idx < n_stop
+        at = tl.load(a_ptr + n_idx[None, :] * sa_n + r_idx[:, None] * sa_r,
+                     mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+        acc = _dot(t, at, tl.zeros((BM, BN), dtype=ACC), PRECISION, UPCAST)
+        y_ptrs = y_ptr + y_rows[:, None] + n_idx[None, :] * sy_n
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if r0 > 0:
+            acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(ACC)
+        elif HAS_BIAS:
+            acc += tl.load(bias_ptr + n_idx * s_bias, mask=n_mask, other=0.0).to(ACC)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _cuda_configs() -> list[triton.Config]:
@@ -117,7 +142,7 @@ def _prune(configs, named_args, **kwargs):
     whose N split leaves every program some columns, and whose pipelined tiles fit shared memory."""
     R, M, N = named_args["R"], named_args["M"], named_args["N"]
     size = named_args["x_ptr"].element_size()
-    want_br = min(max(16, triton.next_power_of_2(R)), 256)
+    want_br = _rank_chunk_width(R)
     small = M <= 64
 
     def suits(c):
@@ -152,11 +177,16 @@ def _launch(x, b, a, bias, y, M, K, N, R, HW, x_strides, y_strides, identity_b: 
                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
     if interpreting():
         # The interpreter has no driver to benchmark with: one fixed, small config.
-        cfg = dict(BM=16, BN=32, BK=32, BR=min(max(16, triton.next_power_of_2(R)), 64), N_SPLIT=1)
-        _lowrank_fwd_kernel[(triton.cdiv(M, cfg["BM"]), 1)](*args, **flags, **cfg)
+        cfg = dict(BM=16, BN=32, BK=32, BR=_rank_chunk_width(R, cap=64), N_SPLIT=1)
+        _lowrank_fwd_kernel[(triton.cdiv(M, cfg["BM"]), 1)](*args, **flags, ONE_CHUNK=R <= cfg["BR"], **cfg)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
-        _autotuned()[grid](*args, **flags)
+        _autotuned()[grid](*args, **flags, ONE_CHUNK=R <= _rank_chunk_width(R))
+
+
+def _rank_chunk_width(R: int, cap: int = 256) -> int:
+    """BR: the rank chunk, R rounded up to a power of two (at least 16, the smallest dot) up to `cap`."""
+    return min(max(16, triton.next_power_of_2(R)), cap)
 
 
 def _check(x: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor | None = None) -> None:
