@@ -75,6 +75,34 @@ def _load_target(target: str) -> tuple[Any, Any]:
     raise typer.Exit(2)
 
 
+CALIBRATION_HELP = ("Calibration batches for activation-aware kinds (whitened_svd), refits and the allocation "
+                    "warm start: file.py:name or module:name, an iterable of input tuples or a function returning one.")
+
+
+def _load_calibration(ref: Optional[str]) -> Any:
+    """The calibration batches named by `ref` (called first when it is a function), or None."""
+    if ref is None:
+        return None
+    with _user_code(f"loading {ref}"):
+        obj = load_object(ref)
+        batches = obj() if callable(obj) else obj
+        batches = list(batches)
+    if not batches:
+        console.print(f"[red]{ref} gave no calibration batches: it must be (or return) a non-empty iterable "
+                      "of input tuples[/red]")
+        raise typer.Exit(2)
+    return batches
+
+
+def _budget(value: Optional[float], option: str) -> float | int | None:
+    """A budget option: a fraction in (0, 1] stays a float, a larger whole number is an absolute count."""
+    if value is None:
+        return None
+    if value <= 0:
+        raise typer.BadParameter(f"{option} must be a fraction in (0, 1] or an absolute count, got {value}")
+    return value if value <= 1 else int(value)
+
+
 @app.command()
 def inspect(
     target: str = typer.Argument(..., help=TARGET_HELP),
@@ -144,6 +172,11 @@ def optimize(
     plan_out: Optional[Path] = typer.Option(None, help="Write the plan here (.json)."),
     report: Optional[Path] = typer.Option(None, help="Write the HTML report here."),
     workers: int = typer.Option(1, help="Worker processes sharing the study (a journal file unless --storage)."),
+    calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
+    max_flops: Optional[float] = typer.Option(None, help="FLOP budget of the selected layers: a fraction of "
+                                              "their dense FLOPs (e.g. 0.5) or an absolute count."),
+    max_params: Optional[float] = typer.Option(None, help="Parameter budget of the selected layers: a fraction "
+                                               "(e.g. 0.5) or an absolute count."),
 ) -> None:
     """Search for the fastest plan that keeps accuracy above the threshold."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -156,6 +189,8 @@ def optimize(
         raise typer.Exit(2)
     with _user_code(f"loading {accuracy}"):
         accuracy_fn = load_object(accuracy)
+    calibration_data = _load_calibration(calibration)
+    budgets = dict(max_flops=_budget(max_flops, "--max-flops"), max_params=_budget(max_params, "--max-params"))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("searching", total=trials)
@@ -164,6 +199,7 @@ def optimize(
                 model, spec, example_inputs=example_inputs, accuracy_fn=accuracy_fn, accuracy_threshold=threshold,
                 objective=objective, n_trials=trials, storage=storage, study_name=study_name,
                 load_if_exists=storage is not None, seed=seed, n_workers=workers,
+                calibration_data=calibration_data, **budgets,
                 callbacks=[_progress_callback(progress, task)] if workers == 1 else [])
     typer.echo(result.summary())
     _write_outputs(result, example_inputs, out, plan_out, report)
@@ -188,6 +224,7 @@ def apply(
     target: str = typer.Argument(..., help=TARGET_HELP),
     plan: Path = typer.Option(..., help="A plan JSON (from optimize --plan-out or written by hand)."),
     out: Path = typer.Option(..., help="Where to write the rewritten model (.pt2)."),
+    calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP + " Needed by whitened_svd entries."),
 ) -> None:
     """Apply a plan without searching and save the rewritten model."""
     import fxsketch
@@ -196,8 +233,9 @@ def apply(
     if example_inputs is None:
         console.print(f"[red]{target} must return (model, example_inputs) for apply[/red]")
         raise typer.Exit(2)
+    calibration_data = _load_calibration(calibration)
     with _user_code("applying the plan"):
-        gm = fxsketch.rewrite(model, plan, example_inputs)
+        gm = fxsketch.rewrite(model, plan, example_inputs, calibration_data=calibration_data)
         fxsketch.save(gm, out, example_inputs)
     console.print(f"applied {len(gm.meta['fxsketch_plan'])} plan entries; model written to {out}")
 

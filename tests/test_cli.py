@@ -61,6 +61,14 @@ def accuracy(m):
         return (m(X).argmax(1) == REF).float().mean().item()
 
 
+def calibration():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 16, generator=g),) for _ in range(4)]
+
+
+EMPTY = []
+
+
 def broken():
     raise RuntimeError("weights file missing")
 
@@ -146,3 +154,38 @@ def test_optimize_with_two_workers(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trials       4 (" in proc.stdout
+
+
+def test_optimize_with_calibration_and_budgets_then_apply(tmp_path):
+    target, _, accuracy = _project(tmp_path)
+    calib = f"{tmp_path / 'target.py'}:calibration"
+    spec = tmp_path / "whitened.json"
+    spec.write_text('{"layers": [{"layer_names": {"type": "Linear", "range": [0, 2]}, '
+                    '"params": {"method": ["whitened_svd"], "low_rank": [2, 4, 8, 16]}}]}')
+    out, plan = tmp_path / "m.pt2", tmp_path / "plan.json"
+    result = _runner_invoke("optimize", target, "--spec", str(spec), "--accuracy", accuracy, "--threshold", "0.9",
+                            "--trials", "6", "--objective", "flops", "--seed", "0", "--calibration", calib,
+                            "--max-flops", "0.5", "--out", str(out), "--plan-out", str(plan))
+    assert result.exit_code == 0, result.output
+    import json
+
+    entries = json.loads(plan.read_text())
+    entries = entries.get("plan", entries)
+    assert entries and all(e["method"] == "whitened_svd" for e in entries.values())
+    # whitened factors depend on the calibration data: apply needs it, and then reproduces the model
+    result = _runner_invoke("apply", target, "--plan", str(plan), "--out", str(tmp_path / "bad.pt2"))
+    assert result.exit_code != 0 and "calibration" in result.output
+    applied = tmp_path / "applied.pt2"
+    result = _runner_invoke("apply", target, "--plan", str(plan), "--out", str(applied), "--calibration", calib)
+    assert result.exit_code == 0, result.output
+    x = torch.randn(9, 16)
+    torch.testing.assert_close(fxsketch.load(applied)(x), fxsketch.load(out)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_calibration_and_budget_options(tmp_path):
+    target, spec, accuracy = _project(tmp_path)
+    empty = f"{tmp_path / 'target.py'}:EMPTY"
+    result = _runner_invoke("optimize", target, "--spec", spec, "--accuracy", accuracy, "--calibration", empty)
+    assert result.exit_code == 2 and "no calibration batches" in result.output
+    result = _runner_invoke("optimize", target, "--spec", spec, "--accuracy", accuracy, "--max-flops", "-1")
+    assert result.exit_code != 0 and "--max-flops" in result.output
