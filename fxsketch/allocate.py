@@ -3,15 +3,24 @@
 Each layer's error-versus-rank curve comes for free from its cached decomposition on the
 calibration statistics (no evaluation of the model), so allocation is instant even for large
 models. The search then starts from this plan.
+
+Relative output errors of different layers are not worth the same to the model: a small error in
+a layer whose outputs the rest of the network amplifies costs more than a large one in a layer it
+forgives. `sensitivity=` weighs each unit's curve by a measured end-to-end effect: every unit is
+replaced alone, at the rank the budget would give it uniformly, and the model's loss of accuracy
+(or its output error) divided by that unit's relative error becomes the unit's weight. That costs
+one model evaluation per unit.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
+
+import torch
 
 from torch import nn
 
@@ -74,7 +83,8 @@ def unit_choices(unit, records: dict[str, LayerRecord], cache: FactorCache, weig
     errors = [0.0] * len(ranks)
     for name in unit.layers:
         matrix = records[name].weight_matrix(weights[name])
-        for i, e in enumerate(cache.output_errors(name, method, matrix, ranks)):
+        centered = method == "whitened_svd" and cache.centers(name, bool(records[name].bias_target))
+        for i, e in enumerate(cache.output_errors(name, method, matrix, ranks, centered=centered)):
             errors[i] += e
     choices = [Choice(None, 0.0, *_cost(records, unit.layers, None))]
     for rank, error in zip(ranks, errors):
@@ -130,6 +140,7 @@ def allocate(
     max_params: float | int | None = None,
     example_inputs: Any = None,
     method: str = "whitened_svd",
+    sensitivity: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """The plan with the least total normalized output error under a FLOP (and parameter) budget.
 
@@ -141,6 +152,14 @@ def allocate(
         max_params: parameters of the selected layers, as a fraction or absolute.
         example_inputs: inputs for capture (default: the first calibration batch).
         method: "whitened_svd" (default) or "svd", when a config names no method.
+        sensitivity: how much each unit's relative output error is worth.
+            None (default): the same for every unit (no model evaluation; deterministic).
+            "output": measured, one probe per unit: the unit alone at the rank the budget would
+            give it uniformly, the relative error of the model's outputs on (up to 4 of) the
+            calibration batches (padding positions left out when the model takes an `attention_mask`).
+            A callable `accuracy_fn(module) -> float` (higher is better, as for `optimize`):
+            measured the same way, from the drop of its accuracy below the dense model's.
+            A mapping `{layer name: weight}`: given weights (a unit's is the sum of its layers').
 
     Returns:
         `{qualified_name: {"method": ..., "low_rank": R}}`; layers best left dense are omitted.
@@ -159,7 +178,7 @@ def allocate(
         _check_ranks(unit, by_name)
     cache = FactorCache(calibrate(gm, batches, records))
     return allocate_units(units, {r.name: r for r in records}, cache, _weights(gm, records),
-                          Budget(budget, max_params))
+                          Budget(budget, max_params), sensitivity=sensitivity, gm=gm, batches=batches)
 
 
 def _batches(calibration_data: Any) -> Iterable[Any]:
@@ -194,12 +213,22 @@ def _weights(gm, records):
     return {r.name: _fetch(gm, r.weight_target) for r in records}
 
 
-def allocate_units(units, records, cache, weights, budget: Budget) -> dict[str, dict[str, Any]]:
-    """`allocate` on already-resolved units (used by `optimize` for its warm start)."""
+def allocate_units(units, records, cache, weights, budget: Budget, *, sensitivity: Any = None,
+                   gm: torch.fx.GraphModule | None = None, batches: Sequence[Any] = ()
+                   ) -> dict[str, dict[str, Any]]:
+    """`allocate` on already-resolved units (used by `optimize` for its warm start).
+
+    A measured `sensitivity` ("output" or an accuracy function) needs the captured `gm`, and
+    "output" the calibration `batches`.
+    """
     options = [unit_choices(u, records, cache, weights) for u in units]
     dense_flops = sum(o[0].flops for o in options)
     dense_params = sum(o[0].params for o in options)
     max_flops, max_params = budget.limits(dense_flops, dense_params)
+    if sensitivity is not None:
+        factors = unit_weights(units, options, records, cache, sensitivity, gm, batches,
+                               share=min(1.0, max_flops / max(dense_flops, 1)))
+        options = [[replace(c, error=c.error * w) for c in opts] for opts, w in zip(options, factors)]
     picked = solve(options, max_flops, max_params)
     plan = {}
     for unit, choice in zip(units, picked):
@@ -209,6 +238,97 @@ def allocate_units(units, records, cache, weights, budget: Budget) -> dict[str, 
              len(plan), len(units), 100 * sum(c.flops for c in picked) / max(dense_flops, 1),
              sum(c.error for c in picked))
     return plan
+
+
+def unit_weights(units, options, records, cache, sensitivity: Any, gm=None, batches: Sequence[Any] = (),
+                 share: float = 0.5) -> list[float]:
+    """Each unit's weight: how much the model loses per unit of the unit's relative output error.
+
+    A mapping gives it (summed over the unit's layers; missing layers weigh 1). Otherwise each unit
+    is probed alone at its choice whose FLOPs are nearest `share` of its dense FLOPs: the loss is
+    the drop of `sensitivity(module)` below the dense model's score (a callable), or the relative
+    error of the model's outputs on `batches` ("output"). Weights are floored at a thousandth of
+    the median so that a probe lost in noise cannot make a unit free.
+    """
+    if isinstance(sensitivity, Mapping):
+        return [float(sum(sensitivity.get(n, 1.0) for n in u.layers)) for u in units]
+    if gm is None:
+        raise ValueError("a measured sensitivity needs the captured model")
+    if sensitivity == "output":
+        if not batches:
+            raise ValueError('sensitivity="output" needs the calibration batches')
+        score = _output_score(gm, batches)
+    elif callable(sensitivity):
+        score = sensitivity
+    else:
+        raise ValueError(f'sensitivity must be None, "output", an accuracy function (module -> float, higher is '
+                         f"better) or a mapping {{layer: weight}}, got {sensitivity!r}")
+    from fxsketch.rewrite import apply_plan
+
+    base = _number(score(gm), "the dense model")
+    raw = []
+    for unit, opts in zip(units, options):
+        dense, rest = opts[0], [c for c in opts if c.entry is not None]
+        if not rest:
+            raw.append(None)
+            continue
+        probe = min(rest, key=lambda c: (abs(c.flops - share * dense.flops), c.flops))
+        module = apply_plan(gm, records, {n: dict(probe.entry) for n in unit.layers}, cache)
+        loss = base - _number(score(module), f"the probe of {unit.key}")
+        raw.append(max(loss, 0.0) / max(probe.error, 1e-12))
+        log.debug("sensitivity of %s: loss %.5f at rank %s (relative error %.5f)", unit.key, loss,
+                  probe.entry["low_rank"], probe.error)
+    known = sorted(w for w in raw if w is not None and w > 0)
+    floor = 1e-3 * known[len(known) // 2] if known else 1.0
+    return [1.0 if w is None else max(w, floor) for w in raw]
+
+
+def _number(value: Any, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"the sensitivity function must return a number; for {what} it returned {value!r}") from None
+    if math.isnan(value):
+        raise ValueError(f"the sensitivity function returned NaN for {what}")
+    return value
+
+
+PROBE_BATCHES = 4  # calibration batches a sensitivity="output" probe runs (evenly spaced)
+
+
+def _output_score(gm: torch.fx.GraphModule, batches: Sequence[Any]) -> Callable[[nn.Module], float]:
+    """score(module) = −(relative squared error of its floating outputs against `gm`'s), over
+    `batches`, real-token rows only when the model takes an attention mask."""
+    from fxsketch.calibrate import _mask_fn
+    from fxsketch.recover import _tensors
+
+    find_mask = _mask_fn(gm, "auto")
+    if len(batches) > PROBE_BATCHES:  # evenly spaced: calibration batches may be sorted by length
+        step = len(batches) / PROBE_BATCHES
+        batches = [batches[int(i * step)] for i in range(PROBE_BATCHES)]
+    inputs = [as_inputs(b) for b in batches]
+    masks = [find_mask(i) if find_mask else None for i in inputs]
+
+    def rows(out, mask):
+        picked = []
+        for t in _tensors(out):
+            if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+                t = t[mask != 0]
+            picked.append(t.detach().to(torch.float64))
+        return picked
+
+    with torch.no_grad():
+        reference = [rows(gm(*i), m) for i, m in zip(inputs, masks)]
+
+    def score(module: nn.Module) -> float:
+        err = 0.0
+        with torch.no_grad():
+            for i, m, ref in zip(inputs, masks, reference):
+                for o, r in zip(rows(module(*i), m), ref):
+                    err += float((o - r).square().sum() / r.square().sum().clamp_min(1e-300))
+        return -err / max(len(inputs), 1)
+
+    return score
 
 
 def target_error_units(units, records, cache, weights, tolerance: float) -> dict[str, dict[str, Any]]:

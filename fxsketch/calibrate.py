@@ -1,12 +1,18 @@
 """Calibration: per-layer input statistics from real data, for activation-aware factorizations.
 
-Each matchable layer gets the `in × in` second moment of its inputs (im2col patches for Conv2d),
-accumulated in float64 over the batches; activations themselves are never kept.
+Each matchable layer gets the `in × in` second moment of its inputs (im2col patches for Conv2d) and
+their mean, accumulated in float64 over the batches; activations themselves are never kept.
+Padding positions are left out: for models with an `attention_mask` input (HF transformers), rows
+whose mask is 0 are not counted (`mask=`).
+
+`sequential_stats` is the error-compensating variant: each planned layer's statistics are taken on
+the inputs the already-replaced earlier layers produce, together with their cross moment with the
+original model's inputs, so each replacement is fitted to undo the error upstream of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,25 +23,61 @@ import torch.nn.functional as F
 from fxsketch.capture import as_inputs, describe_inputs, find_layers, input_of
 from fxsketch.records import LayerRecord
 
-__all__ = ["LayerStats", "calibrate"]
+__all__ = ["LayerStats", "calibrate", "sequential_stats"]
 
 
 @dataclass
 class LayerStats:
-    """Σ xᵀx over every input row a layer saw (`gram`, float64) and how many rows (`count`)."""
+    """Σ xᵀx over every input row a layer saw (`gram`, float64), how many rows (`count`), and Σ x
+    (`total`).
+
+    Sequential statistics (`sequential_stats`) describe two inputs per row: x̃, what the layer
+    receives in the partly replaced model (`gram`, `total`), and x, what the original model gave it
+    at the same position (`cross` = Σ xᵀx̃, `ref_total` = Σ x). Plain calibration has x̃ = x and
+    leaves `cross` and `ref_total` None.
+    """
 
     gram: torch.Tensor
     count: int = 0
+    total: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    ref_total: torch.Tensor | None = None
 
     @property
     def second_moment(self) -> torch.Tensor:
-        """E[xᵀx]: the gram matrix divided by the number of rows."""
+        """E[x̃ᵀx̃]: the gram matrix divided by the number of rows."""
         return self.gram / max(self.count, 1)
 
-    def add(self, rows: torch.Tensor) -> None:
+    @property
+    def cross_moment(self) -> torch.Tensor:
+        """E[xᵀx̃] (the second moment itself for plain statistics)."""
+        return self.second_moment if self.cross is None else self.cross / max(self.count, 1)
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        """E[x̃] (None for statistics recorded without it)."""
+        return None if self.total is None else self.total / max(self.count, 1)
+
+    @property
+    def ref_mean(self) -> torch.Tensor | None:
+        """E[x]: the original model's mean input (the mean itself for plain statistics)."""
+        return self.mean if self.ref_total is None else self.ref_total / max(self.count, 1)
+
+    def add(self, rows: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+        """Accumulate input rows (and, for sequential statistics, the original model's rows `ref`)."""
         rows = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
         self.gram.addmm_(rows.T, rows)
         self.count += rows.shape[0]
+        total = rows.sum(0)
+        self.total = total if self.total is None else self.total + total
+        if ref is not None:
+            ref = ref.detach().reshape(-1, ref.shape[-1]).to(torch.float64)
+            cross = ref.T @ rows
+            self.cross = cross if self.cross is None else self.cross + cross
+            self.ref_total = ref.sum(0) if self.ref_total is None else self.ref_total + ref.sum(0)
+
+
+MaskFn = Callable[[tuple], "torch.Tensor | None"]
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -43,32 +85,71 @@ class _Recorder(torch.fx.Interpreter):
                  stats: dict[str, LayerStats]) -> None:
         super().__init__(gm)
         self.targets, self.stats = targets, stats
+        self.mask: torch.Tensor | None = None
 
     def run_node(self, n: torch.fx.Node) -> Any:
         record = self.targets.get(n)
         if record is not None:
-            rows = _layer_rows(record, self.env[input_of(n)])
-            width = self.stats[record.name].gram.shape[0]
-            if rows.shape[-1] != width:
-                raise ValueError(f"layer {record.name} {record.weight_shape} takes inputs with {width} features, "
-                                 f"but this calibration batch gives it {rows.shape[-1]}")
+            rows = _layer_rows(record, self.env[input_of(n)], self.mask)
+            _check_width(record, rows, self.stats[record.name])
             self.stats[record.name].add(rows)
         return super().run_node(n)
 
 
-def _layer_rows(record: LayerRecord, x: torch.Tensor) -> torch.Tensor:
-    """The rows the layer's GEMM multiplies: x itself for Linear, im2col patches for Conv2d."""
+def _check_width(record: LayerRecord, rows: torch.Tensor, stats: LayerStats) -> None:
+    width = stats.gram.shape[0]
+    if rows.shape[-1] != width:
+        raise ValueError(f"layer {record.name} {record.weight_shape} takes inputs with {width} features, "
+                         f"but this calibration batch gives it {rows.shape[-1]}")
+
+
+def _layer_rows(record: LayerRecord, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows the layer's GEMM multiplies: x itself for Linear, im2col patches for Conv2d.
+
+    With a token `mask` (N, L) and a Linear input of shape (N, L, features), only the rows whose
+    mask is nonzero (real tokens, not padding).
+    """
     if record.op_type == "Linear":
+        if mask is not None and x.dim() == mask.dim() + 1 and tuple(x.shape[:-1]) == tuple(mask.shape):
+            return x[mask != 0]
         return x
     g = record.conv
     patches = F.unfold(x, record.weight_shape[2:], dilation=g["dilation"], padding=g["padding"], stride=g["stride"])
     return patches.transpose(1, 2)  # (N, L, C·kh·kw), channel-major like weight.reshape(out, -1)
 
 
+MASK_NAMES = ("attention_mask",)
+
+
+def _mask_fn(gm: torch.fx.GraphModule, mask: Any) -> MaskFn | None:
+    """How to find the token mask of a batch.
+
+    `mask="auto"` (default): the positional input whose placeholder is named `attention_mask` (HF
+    models captured by fxsketch keep their argument names), if the graph has one; `None`: count
+    every row; a callable: `mask(inputs) -> (N, L) tensor or None`, called on each batch's tuple.
+    """
+    if mask is None:
+        return None
+    if callable(mask):
+        return mask
+    if mask != "auto":
+        raise ValueError(f"mask must be 'auto', None or a callable (inputs -> (N, L) mask), got {mask!r}")
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, name in enumerate(names):
+        if name in MASK_NAMES:
+            def find(inputs: tuple, i: int = i) -> torch.Tensor | None:
+                m = inputs[i] if i < len(inputs) else None
+                return m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+            return find
+    return None
+
+
 def calibrate(
     gm: torch.fx.GraphModule,
     batches: Iterable[Any],
     records: list[LayerRecord] | None = None,
+    *,
+    mask: Any = "auto",
 ) -> dict[str, LayerStats]:
     """Run `gm` (a captured model) on `batches` and return each layer's input statistics.
 
@@ -76,6 +157,9 @@ def calibrate(
         gm: a GraphModule from `fxsketch.capture`.
         batches: an iterable of inputs (a tensor or a tuple of positional tensors per batch).
         records: the layers to record (default: every matchable layer of `gm`).
+        mask: which token rows count. "auto": the `attention_mask` input when the model has one
+            (padding positions are left out); None: every row; or a callable
+            `inputs -> (N, L) tensor` (nonzero: count the row) applied to each batch.
 
     Returns:
         `{qualified_name: LayerStats}` for every layer that received at least one row.
@@ -86,25 +170,18 @@ def calibrate(
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"calibrate takes a captured GraphModule (fxsketch.capture(model, example_inputs)), "
                         f"got {type(gm).__name__}")
-    try:
-        if isinstance(batches, (str, bytes)):
-            raise TypeError
-        batches = iter(batches)
-    except TypeError:
-        raise TypeError(f"calibration_data must be an iterable of input batches (tensors or tuples of "
-                        f"positional inputs), got {type(batches).__name__}") from None
+    batches = _iterate(batches)
     records = records if records is not None else find_layers(gm)
     records = [r for r in records if not r.unsupported]  # never factored: nothing to record
-    stats = {r.name: LayerStats(torch.zeros(r.in_features, r.in_features, dtype=torch.float64)) for r in records}
+    stats = {r.name: _empty(r) for r in records}
     targets = {node: r for r in records for node in r.nodes}
     recorder = _Recorder(gm, targets, stats)
+    find_mask = _mask_fn(gm, mask)
     seen = 0
     with torch.no_grad():
         for batch in batches:
-            if batch is None:
-                raise ValueError(f"calibration batch {seen} is None: each batch is a tensor or a tuple of the "
-                                 "model's positional inputs")
-            inputs = as_inputs(batch)
+            inputs = _inputs(batch, seen)
+            recorder.mask = find_mask(inputs) if find_mask else None
             try:
                 recorder.run(*inputs)
             except (RuntimeError, ValueError) as exc:
@@ -114,3 +191,116 @@ def calibrate(
     if not seen:
         raise ValueError("calibration_data is empty: pass an iterable of input batches (tensors or tuples)")
     return {name: s for name, s in stats.items() if s.count}
+
+
+def _empty(record: LayerRecord) -> LayerStats:
+    return LayerStats(torch.zeros(record.in_features, record.in_features, dtype=torch.float64))
+
+
+def _iterate(batches: Any):
+    try:
+        if isinstance(batches, (str, bytes)):
+            raise TypeError
+        return iter(batches)
+    except TypeError:
+        raise TypeError(f"calibration_data must be an iterable of input batches (tensors or tuples of "
+                        f"positional inputs), got {type(batches).__name__}") from None
+
+
+def _inputs(batch: Any, index: int) -> tuple:
+    if batch is None:
+        raise ValueError(f"calibration batch {index} is None: each batch is a tensor or a tuple of the "
+                         "model's positional inputs")
+    return as_inputs(batch)
+
+
+def sequential_stats(
+    gm: torch.fx.GraphModule,
+    batches: Iterable[Any],
+    plan: Mapping[str, Mapping[str, Any]],
+    records: list[LayerRecord] | None = None,
+    *,
+    mask: Any = "auto",
+    refit: bool = True,
+) -> dict[str, LayerStats]:
+    """Error-compensating calibration statistics for `plan` (one pass over `batches`).
+
+    The original model (x) and the model being replaced (x̃) run side by side over all batches, one
+    graph node at a time. At each planned layer, in graph order, the layer's statistics are
+    accumulated from x̃ (what it receives once every earlier planned layer is replaced) and x (what
+    the original model gives it): E[x̃ᵀx̃], E[xᵀx̃] and both means. Its replacement is then built
+    from them (`FactorCache(stats, refit=refit)`, exactly as `apply_plan` will build it) and
+    produces x̃ for the layers after it. Building the plan with a `FactorCache` of these statistics
+    fits every layer to the original layer's outputs *given the inputs it will really see*:
+    min E‖W x − Ŵ x̃‖², which undoes part of the error made upstream (whitened_svd solves it in
+    closed form: Ŵ = SVD_R(W P L⁻ᵀ) L⁻¹ with P = E[x x̃ᵀ], E[x̃ x̃ᵀ] = L Lᵀ).
+
+    All batches' live activations are held at once (twice), so pass a calibration set that fits
+    in memory. A layer used at several graph nodes is fitted at the first one.
+
+    Returns:
+        `{qualified_name: LayerStats}` for the planned layers (with `cross` and `ref_total`) and
+        plain statistics for every other layer that received rows.
+    """
+    from fxsketch.replacements import FactorCache, get_kind
+    from fxsketch.rewrite import _fetch
+
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"sequential_stats takes a captured GraphModule, got {type(gm).__name__}")
+    all_inputs = [_inputs(b, i) for i, b in enumerate(_iterate(batches))]
+    if not all_inputs:
+        raise ValueError("calibration_data is empty: pass an iterable of input batches (tensors or tuples)")
+    records = records if records is not None else find_layers(gm)
+    records = [r for r in records if not r.unsupported]
+    planned = {name: dict(entry) for name, entry in plan.items() if entry.get("method", "svd") != "dense"}
+    by_node = {node: r for r in records for node in r.nodes}
+    stats = {r.name: _empty(r) for r in records}
+    cache = FactorCache(stats, refit=refit)
+    built: dict[str, Any] = {}
+    find_mask = _mask_fn(gm, mask)
+    masks = [find_mask(inputs) if find_mask else None for inputs in all_inputs]
+
+    def runner(inputs: tuple) -> torch.fx.Interpreter:
+        interp = torch.fx.Interpreter(gm)
+        interp.env = {}
+        interp.args_iter = iter(gm.graph.process_inputs(*inputs))
+        return interp
+
+    teachers = [runner(inputs) for inputs in all_inputs]
+    students = [runner(inputs) for inputs in all_inputs]
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            record = by_node.get(node)
+            if node.op == "output":
+                break
+            if record is not None and record.name in planned:
+                layer = stats[record.name]
+                if record.name not in built:
+                    for t, s, m in zip(teachers, students, masks):
+                        rows = _layer_rows(record, s.env[input_of(node)], m)
+                        _check_width(record, rows, layer)
+                        layer.add(rows, _layer_rows(record, t.env[input_of(node)], m))
+                    built[record.name] = _build(record, planned[record.name], gm, cache, get_kind, _fetch)
+                module = built[record.name]
+                for t, s in zip(teachers, students):
+                    t.env[node] = t.run_node(node)
+                    s.env[node] = module(s.env[input_of(node)]) if module is not None else s.run_node(node)
+            else:
+                for t, s, m in zip(teachers, students, masks):
+                    if record is not None:  # a layer left dense: plain statistics of the original
+                        stats[record.name].add(_layer_rows(record, t.env[input_of(node)], m))
+                    t.env[node] = t.run_node(node)
+                    s.env[node] = s.run_node(node)
+            for interp in (*teachers, *students):
+                for dead in interp.user_to_last_uses.get(node, []):
+                    interp.env.pop(dead, None)
+    return {name: s for name, s in stats.items() if s.count}
+
+
+def _build(record, entry, gm, cache, get_kind, fetch):
+    kind = get_kind(entry.get("method", "svd"))
+    params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
+    weight = fetch(gm, record.weight_target)
+    weight = weight.T if record.transposed else weight
+    bias = fetch(gm, record.bias_target) if record.bias_target else None
+    return kind.build(record, weight, bias, params, cache)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 from fxsketch.capture import as_inputs
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 
-__all__ = ["distill", "factor_parameters"]
+__all__ = ["distill", "factor_parameters", "masked_mse", "relative_mse", "rewrite_sequential"]
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,56 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def relative_mse(outputs: Any, targets: Any, inputs: tuple = ()) -> torch.Tensor:
+    """The default distillation loss: the mean squared error of every floating-point output, each
+    normalized by the teacher output's mean square (outputs of different scales weigh alike)."""
+    return sum((o - t).square().mean() / t.square().mean().clamp_min(1e-12)
+               for o, t in zip(_tensors(outputs), _tensors(targets)))
+
+
+def masked_mse(mask_index: int = 1) -> Callable[[Any, Any, tuple], torch.Tensor]:
+    """A distillation loss for token models: `relative_mse` over the real tokens only.
+
+    The batch's input at `mask_index` (default 1: `(input_ids, attention_mask)`) is the (N, L)
+    mask; outputs whose leading dimensions are (N, L) count only the rows where it is nonzero,
+    other outputs count whole.
+    """
+    def loss(outputs: Any, targets: Any, inputs: tuple) -> torch.Tensor:
+        mask = inputs[mask_index] if len(inputs) > mask_index else None
+        total = torch.zeros(())
+        for o, t in zip(_tensors(outputs), _tensors(targets)):
+            if isinstance(mask, torch.Tensor) and o.dim() >= 2 and tuple(o.shape[:2]) == tuple(mask.shape):
+                keep = mask != 0
+                o, t = o[keep], t[keep]
+            total = total + (o - t).square().mean() / t.square().mean().clamp_min(1e-12)
+        return total
+    return loss
+
+
+def _check_loss(loss: Any) -> None:
+    what = "the distillation loss must be a scalar tensor that depends on the student's outputs"
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{what}; got {type(loss).__name__} (no floating-point outputs to compare?)")
+    if loss.dim() != 0 or not loss.requires_grad:
+        raise TypeError(f"{what}; got shape {tuple(loss.shape)}, requires_grad={loss.requires_grad}")
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
     data: Iterable[Any],
     steps: int = 100,
     lr: float = 1e-3,
+    *,
+    loss_fn: Callable[[Any, Any, tuple], torch.Tensor] | None = None,
 ) -> float:
     """Train `student`'s replacement factors (in place) to reproduce `teacher`'s outputs on `data`.
 
-    The loss is the mean squared error over every floating-point output, each normalized by the
-    teacher output's mean square so that outputs of different scales weigh alike. `data` is cycled
-    until `steps` optimizer steps are done. Other parameters of the student stay frozen.
+    The loss is `loss_fn(student_outputs, teacher_outputs, inputs)`; by default (`relative_mse`)
+    the mean squared error over every floating-point output, each normalized by the teacher
+    output's mean square so that outputs of different scales weigh alike. For padded token batches
+    pass `loss_fn=masked_mse()` (padding positions then cost nothing). `data` is cycled until
+    `steps` optimizer steps are done. Other parameters of the student stay frozen.
 
     Returns:
         The loss of the last step.
@@ -59,12 +97,53 @@ def distill(
     for batch in itertools.islice(itertools.cycle(batches), steps):
         inputs = as_inputs(batch)
         with torch.no_grad():
-            targets = _tensors(teacher(*inputs))
-        outputs = _tensors(student(*inputs))
-        loss = sum(((o - t).square().mean() / t.square().mean().clamp_min(1e-12)) for o, t in zip(outputs, targets))
+            targets = teacher(*inputs)
+        loss = (loss_fn or relative_mse)(student(*inputs), targets, inputs)
+        _check_loss(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     final = float(loss.detach())
     log.debug("distilled %d steps, final loss %.5f", steps, final)
     return final
+
+
+def rewrite_sequential(
+    model: nn.Module,
+    plan: Any,
+    calibration_data: Iterable[Any],
+    example_inputs: Any = None,
+    *,
+    mask: Any = "auto",
+) -> torch.fx.GraphModule:
+    """`fxsketch.rewrite` with error-compensating calibration: a closed-form recovery, no training.
+
+    Every planned layer, in graph order, is fitted to the *original* layer's outputs from the
+    inputs it receives once the layers before it are replaced (`fxsketch.calibrate.sequential_stats`):
+    min E‖W x − Ŵ x̃‖² over the kind's factors, with the bias set to match the mean output. Each
+    replacement thus undoes part of the error made upstream of it. Costs about two forward passes
+    of the calibration data, held in memory at once.
+
+    Args:
+        model: the model (or an already captured GraphModule); never changed.
+        plan: `{qualified_name: {"method": ..., **params}}` or a plan JSON path.
+        calibration_data: input batches (all held in memory at once).
+        example_inputs: inputs for capture and the output-shape check (default: the first batch).
+        mask: which token rows count ("auto": the `attention_mask` input, if any; see `calibrate`).
+    """
+    from fxsketch.calibrate import sequential_stats
+    from fxsketch.capture import capture, find_layers
+    from fxsketch.replacements import FactorCache
+    from fxsketch.rewrite import apply_plan, check_same_output_shapes, normalize_plan
+
+    plan = normalize_plan(plan)
+    batches = list(calibration_data)
+    if not batches:
+        raise ValueError("calibration_data is empty: pass an iterable of input batches")
+    inputs = as_inputs(example_inputs if example_inputs is not None else batches[0])
+    gm = capture(model, inputs)
+    records = find_layers(gm)
+    stats = sequential_stats(gm, batches, plan, records, mask=mask)
+    new = apply_plan(gm, {r.name: r for r in records}, plan, FactorCache(stats, refit=True))
+    check_same_output_shapes(gm, new, inputs)
+    return new

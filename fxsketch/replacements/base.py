@@ -124,7 +124,7 @@ class FactorCache:
         self.refit = refit
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
-        self._whitened: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._whitened: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _disk(self, what: str, key: str, *tensors: torch.Tensor) -> Path | None:
         """The file holding a decomposition of these exact tensors (None without a cache_dir)."""
@@ -155,6 +155,51 @@ class FactorCache:
         stats = self.stats.get(key)
         return None if stats is None else stats.second_moment
 
+    def centers(self, key: str, bias: bool) -> bool:
+        """Whether builds of this layer fit around the input mean and put the mean into the bias:
+        with refit on, a bias to correct and statistics that record the mean."""
+        stats = self.stats.get(key)
+        return bool(self.refit and bias and stats is not None and getattr(stats, "total", None) is not None)
+
+    def target(self, key: str, matrix: torch.Tensor, centered: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W*, C): the weight to approximate and the input second moment that weighs its error.
+
+        Plain statistics give (W, E[xxᵀ]). Sequential statistics (`fxsketch.calibrate.sequential_stats`,
+        inputs x̃ that differ from the original model's x) give W* = W P C̃⁻¹ with P = E[x x̃ᵀ] and
+        C = C̃ = E[x̃ x̃ᵀ]: for every Ŵ, E‖W x − Ŵ x̃‖² = E‖(W* − Ŵ) x̃‖² + const, so each kind's own
+        fit to (W*, C) is its fit to the original layer's outputs. `centered` uses covariances
+        instead of second moments (the mean is then the bias's job, see `bias`).
+        """
+        stats = self.stats.get(key)
+        W = matrix.detach().to(torch.float64)
+        if stats is None:
+            return W, None
+        C = stats.second_moment
+        cross = getattr(stats, "cross", None)
+        P = None if cross is None else stats.cross_moment
+        if centered:
+            mu, ref = stats.mean, stats.ref_mean
+            C = C - torch.outer(mu, mu)
+            P = None if P is None else P - torch.outer(ref, mu)
+        if P is not None:
+            ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
+            Creg = C + ridge * torch.eye(C.shape[0], dtype=C.dtype)
+            W = torch.linalg.solve(Creg, (W @ P).T).T  # W P C̃⁻¹ (C̃ symmetric)
+        return W, C
+
+    def bias(self, key: str, matrix: torch.Tensor, approx: torch.Tensor, bias: torch.Tensor | None
+             ) -> torch.Tensor | None:
+        """The bias that makes the replacement's mean output match the original's on the statistics:
+        b + W E[x] − Ŵ E[x̃] (for a fixed Ŵ, the least-squares optimal bias). `bias` itself when the
+        layer is not centered (see `centers`)."""
+        if bias is None or not self.centers(key, True):
+            return bias
+        stats = self.stats[key]
+        W = matrix.detach().to(torch.float64)
+        shift = W @ stats.ref_mean - approx.to(torch.float64) @ stats.mean
+        return (bias.detach().to(torch.float64) + shift).to(bias.dtype)
+
     def svd(self, key: str, matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U_R, S_R, Vh_R) of `matrix` (float32 or wider), computing or widening the cached SVD."""
         cached = self._svd.get(key)
@@ -182,39 +227,48 @@ class FactorCache:
             U, S, V = torch.svd_lowrank(W, q=q, niter=4)
         return U, S, V.T, False
 
-    def whitened(self, key: str, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def whitened(self, key: str, matrix: torch.Tensor, centered: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, S, M) with W ≈ U_R S_R M_R for every R, optimal for the layer's outputs on its inputs.
 
         With C = E[xᵀx] + λI = L Lᵀ, the SVD of W L = U S Vᵀ truncated at R and mapped back,
         W_R = U_R S_R V_Rᵀ L⁻¹, minimizes E‖(W − W_R) x‖²; M = Vᵀ L⁻¹. The ridge λ keeps
-        rank-deficient inputs (dead features, padding) invertible.
+        rank-deficient inputs (dead features, padding) invertible. With sequential statistics W
+        and C are those of `target` (the fit is then to the original outputs from the inputs the
+        replaced model gives the layer); `centered` decomposes around the input mean.
         """
-        if key not in self._whitened:
-            C = self.second_moment(key)
+        slot = (key, centered)
+        if slot not in self._whitened:
+            W, C = self.target(key, matrix, centered)
             if C is None:
                 raise ValueError(f"whitened_svd needs calibration statistics for layer {key!r}: pass "
                                  "calibration_data=... to optimize/rewrite/allocate")
-            path = self._disk("whitened", key, matrix, C)
+            path = self._disk("whitened-centered" if centered else "whitened", key, W, C)
             stored = self._load(path)
             if stored is not None:
-                self._whitened[key] = stored
+                self._whitened[slot] = stored
                 return stored
-            W = matrix.detach().to(torch.float64)
             ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
             L = torch.linalg.cholesky(C + ridge * torch.eye(C.shape[0], dtype=C.dtype))
             U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
             M = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T  # Vᵀ L⁻¹
-            self._whitened[key] = (U, S, M)
+            self._whitened[slot] = (U, S, M)
             self._store(path, (U, S, M))
-        return self._whitened[key]
+        return self._whitened[slot]
 
-    def output_errors(self, key: str, method: str, matrix: torch.Tensor, ranks: list[int]) -> list[float]:
-        """Relative output error E‖(W − W_R)x‖² / E‖Wx‖² of `method` at each rank, on the statistics."""
+    def output_errors(self, key: str, method: str, matrix: torch.Tensor, ranks: list[int],
+                      centered: bool = False) -> list[float]:
+        """Relative output error E‖(W − W_R)x‖² / E‖Wx‖² of `method` at each rank, on the statistics
+        (`centered`: of the whitened build that fits around the mean and corrects the bias)."""
         if method == "whitened_svd":
-            _, S, _ = self.whitened(key, matrix)
+            _, S, _ = self.whitened(key, matrix, centered)
             energy = S.square()
             tail = energy.flip(0).cumsum(0).flip(0)
             total = energy.sum().clamp_min(1e-300)
+            if centered:  # the mean's share of the output is reproduced exactly by the bias
+                C = self.second_moment(key)
+                W = matrix.detach().to(torch.float64)
+                total = ((W @ C) * W).sum().clamp_min(1e-300)
             return [float(tail[r] / total) if r < len(tail) else 0.0 for r in ranks]
         C = self.second_moment(key)
         W = matrix.detach().to(torch.float64)

@@ -52,16 +52,21 @@ class SVD(ReplacementKind):
         U, S, Vh = cache.svd(record.name, W, rank)
         root = S.sqrt()
         A, B = U * root, root[:, None] * Vh
-        C = cache.second_moment(record.name)
-        if cache.refit and C is not None:  # keep B's subspace, fit A to the layer's real outputs
-            A = refit_outer(W.to(torch.float64), B.to(torch.float64), C)
+        if cache.refit and cache.second_moment(record.name) is not None:
+            # keep B's subspace, fit A (and the bias) to the layer's real outputs
+            centered = cache.centers(record.name, bias is not None)
+            target, C = cache.target(record.name, W, centered)
+            A = refit_outer(target, B.to(torch.float64), C)
+            bias = cache.bias(record.name, W, A @ B.to(torch.float64), bias)
         return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias)
 
 
 @register_kind
 class WhitenedSVD(SVD):
     """Activation-whitened truncated SVD: the rank-R factorization with the least output error on
-    the calibration inputs (see `FactorCache.whitened`). Needs calibration statistics."""
+    the calibration inputs (see `FactorCache.whitened`). Needs calibration statistics. With refit
+    on (the default) and a bias, it is fitted around the input mean and the bias absorbs the mean
+    output (the least-squares optimum with a free bias)."""
 
     name = "whitened_svd"
 
@@ -69,9 +74,13 @@ class WhitenedSVD(SVD):
         rank = int(params["low_rank"])
         if not copy_weights:
             return fresh_lowrank_module(record, rank, bias is not None).to(weight.dtype)
-        U, S, M = cache.whitened(record.name, weight.reshape(record.out_features, -1))
+        W = weight.reshape(record.out_features, -1)
+        centered = cache.centers(record.name, bias is not None)
+        U, S, M = cache.whitened(record.name, W, centered)
         root = S[:rank].sqrt()
         A, B = U[:, :rank] * root, root[:, None] * M[:rank]
+        if centered:  # decomposed around the input mean: the bias carries the mean output
+            bias = cache.bias(record.name, W, A @ B, bias)
         return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias)
 
 

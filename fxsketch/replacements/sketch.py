@@ -59,16 +59,27 @@ class Sketch(ReplacementKind):
             g = record.conv
             module = SKConv2d(c, record.out_features, (kh, kw), l, k, g["stride"], g["padding"],
                               g["dilation"], bias=bias is not None, weight=w, seed=layer_seed(record.name))
-        C = cache.second_moment(record.name)
-        if copy_weights and cache.refit and C is not None:
-            # Zero-shot sketches keep almost nothing of the layer; a least-squares refit of the
-            # trainable halves to the layer's outputs on real inputs is what makes them usable.
+        if copy_weights and cache.refit and cache.second_moment(record.name) is not None:
+            # Zero-shot sketches keep almost nothing of the layer. With calibration statistics the
+            # fixed sketches become data-aware (the layer's leading output directions for U1, the
+            # next whitened input directions for U2: the sketch can then represent the whitened
+            # rank-2lk factorization), and the trainable halves are refit by least squares to the
+            # layer's outputs on real inputs.
             W = weight.detach().reshape(record.out_features, -1).to(torch.float64)
-            f64 = [t.detach().to(torch.float64) for t in (module.S1, module.S2, module.U1, module.U2)]
-            S1, S2 = refit_sketch(*f64, W, C)
+            centered = cache.centers(record.name, bias is not None)
+            target, C = cache.target(record.name, W, centered)
+            U1, U2 = data_sketches(cache, record.name, W, centered, module.U1, module.U2)
+            with torch.no_grad():
+                module.U1.copy_(U1)
+                module.U2.copy_(U2)
+                init = torch.einsum("do,lko->ldk", target.T, U1), torch.einsum("ldk,do->lko", U2, target.T)
+            S1, S2 = refit_sketch(*init, U1, U2, target, C)
             with torch.no_grad():
                 module.S1.copy_(S1)
                 module.S2.copy_(S2)
+            if bias is not None and centered:
+                B, A = (t.detach().to(torch.float64) for t in module.collapsed_factors())
+                bias = cache.bias(record.name, W, A @ B, bias)
         module = module.to(weight.dtype)
         if bias is not None and copy_weights:
             with torch.no_grad():
@@ -88,3 +99,29 @@ class Dense(ReplacementKind):
 
     def build(self, record, weight, bias, params, cache, copy_weights=True):
         return None
+
+
+def data_sketches(cache, key: str, W: torch.Tensor, centered: bool, U1: torch.Tensor, U2: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-aware sketches (float64) of the shapes of `U1` (l, k, out) and `U2` (l, d, k).
+
+    From the layer's whitened decomposition W ≈ Σ_j u_j s_j m_j (`FactorCache.whitened`, on the
+    calibration statistics): U1's l·k rows are the leading output directions u_1…u_lk, U2's l·k
+    columns the next input directions m_lk+1…m_2lk. `x S1 U1` then spans every map onto the
+    leading outputs and `x U2 S2` every map reading the next inputs, so the least-squares refit
+    reaches the whitened rank-2lk optimum. Positions beyond the layer's rank keep the random sketch.
+    Each row/column is scaled like the random scaled-sign sketch it replaces.
+    """
+    l, k, out = U1.shape
+    d = U2.shape[1]
+    Uw, _, Mw = cache.whitened(key, W, centered)
+    n = Uw.shape[1]
+    u1 = U1.detach().to(torch.float64).reshape(l * k, out).clone()
+    u2 = U2.detach().to(torch.float64).permute(1, 0, 2).reshape(d, l * k).clone()
+    first = min(l * k, n)
+    u1[:first] = Uw[:, :first].T * (out / k) ** 0.5
+    second = max(0, min(l * k, n - l * k))
+    if second:
+        cols = Mw[l * k:l * k + second].T
+        u2[:, :second] = cols / cols.norm(dim=0).clamp_min(1e-300) * (d / k) ** 0.5
+    return u1.reshape(l, k, out), u2.reshape(d, l, k).permute(1, 0, 2).contiguous()
