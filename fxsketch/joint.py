@@ -68,10 +68,16 @@ def _over_budget(ctx, plan) -> str:
 
 
 def _joint_trial(ctx, units, trial: optuna.Trial, multi: bool):
+    trial.set_user_attr(UNIT_ATTR, JOINT_KEY)
+    plan, flat, reason = _suggest_plan(ctx, units, trial)
+    return evaluate_plan(ctx, trial, plan, flat, reason, multi)
+
+
+def evaluate_plan(ctx, trial: optuna.Trial, plan: dict, flat: dict, reason: str = "", multi: bool = False):
+    """Evaluate a whole-model `plan` as joint trial `trial` (pruned when `reason` or a budget says so)."""
     from fxsketch.search import TrialFailed, _call_metric
 
     trial.set_user_attr(UNIT_ATTR, JOINT_KEY)
-    plan, flat, reason = _suggest_plan(ctx, units, trial)
     trial.set_user_attr(ENTRY_ATTR, flat)
     trial.set_user_attr(PLAN_ATTR, plan)
     reason = reason or _over_budget(ctx, plan)

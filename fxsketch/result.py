@@ -177,6 +177,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             continue
         row: dict[str, Any] = {"number": t.number, "layer": t.user_attrs[UNIT_ATTR], "state": t.state.name}
         row.update(t.user_attrs.get(ENTRY_ATTR, {}))
+        plan = t.user_attrs.get("fxsketch.plan")
+        if "method" not in row and isinstance(plan, dict):  # a whole-model trial: the kinds its plan uses
+            row["method"] = "+".join(sorted({e.get("method", "dense") for e in plan.values()})) or "dense"
         for key in ("accuracy", "speed", "score"):
             row[key] = t.user_attrs.get(f"fxsketch.{key}", math.nan)
         row["note"] = t.user_attrs.get("fxsketch.note", "")

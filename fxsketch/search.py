@@ -28,7 +28,7 @@ from fxsketch.allocate import ALLOCATABLE, Budget, _batches, allocate_units, tar
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import LayerTimer, compare_latency, plan_cost
-from fxsketch.joint import best_joint, pareto_points, run_joint
+from fxsketch.joint import JOINT_KEY, best_joint, pareto_points, run_joint
 from fxsketch.records import LayerRecord
 from fxsketch.workers import check_sendable, fresh_journal, open_storage, resolve_callable, run_workers
 from fxsketch.recover import distill
@@ -438,17 +438,36 @@ def _create_study(storage, study_name, load_if_exists, sampler, pruner, seed, mu
                          "to resume it, or choose another study_name") from None
 
 
-def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: bool) -> tuple[dict, float, list, nn.Module]:
+def _plan_speed(ctx: _Context, plan: dict) -> float:
+    """The objective's speed of a whole-model plan (exact FLOPs, the per-layer latency estimate, or
+    the user's speed_fn on the built model)."""
+    if ctx.speed_fn is None and ctx.objective == "flops":
+        return ctx.dense_flops / plan_cost(list(ctx.records.values()), plan)[1]
+    if ctx.speed_fn is None:
+        ctx.timer = ctx.timer or LayerTimer(ctx.gm, ctx.records, ctx.inputs, ctx.cache)
+        estimate = ctx.timer.speedup(plan)
+        if estimate is not None:
+            return estimate
+    return ctx.speed(ctx.build(plan), plan)
+
+
+def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: bool, floor: float | None = None,
+              steps: list[dict[str, Any]] | None = None):
     """Check the combined plan on the whole model; drop the most harmful layers until it holds.
 
-    Layers leave in order of the accuracy their own best trial kept, lowest first.
+    Layers leave in order of the accuracy their own best trial kept, lowest first. With `floor`
+    (the speed of a feasible plan held elsewhere), stop and return None as soon as the plan to
+    check is no faster than that: backing off further only makes it slower (the checks made so
+    far are then left in `steps`).
     """
-    steps: list[dict[str, Any]] = []
+    steps = [] if steps is None else steps
     plan = dict(plan)
     accuracy = math.nan
     for victim in [None, *sorted(plan, key=lambda n: accuracies.get(n, math.inf))]:
         if victim is not None:
             plan.pop(victim)
+        if floor is not None and (not plan or _plan_speed(ctx, plan) <= floor):
+            return None
         module = ctx.build(plan)
         try:
             accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
@@ -721,7 +740,11 @@ def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     printer = [_print_trial] if verbose else []
-    used = 0
+    used = warm = 0
+    if ctx.warm and ctx.threshold is not None:
+        before = ctx.started
+        _warm_joint(ctx, study, units, n_trials, [*printer, *callbacks])
+        used = warm = ctx.started - before
     for i, unit in enumerate(units):
         share = -(-max(0, n_trials - used) // (len(units) - i))  # ceil: earlier units get the remainder
         left = None if deadline is None else deadline - time.monotonic()
@@ -730,6 +753,8 @@ def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
             log.warning("timeout reached: %s was not tuned", unit.key)
         elif share:
             _search_unit(ctx, study, unit, share, left, [*printer, *callbacks])
+        elif warm:
+            log.info("the warm start's whole-model trials used this call's trials: %s not tuned alone", unit.key)
         else:
             log.warning("n_trials=%d leaves no trial for %s", n_trials, unit.key)
         used += ctx.started - before
@@ -738,8 +763,7 @@ def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
 def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:
     """Plans to try first: each layer's cheapest rank under 1% and 5% output error, then the
     allocations at 25% and 50% of the FLOPs (with a FLOP budget: the allocations under it)."""
-    usable = [u for u in units if "low_rank" in u.space and _methods(u.space, u.method)[0] in ALLOCATABLE
-              and ("method" not in u.space or u.space["method"].first() in ALLOCATABLE)]
+    usable = _allocatable(units)
     if not usable:
         return []
     from fxsketch.rewrite import _fetch
@@ -756,6 +780,135 @@ def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[s
         except ValueError as exc:
             log.info("no warm start at %s: %s", budget, exc)
     return plans
+
+
+WARM_TRIALS = 6  # the most whole-model warm-start trials before the per-unit search (a third of n_trials)
+
+
+def _allocatable(units: list[Unit]) -> list[Unit]:
+    return [u for u in units if "low_rank" in u.space and _methods(u.space, u.method)[0] in ALLOCATABLE
+            and ("method" not in u.space or u.space["method"].first() in ALLOCATABLE)]
+
+
+def _warm_joint(ctx: _Context, study: optuna.Study, units: list[Unit], n_trials: int, callbacks) -> None:
+    """The layerwise search's warm start, in whole-model trials.
+
+    1. The allocation (`fxsketch.allocate` on the cached decompositions) at a FLOP budget found by
+       bisection: a feasible plan moves the budget down, an infeasible one up (at most a third of
+       `n_trials`, and `WARM_TRIALS`), so the search holds a feasible, cheap plan at once.
+    2. Descent from the best feasible plan: each trial moves one unit one value cheaper (from
+       dense: to its largest rank that saves FLOPs), the unit whose step adds the least predicted
+       output error per FLOP saved first; a feasible step is kept, a unit whose step fails is not
+       moved again. It stops when no unit can move, or after half the trials left: the per-unit
+       search (which starts from the warm-start ranks of each unit) gets the rest.
+
+    `_finish` returns the best of these plans unless the per-unit bests, combined and backed off,
+    are faster. Skipped when the study already holds whole-model trials (a resumed study, another
+    worker)."""
+    from fxsketch.rewrite import _fetch
+
+    usable = [u for u in _allocatable(units) if u.space["low_rank"].values()]
+    limit = min(WARM_TRIALS, n_trials // 3)
+    if not usable or limit < 1 or any(t.user_attrs.get(UNIT_ATTR) == JOINT_KEY for t in study.get_trials(deepcopy=False)):
+        return
+    weights = {n: _fetch(ctx.gm, ctx.records[n].weight_target) for u in usable for n in u.layers}
+    dense_usable = sum(dense_cost(ctx.records[n]).flops_per_token * ctx.records[n].tokens for u in usable for n in u.layers)
+    max_flops = ctx.budget.limits(*ctx.selected_dense)[0]
+    upper = min(1.0, (max_flops - (ctx.selected_dense[0] - dense_usable)) / max(dense_usable, 1))
+    if upper <= 0:
+        return
+    trial = _joint_runner(ctx, study, units, callbacks)
+    lo, hi, budget, used, best = 0.0, upper, min(0.5, upper), 0, None
+    for _ in range(4 * limit):  # plans repeat at nearby budgets: those cost no trial
+        if used >= limit or hi - lo < 0.01:
+            break
+        try:
+            plan = allocate_units(usable, ctx.records, ctx.cache, weights, Budget(budget, ctx.budget.params))
+        except ValueError:  # below the cheapest plan
+            plan = {}
+        fresh = plan and (JOINT_KEY, json.dumps(plan, sort_keys=True)) not in ctx.memo
+        score = trial(plan, f"warm start: the allocation at {budget:.1%} of the tuned layers' FLOPs") if plan else -math.inf
+        used += bool(fresh)
+        if math.isfinite(score) and (best is None or score > best[1]):
+            best = (plan, score)
+        lo, hi = (lo, budget) if math.isfinite(score) else (budget, hi)
+        budget = (lo + hi) / 2
+    if best is None:
+        return
+    plan, rejected, stop = best[0], set(), used + (n_trials - used) // 2
+    while used < stop:
+        step = _cheaper_step(ctx, usable, plan, weights, rejected)
+        if step is None:
+            break
+        unit, entry = step
+        candidate = {**plan, **{n: dict(entry) for n in unit.layers}}
+        score = trial(candidate, f"warm start: descent, {unit.key} to {entry}")
+        used += 1
+        if math.isfinite(score):
+            plan = candidate
+        else:
+            rejected.add(unit.key)
+
+
+def _joint_runner(ctx: _Context, study: optuna.Study, units: list[Unit], callbacks):
+    """`run(plan, note) -> score`: one whole-model trial of `plan` (a repeated plan reuses its result)."""
+    from fxsketch.joint import evaluate_plan
+
+    def run(plan: dict, note: str) -> float:
+        key = (JOINT_KEY, json.dumps(plan, sort_keys=True))
+        if key in ctx.memo:
+            accuracy, speed, _ = ctx.memo[key]
+            return ctx.score(accuracy, speed)
+        flat = {f"{u.key}.{k}": v for u in units for k, v in plan.get(u.layers[0], {"method": "dense"}).items()}
+        out = {"score": -math.inf}
+
+        def objective(trial):
+            ctx.started += 1
+            trial.set_user_attr("fxsketch.warm", note)
+            out["score"] = evaluate_plan(ctx, trial, plan, flat)
+            return out["score"]
+
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=list(callbacks))
+        return out["score"]
+
+    return run
+
+
+def _cheaper_step(ctx: _Context, usable: list[Unit], plan: dict, weights, rejected: set) -> tuple | None:
+    """The unit (not in `rejected`) and entry of the next cheaper value whose predicted output error
+    grows least per FLOP saved (from the cached decompositions); None when no unit can move."""
+    best = None
+    for unit in usable:
+        if unit.key in rejected:
+            continue
+        method = unit.space["method"].first() if "method" in unit.space else unit.method
+        current = plan.get(unit.layers[0])
+        lower = [r for r in sorted(unit.space["low_rank"].values())
+                 if (current is None or r < current["low_rank"])
+                 and not invalid_reason(ctx, unit, {"method": method, "low_rank": r})]
+        if not lower:
+            continue
+        entry = {"method": method, "low_rank": lower[-1]}
+
+        def cost_error(e):
+            if e is None:
+                return sum(dense_cost(ctx.records[n]).flops_per_token * ctx.records[n].tokens for n in unit.layers), 0.0
+            kind = get_kind(e["method"])
+            flops = sum(kind.cost(ctx.records[n], e).flops_per_token * ctx.records[n].tokens for n in unit.layers)
+            error = sum(ctx.cache.output_errors(n, e["method"], ctx.records[n].weight_matrix(weights[n]),
+                                                [e["low_rank"]])[0] for n in unit.layers)
+            return flops, error
+
+        try:
+            (f0, e0), (f1, e1) = cost_error(current), cost_error(entry)
+        except ValueError:  # e.g. no statistics for a layer: no error curve to rank it by
+            continue
+        if f1 >= f0:
+            continue
+        ratio = max(e1 - e0, 0.0) / (f0 - f1)
+        if best is None or ratio < best[0]:
+            best = (ratio, unit, entry)
+    return None if best is None else best[1:]
 
 
 def _enqueue_warm(ctx: _Context, study: optuna.Study, unit: Unit) -> None:
@@ -804,7 +957,21 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strat
         raise RuntimeError(f"every trial failed ({len(trials)}): {summary}")
     pareto = pareto_points(ctx, study, ctx.build) if multi else []
     plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
-    plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
+    warm = best_joint(study) if strategy == "layerwise" and ctx.threshold is not None else None
+    if warm is None:
+        plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
+    else:  # the best whole-model (warm-start) plan, unless the per-unit bests combined beat it
+        floor, tried = _plan_speed(ctx, warm[0]), []
+        done = _validate(ctx, plan, accuracies, verbose, floor=floor, steps=tried) if plan else None
+        if done is None:
+            if verbose:
+                print(f"the warm-start plan ({len(warm[0])} layers, speed {floor:.3f}) is faster than the "
+                      "per-unit bests combined: validating it")
+            done = _validate(ctx, dict(warm[0]), {}, verbose)
+            for step in done[2]:
+                step["source"] = "warm start (whole-model trial)"
+            done = (done[0], done[1], tried + done[2], done[3])
+        plan, accuracy, steps, module = done
     params_before, flops_before = plan_cost(records, {})
     params_after, flops_after = plan_cost(records, plan)
     if plan:  # the returned plan is always timed on the whole model, interleaved with the dense one

@@ -1,0 +1,71 @@
+"""The layerwise search's warm start: whole-model trials of the allocation (budget bisection, then a
+descent from the best feasible plan) before the per-unit search, and the final choice between the
+warm-start plan and the per-unit bests combined."""
+
+from __future__ import annotations
+
+import math
+
+import fxsketch
+from fxsketch.measure import plan_cost
+from test_calibrate import CALIB, _agreement, _model
+
+SPEC = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
+
+
+def _optimize(n_trials=12, **kw):
+    model = _model()
+    args = dict(example_inputs=CALIB[:64], accuracy_fn=_agreement(model), accuracy_threshold=0.9, objective="flops",
+                n_trials=n_trials, seed=0, calibration_data=[CALIB[:1000]])
+    args.update(kw)
+    return model, fxsketch.optimize(model, SPEC, **args)
+
+
+def test_the_search_starts_with_whole_model_allocation_trials_bisecting_the_budget():
+    model, result = _optimize()
+    trials = result.trials.sort_values("number")
+    joint = trials[trials["layer"] == "*"]
+    assert len(joint) >= 2 and list(trials["layer"][: len(joint)]) == ["*"] * len(joint)  # they come first
+    assert (trials[trials["layer"] != "*"]["number"] > joint["number"].max()).all()
+    notes = [t.user_attrs["fxsketch.warm"] for t in result.study.trials if t.user_attrs.get("fxsketch.unit") == "*"]
+    assert notes[0] == "warm start: the allocation at 50.0% of the tuned layers' FLOPs"
+    budgets = [float(n.split(" at ")[1].split("%")[0]) / 100 for n in notes if "allocation at" in n]
+    for (b, feasible), nxt in zip([(b, a >= 0.9) for b, a in zip(budgets, joint["accuracy"])], budgets[1:]):
+        assert (nxt < b) if feasible else (nxt > b)  # bisection: feasible -> cheaper, infeasible -> dearer
+    # the first trial is fxsketch.allocate's plan at 50% of the FLOPs
+    plan = result.study.trials[0].user_attrs["fxsketch.plan"]
+    assert plan == fxsketch.allocate(model, SPEC, [CALIB[:1000]], budget=0.5, example_inputs=CALIB[:64])
+
+
+def test_the_descent_only_keeps_feasible_cheaper_plans_and_the_result_is_at_least_the_best_of_them():
+    model, result = _optimize(n_trials=16)
+    study = [t for t in result.study.trials if t.user_attrs.get("fxsketch.unit") == "*"]
+    descent = [t for t in study if "descent" in t.user_attrs["fxsketch.warm"]]
+    assert descent, "no descent trial ran"
+    records = [r for r in fxsketch.find_layers(fxsketch.capture(model, CALIB[:64])) if r.name in ("0", "2")]
+    flops = lambda p: plan_cost(records, p)[1]  # noqa: E731
+    feasible = [t for t in study if t.state.name == "COMPLETE" and t.user_attrs["fxsketch.accuracy"] >= 0.9]
+    incumbent = max((t for t in feasible if t.number < descent[0].number), key=lambda t: t.value)
+    for t in descent:  # each step is the incumbent with one unit one value cheaper
+        plan, base = t.user_attrs["fxsketch.plan"], incumbent.user_attrs["fxsketch.plan"]
+        assert flops(plan) < flops(base) and len({n for n in plan if plan[n] != base.get(n)}) == 1
+        if t.state.name == "COMPLETE" and t.user_attrs["fxsketch.accuracy"] >= 0.9:
+            incumbent = t
+    assert result.accuracy >= 0.9
+    assert result.flops_ratio >= max(t.value for t in feasible) - 1e-9
+    assert all(math.isfinite(t.value) for t in feasible)
+
+
+def test_without_warm_start_or_threshold_there_is_no_whole_model_trial():
+    for kw in ({"warm_start": False}, {"accuracy_threshold": None}):
+        _, result = _optimize(n_trials=6, **kw)
+        assert "*" not in set(result.trials["layer"]), kw
+
+
+def test_a_resumed_study_does_not_repeat_the_warm_start(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _, first = _optimize(n_trials=9, storage=storage, study_name="w")
+    _, second = _optimize(n_trials=6, storage=storage, study_name="w", load_if_exists=True)
+    assert len(second.trials) == 15
+    joint = second.trials[second.trials["layer"] == "*"]
+    assert (joint["number"] < 9).all()  # whole-model trials only in the first call
