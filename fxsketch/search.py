@@ -3,7 +3,9 @@
 Each tuning unit (a layer when `separate=True`, a group of layers sharing values otherwise) gets
 `n_trials` trials in one study, with the other layers dense. The best feasible choice of every
 unit is then combined, validated on the whole model, and backed off layer by layer until the
-combination meets the accuracy threshold.
+combination meets the accuracy threshold. With calibration data the search first runs a few
+whole-model trials from the rank allocation (the warm start); the result is the best feasible
+whole-model plan unless the combined per-unit bests beat it.
 """
 
 from __future__ import annotations
@@ -527,8 +529,10 @@ def optimize(
         accuracy_fn: `model -> float`, higher is better.
         accuracy_threshold: the accuracy bar; None maximizes accuracy instead (the seeds' rule).
         speed_fn: `model -> float`, higher is better; replaces the built-in speed measure.
-        objective: "latency" (measured speedup vs dense, same process) or "flops" (exact cost
-            model; deterministic).
+        objective: "latency" (speedup vs dense in this process: trials use per-layer timings,
+            cached by layer shape and values (`fxsketch.measure.LayerTimer`), and infeasible
+            trials are not timed; the returned plan is timed on the whole model, interleaved with
+            the dense one, as `Result.speedup`) or "flops" (exact cost model; deterministic).
         n_trials: the trials this call runs, split evenly over the tuning units (a layer, or a
             group with `separate=False`); a unit whose space runs out early passes its share on.
             Resuming a stored study adds these to the ones it holds (as `study.optimize` does),
@@ -549,8 +553,11 @@ def optimize(
             outputs (closed-form least squares).
         max_flops, max_params: hard budgets for the selected layers, as a fraction of their dense
             cost (float ≤ 1) or absolute; a trial over budget is pruned before evaluation.
-        warm_start: with calibration data, first try each layer's cheapest rank under 1% and 5%
-            output error, then the ranks `fxsketch.allocate` picks at 25/50% of the FLOPs.
+        warm_start: with calibration data: (layerwise, with a threshold) first run whole-model
+            trials of `fxsketch.allocate`'s plan at a bisected FLOP budget and a descent from the
+            best feasible one (see `_warm_joint`), then start each unit from its cheapest ranks
+            under 1% and 5% output error and the allocations at 25/50% of the FLOPs; (joint) start
+            from those plans.
         recover_steps, recover_lr: distill each candidate (and the final model) for this many
             Adam steps on the calibration data against the original model before judging it.
         strategy: "layerwise" tunes each unit on its own with the others dense, then combines
