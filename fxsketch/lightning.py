@@ -36,7 +36,7 @@ import optuna
 import torch
 from torch import nn
 
-__all__ = ["LightningAccuracy", "LightningMetricError"]
+__all__ = ["LightningAccuracy", "LightningMetricError", "merge_config"]
 
 INSTALL_HINT = "PyTorch Lightning is needed for fxsketch.lightning: pip install 'fxsketch[lightning]'"
 
@@ -240,6 +240,42 @@ class LightningAccuracy:
         self.verbose = verbose
         self.calls = 0
         self.last_trainer = None  # the Trainer of the latest call (for inspection)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike | dict[str, Any],
+        module_class: Any,
+        datamodule_class: Any = None,
+        overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> "LightningAccuracy":
+        """LightningTune's config-driven setup: build from a base config (a .yaml/.json path or a dict).
+
+        The config has up to three sections, each a dict of keyword arguments or LightningTune's
+        `{"class_path": ..., "init_args": {...}}` form: `model` (for `module_class`), `data` (for
+        `datamodule_class`) and `trainer` (`max_epochs`, `max_steps`, `val_check_interval` set the
+        per-trial fit; the rest go to the `Trainer`). `overrides` maps dotted keys such as
+        `"model.init_args.hidden_size"` or `"trainer.max_steps"` to values merged over the base
+        (what LightningTune merged its sampled values into). Other keyword arguments are passed on.
+        """
+        base = _read_base_config(config)
+        merged = merge_config(base, overrides or {})
+        unknown = set(merged) - {"model", "data", "trainer"}
+        if unknown:
+            raise ValueError(f"unknown base config sections {sorted(unknown)}: use 'model', 'data' and 'trainer'")
+        model_args, data_args = _init_args(merged, "model"), _init_args(merged, "data")
+        trainer = dict(_init_args(merged, "trainer"))
+        if data_args and datamodule_class is None:
+            raise ValueError("the base config has a 'data' section but no datamodule_class was given")
+        for key in ("max_epochs", "max_steps", "val_check_interval"):
+            if key in trainer:
+                kwargs.setdefault(key, trainer.pop(key))
+        kwargs["trainer_kwargs"] = {**trainer, **kwargs.get("trainer_kwargs", {})}
+        datamodule = datamodule_class(**data_args) if datamodule_class is not None else None
+        acc = cls(lambda: module_class(**model_args), datamodule, **kwargs)
+        acc.config = merged
+        return acc
 
     # ------------------------------------------------------------------ the sign convention
 
@@ -453,3 +489,40 @@ def _checkpoint_info(pl, acc: LightningAccuracy, trial):
             checkpoint["fxsketch"] = info
 
     return FxsketchCheckpointInfo()
+
+
+def _read_base_config(config: Any) -> dict[str, Any]:
+    if isinstance(config, (str, os.PathLike)):
+        from fxsketch.spec import read_config_file
+
+        config = read_config_file(Path(config), what="base config")
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise TypeError(f"a base config must be a dict (or a .yaml/.json file holding one), got {type(config).__name__}")
+    return config
+
+
+def merge_config(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with each dotted key of `overrides` (e.g. "model.init_args.lr") set."""
+    merged = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"cannot set {dotted!r}: {part!r} is {child!r}, not a section")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def _init_args(config: dict[str, Any], section: str) -> dict[str, Any]:
+    """A section's keyword arguments: its `init_args` in the class_path form, else the section itself."""
+    value = config.get(section) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"base config section {section!r} must be a mapping, got {value!r}")
+    if "init_args" in value or "class_path" in value:
+        return dict(value.get("init_args") or {})
+    return dict(value)

@@ -660,19 +660,24 @@ def _parse_yaml(path: Path, text: str) -> Any:
         raise ValueError(f"{path}: invalid YAML{where}: {problem}") from exc
 
 
-def _load_file(path: Path) -> TuningConfigs:
-    """Read a .json/.yaml/.yml spec file holding `{"layers": [...]}`."""
+def read_config_file(path: Path, what: str = "spec") -> Any:
+    """The parsed content of a .json/.yaml/.yml file, with errors that name the file and line."""
     suffix = path.suffix.lower()
     if suffix not in _SPEC_FILE_SUFFIXES:
         valid = list(_SPEC_FILE_SUFFIXES)
-        raise ValueError(f"{path}: unsupported spec file type {path.suffix!r}: use one of {valid}")
+        raise ValueError(f"{path}: unsupported {what} file type {path.suffix!r}: use one of {valid}")
     if not path.is_file():
-        raise FileNotFoundError(f"spec file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text: {exc}") from exc
-    data = _parse_json(path, text) if suffix == ".json" else _parse_yaml(path, text)
+    return _parse_json(path, text) if suffix == ".json" else _parse_yaml(path, text)
+
+
+def _load_file(path: Path) -> TuningConfigs:
+    """Read a .json/.yaml/.yml spec file holding `{"layers": [...]}`."""
+    data = read_config_file(path)
     if data is None:
         raise ValueError(f"{path}: the file is empty: expected {_SPEC_SHAPE}")
     with _error_context(str(path)):

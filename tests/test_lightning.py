@@ -388,3 +388,56 @@ def test_nan_metric():
                             trainer_kwargs=CPU)
     with pytest.raises(LightningMetricError, match="'val_loss' is nan"):
         acc(lit.net)
+
+
+# --------------------------------------------------------------------------- LightningTune's base config
+
+
+class SizedData(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 32) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return train_data()
+
+    def val_dataloader(self):
+        return val_data()
+
+
+def test_base_config_from_yaml_with_overrides(tmp_path):
+    """A LightningTune-style YAML base config builds the module, data and trainer; dotted overrides
+    (LightningTune's sampled values) win over the base values."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("model:\n  class_path: DigitsLit\n  init_args:\n    lr: 0.5\n"
+                   "data:\n  batch_size: 16\n"
+                   "trainer:\n  max_steps: 3\n  accelerator: cpu\n")
+    acc = LightningAccuracy.from_config(cfg, DigitsLit, SizedData, overrides={"model.init_args.lr": 0.01},
+                                        attr="net", metric="val_loss", mode="min")
+    assert acc.config["model"]["init_args"]["lr"] == 0.01 and acc.config["data"]["batch_size"] == 16
+    assert acc.fit and acc.max_steps == 3 and acc.trainer_kwargs["accelerator"] == "cpu"
+    assert acc.datamodule.batch_size == 16
+    net = copy.deepcopy(trained_lit().net)
+    acc(net)
+    lit = acc.last_trainer.lightning_module
+    assert lit.lr == 0.01  # the override, not the base 0.5
+    assert acc.last_trainer.global_step == 3
+    # the base value is used when nothing overrides it
+    base = LightningAccuracy.from_config(cfg, DigitsLit, SizedData, attr="net", metric="val_loss", mode="min")
+    base(copy.deepcopy(net))
+    assert base.last_trainer.lightning_module.lr == 0.5
+
+
+def test_base_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown base config sections"):
+        LightningAccuracy.from_config({"modle": {}}, DigitsLit, attr="net")
+    with pytest.raises(ValueError, match="no datamodule_class"):
+        LightningAccuracy.from_config({"data": {"batch_size": 4}}, DigitsLit, attr="net")
+    with pytest.raises(ValueError, match="cannot set 'model.lr.x'"):
+        LightningAccuracy.from_config({"model": {"lr": 0.1}}, DigitsLit, overrides={"model.lr.x": 1}, attr="net")
+    with pytest.raises(FileNotFoundError, match="base config file not found"):
+        LightningAccuracy.from_config(tmp_path / "missing.yaml", DigitsLit, attr="net")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        LightningAccuracy.from_config(bad, DigitsLit, attr="net")

@@ -470,3 +470,29 @@ def test_custom_algorithm_missing_values_defaults_and_failures():
     assert search.updates[0][1] == 0.5 and search.updates[1][1] == -math.inf
     assert tuner.get_best_params() == {"fc2": {"low_rank": 4}}
     assert tuner.apply_best_params().fc2.num_terms == 1
+
+
+def test_define_by_run_specs_are_refused_by_the_tuner_with_a_pointer_to_optimize():
+    """Decision: SKAutoTuner keeps the seed's explicit spaces; define-by-run is fxsketch.optimize's."""
+    from fxsketch.tuner import LayerConfig, SKAutoTuner, TuningConfigs
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def space(trial, record):
+        return {"method": "svd", "low_rank": trial.suggest_int("low_rank", 1, 4)}
+
+    configs = TuningConfigs([LayerConfig(["0"], space)])
+    with pytest.raises(ValueError, match=r"define-by-run.*fxsketch\.optimize"):
+        SKAutoTuner(model, configs, accuracy_eval_func=lambda m: 1.0).tune()
+
+
+def test_torchinfo_summary_counts_the_rewritten_models_parameters():
+    """The v2 guide's "External Tools": torchinfo's summary of a tuned model shows the savings."""
+    torchinfo = pytest.importorskip("torchinfo")
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    gm = pr.rewrite(model, {"0": {"method": "svd", "low_rank": 8}}, example_inputs=(torch.randn(4, 64),))
+    dense = torchinfo.summary(model, input_size=(4, 64), verbose=0)
+    tuned = torchinfo.summary(gm, input_size=(4, 64), verbose=0)
+    assert dense.total_params == sum(p.numel() for p in model.parameters())
+    assert tuned.total_params == 8 * (64 + 256) + 256 + 256 * 10 + 10
+    assert tuned.trainable_params == tuned.total_params < dense.total_params

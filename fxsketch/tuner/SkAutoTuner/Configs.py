@@ -223,6 +223,11 @@ class ParamsResolver:
         unsupported: list[str] = []
         units: list[TuningUnit] = []
         for index, config in enumerate(configs):
+            if callable(config.params):
+                raise ValueError(
+                    f"config {index} has a define-by-run params function: SKAutoTuner searches explicit "
+                    "parameter spaces (lists, Categorical/Int/Float, tuples, Optuna distributions), one "
+                    "SearchAlgorithm per layer; run a define-by-run spec with fxsketch.optimize(model, spec, ...)")
             names = self.layers.resolve(config.layer_names)
             for name in names:
                 if name in owner:
