@@ -231,6 +231,8 @@ def _call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str) -
     NaN, inf, a non-number) fails the trial with the reason."""
     try:
         raw = fn(module)
+    except optuna.TrialPruned:  # an accuracy function that reports steps may prune its trial
+        raise
     except Exception as exc:  # MemoryError and torch.OutOfMemoryError included
         raise TrialFailed(f"{what} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(raw, torch.Tensor) and raw.numel() == 1:
