@@ -118,6 +118,7 @@ class FactorCache:
     """
 
     EXACT_BELOW = 1024
+    CROSS_RIDGE = 0.1  # of the mean input energy, for sequential targets (see `target`)
 
     def __init__(self, stats: dict | None = None, refit: bool = True, cache_dir: str | os.PathLike | None = None) -> None:
         self.stats = dict(stats or {})
@@ -183,9 +184,12 @@ class FactorCache:
             C = C - torch.outer(mu, mu)
             P = None if P is None else P - torch.outer(ref, mu)
         if P is not None:
-            ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
-            Creg = C + ridge * torch.eye(C.shape[0], dtype=C.dtype)
-            W = torch.linalg.solve(Creg, (W @ P).T).T  # W P C̃⁻¹ (C̃ symmetric)
+            # Regularized towards W itself: W* = W (P + λI)(C̃ + λI)⁻¹, which is W exactly when
+            # nothing upstream changed (P = C̃) and keeps W's action on directions the calibration
+            # data barely covers (few rows for wide layers) instead of zeroing or amplifying them.
+            ridge = self.CROSS_RIDGE * C.diagonal().mean().clamp_min(1e-12)
+            eye = ridge * torch.eye(C.shape[0], dtype=C.dtype)
+            W = torch.linalg.solve(C + eye, (W @ (P + eye)).T).T  # C̃ symmetric
         return W, C
 
     def bias(self, key: str, matrix: torch.Tensor, approx: torch.Tensor, bias: torch.Tensor | None
