@@ -116,11 +116,17 @@ def apply_plan(
     plan: Plan,
     cache: FactorCache,
     copy_weights: bool = True,
+    share_weights: bool = False,
 ) -> torch.fx.GraphModule:
-    """A rewritten deep copy of `gm` (which stays untouched) with each plan entry built and installed."""
+    """A rewritten deep copy of `gm` (which stays untouched) with each plan entry built and installed.
+
+    With `share_weights` the copy's kept parameters are `gm`'s own tensors (buffers are still
+    copied): the search's trial builds, which never train them, skip copying a large model's
+    weights on every trial.
+    """
     # The dense weights of the layers being replaced are dropped from the copy: share them instead
     # of copying them (for large layers that is most of the copy's cost).
-    memo = {}
+    memo = {id(p): p for p in gm.parameters()} if share_weights else {}
     for name, entry in plan.items():
         record = records.get(name)
         replaced = record is not None and not record.unsupported and entry.get("method") != "dense"

@@ -270,12 +270,31 @@ class _Context:
     timer: LayerTimer | None = None  # per-layer latency estimates (objective "latency")
 
     def build(self, plan: dict, copy_weights: bool = True) -> nn.Module:
-        """The model with `plan` applied (and distilled, when recovery is on)."""
-        module = apply_plan(self.gm, self.records, plan, self.cache, copy_weights=copy_weights)
+        """The model with `plan` applied (and distilled, when recovery is on). Without recovery the
+        kept weights are shared with the captured graph, never copied: see `check_weights`."""
         batches, steps, lr = self.recover
+        self.check_weights()
+        module = apply_plan(self.gm, self.records, plan, self.cache, copy_weights=copy_weights,
+                            share_weights=not steps)
         if steps and plan:
             distill(module, self.gm, batches, steps=steps, lr=lr)
         return module
+    weight_versions: list[int] = field(default_factory=list)  # of gm's parameters, at the start
+
+    def check_weights(self) -> None:
+        """Refuse to go on once an evaluation changed the captured weights in place (e.g. an
+        accuracy_fn that trains the model it is given): trials share those weights."""
+        versions = [p._version for p in self.gm.parameters()]
+        if not self.weight_versions:
+            self.weight_versions = versions
+        elif versions != self.weight_versions:
+            raise RuntimeError(
+                "accuracy_fn (or speed_fn) changed the weights of the model it was given in place, e.g. "
+                "by training it: fxsketch evaluates candidates that share the original weights, so every "
+                "later trial would see the change. Evaluate without training, or fine-tune a copy "
+                "(copy.deepcopy(model)) inside the function, or use recover_steps= for fxsketch's own "
+                "distillation. The trials finished so far are kept in the study.")
+
     # (unit, values) -> (accuracy, speed, first trial): a repeated draw is not evaluated again
     memo: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
     seen: dict[str, set[str]] = field(default_factory=dict)
@@ -620,6 +639,7 @@ def optimize(
     ctx.selected = [n for u in units for n in u.layers]
     ctx.units = {u.key: u for u in units}
     ctx.multi = multi
+    ctx.check_weights()  # records the weights' versions before any evaluation
     selected = [ctx.records[n] for n in ctx.selected]
     ctx.selected_dense = (sum(dense_cost(r).flops_per_token * r.tokens for r in selected),
                           sum(dense_cost(r).params for r in selected))

@@ -1,0 +1,74 @@
+"""Trial candidates share the captured model's weights instead of copying them (the tuning loop's
+per-trial cost on large models); an accuracy function that trains its model in place is stopped
+with a clear error, and the user's own model is never touched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxsketch
+from fxsketch.rewrite import apply_plan
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.BatchNorm1d(32), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 4))
+
+
+def test_share_weights_shares_kept_parameters_but_copies_buffers():
+    gm = fxsketch.capture(_model(), (torch.randn(8, 16),))
+    records = {r.name: r for r in fxsketch.find_layers(gm)}
+    plan = {"3": {"method": "svd", "low_rank": 4}}
+    cache = fxsketch.replacements.FactorCache()
+    shared = apply_plan(gm, records, plan, cache, share_weights=True)
+    copied = apply_plan(gm, records, plan, cache)
+    assert shared.get_submodule("0").weight is gm.get_submodule("0").weight
+    assert copied.get_submodule("0").weight is not gm.get_submodule("0").weight
+    assert shared.get_submodule("2").running_mean is not gm.get_submodule("2").running_mean
+    gm.eval(), shared.eval(), copied.eval()
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(shared(x), copied(x))
+
+
+def test_accuracy_fn_that_trains_in_place_is_stopped_and_the_users_model_is_untouched():
+    model = _model().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(64, 16)
+    calls = []
+
+    def training_accuracy(m):
+        calls.append(1)
+        if len(calls) == 3:  # the second trial trains the candidate it was given
+            opt = torch.optim.SGD(m.parameters(), lr=0.1)
+            m(x).square().mean().backward()
+            opt.step()
+        return 1.0
+
+    spec = fxsketch.LayerConfig(["3", "5"], params={"low_rank": fxsketch.Categorical([2, 4, 8])})
+    with pytest.raises(RuntimeError, match=r"changed the weights of the model it was given in place"):
+        fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=training_accuracy, objective="flops",
+                          n_trials=6, seed=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_evaluation_in_train_mode_does_not_leak_batchnorm_stats_between_trials():
+    """Buffers stay per trial: a model left in train mode updates only its own candidate's stats."""
+    model = _model().train()
+    x = torch.randn(64, 16)
+    seen = []
+
+    def accuracy(m):
+        m(x)  # train mode: BatchNorm updates running stats of this candidate
+        seen.append(m.get_submodule("2").running_mean.clone())
+        return 1.0
+
+    spec = fxsketch.LayerConfig(["5"], params={"low_rank": fxsketch.Categorical([1, 2, 3])})
+    fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=accuracy, objective="flops", n_trials=3, seed=0)
+    # each trial's candidate started from the same (captured) stats, so after one identical
+    # forward they hold the same values
+    for stats in seen[1:4]:
+        torch.testing.assert_close(stats, seen[1])
