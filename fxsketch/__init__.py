@@ -15,13 +15,13 @@ import torch
 from fxsketch import kernels  # noqa: F401  (registers the fxsketch:: ops)
 from fxsketch.allocate import allocate
 from fxsketch.backend import backend
-from fxsketch.calibrate import LayerStats, calibrate
+from fxsketch.calibrate import LayerStats, calibrate, sequential_stats
 from fxsketch.capture import CaptureError, capture, find_layers
 from fxsketch.deploy import ArtifactError, load, package, save
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import KINDS, get_kind, register_kind
-from fxsketch.recover import distill
+from fxsketch.recover import distill, masked_mse, rewrite_sequential
 from fxsketch.result import Result
 from fxsketch.rewrite import load_plan, rewrite
 from fxsketch.search import optimize
@@ -53,5 +53,6 @@ def select(model: torch.nn.Module, selector: Any, example_inputs: Any = None) ->
 __all__ = [
     "ArtifactError", "CaptureError", "Categorical", "Float", "Int", "KINDS", "LayerConfig", "LayerRecord",
     "LowRankConv2d", "LowRankLinear", "ParamSpec", "SKConv2d", "SKLinear", "TuningConfigs",
-    "LayerStats", "Result", "allocate", "backend", "calibrate", "capture", "distill", "find_layers", "optimize", "package", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",
+    "LayerStats", "Result", "allocate", "backend", "calibrate", "capture", "distill", "masked_mse",
+    "rewrite_sequential", "sequential_stats", "find_layers", "optimize", "package", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",
 ]

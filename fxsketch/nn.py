@@ -6,6 +6,8 @@ way whether it came from a rewrite or was written by hand.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -28,9 +30,23 @@ def _copy_into(layer: nn.Module, **tensors: torch.Tensor | None) -> None:
                 getattr(layer, name).copy_(value)
 
 
+_SKIP_INIT = contextvars.ContextVar("fxsketch_skip_init", default=False)
+
+
 def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
+    if _SKIP_INIT.get():  # the values are about to be overwritten (from_factors)
+        return t
     bound = 1.0 / math.sqrt(max(fan_in, 1))
     return nn.init.uniform_(t, -bound, bound)
+
+
+@contextlib.contextmanager
+def _no_init():
+    token = _SKIP_INIT.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_INIT.reset(token)
 
 
 class LowRankLinear(nn.Module):
@@ -48,7 +64,8 @@ class LowRankLinear(nn.Module):
         cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
     ) -> "LowRankLinear":
         """Build from given factors (copied, so the caller's tensors are never shared)."""
-        layer = cls(B.shape[1], A.shape[0], B.shape[0], bias=bias is not None).to(B.dtype)
+        with _no_init():
+            layer = cls(B.shape[1], A.shape[0], B.shape[0], bias=bias is not None).to(B.dtype)
         _copy_into(layer, B=B, A=A, bias=bias)
         return layer
 
@@ -95,7 +112,8 @@ class LowRankConv2d(nn.Module):
     ) -> "LowRankConv2d":
         """Build from B (rank, C, kh, kw) and A (out, rank); the tensors are copied."""
         rank, c, kh, kw = B.shape
-        layer = cls(c, A.shape[0], rank, (kh, kw), stride, padding, dilation, bias is not None).to(B.dtype)
+        with _no_init():
+            layer = cls(c, A.shape[0], rank, (kh, kw), stride, padding, dilation, bias is not None).to(B.dtype)
         _copy_into(layer, B=B, A=A, bias=bias)
         return layer
 

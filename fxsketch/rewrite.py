@@ -81,6 +81,7 @@ def rewrite(
     copy_weights: bool = True,
     calibration_data: Any = None,
     refit: bool = True,
+    sequential: bool = False,
 ) -> torch.fx.GraphModule:
     """Capture `model` and apply `plan` without any search; `model` itself is never changed.
 
@@ -91,6 +92,10 @@ def rewrite(
         copy_weights: build replacements from the original weights (False: fresh random init).
         calibration_data: input batches for activation-aware kinds (`whitened_svd`) and refits.
         refit: with calibration data, refit trainable factors to the layers' outputs.
+        sequential: with calibration data, fit each layer, in graph order, to the original
+            layer's outputs from the inputs it receives once the layers before it are replaced
+            (`fxsketch.calibrate.sequential_stats`: error-compensating, about two forward passes
+            of the calibration data, held in memory at once).
 
     Returns:
         A new GraphModule in which every planned layer runs on the fxsketch ops.
@@ -100,10 +105,13 @@ def rewrite(
     gm = capture(model, inputs)
     records = {r.name: r for r in find_layers(gm)}
     stats = None
+    if sequential and calibration_data is None:
+        raise ValueError("sequential=True fits each layer on calibration data: pass calibration_data=")
     if calibration_data is not None:
-        from fxsketch.calibrate import calibrate
+        from fxsketch.calibrate import calibrate, sequential_stats
 
-        stats = calibrate(gm, calibration_data, list(records.values()))
+        stats = (sequential_stats(gm, list(calibration_data), plan, list(records.values()), refit=refit)
+                 if sequential else calibrate(gm, calibration_data, list(records.values())))
     new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit), copy_weights=copy_weights)
     if inputs is not None:
         check_same_output_shapes(gm, new, inputs)

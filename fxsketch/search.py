@@ -262,7 +262,8 @@ class _Context:
     budget: Budget = field(default_factory=Budget)
     warm: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # plans to try first
     selected_dense: tuple[int, int] = (0, 0)  # FLOPs and params of the selected layers, dense
-    recover: tuple[list, int, float] = ([], 0, 0.0)  # (batches, steps, lr) of distillation after each build
+    recover: tuple = ([], 0, 0.0, None)  # (batches, steps, lr, loss_fn) of distillation after each build
+    sensitivity: dict[str, float] | None = None  # per-layer weights of the warm start's allocations
     selected: list[str] = field(default_factory=list)  # the tuned layers' names
     units: dict[str, Unit] = field(default_factory=dict)
     started: int = 0  # trials this process started (other workers may share the study)
@@ -272,12 +273,12 @@ class _Context:
     def build(self, plan: dict, copy_weights: bool = True) -> nn.Module:
         """The model with `plan` applied (and distilled, when recovery is on). Without recovery the
         kept weights are shared with the captured graph, never copied: see `check_weights`."""
-        batches, steps, lr = self.recover
+        batches, steps, lr, loss_fn = self.recover
         self.check_weights()
         module = apply_plan(self.gm, self.records, plan, self.cache, copy_weights=copy_weights,
                             share_weights=not steps)
         if steps and plan:
-            distill(module, self.gm, batches, steps=steps, lr=lr)
+            distill(module, self.gm, batches, steps=steps, lr=lr, loss_fn=loss_fn)
         return module
     weight_versions: list[int] = field(default_factory=list)  # of gm's parameters, at the start
 
@@ -530,8 +531,10 @@ def optimize(
     max_flops: float | int | None = None,
     max_params: float | int | None = None,
     warm_start: bool = True,
+    allocation_sensitivity: Any = None,
     recover_steps: int = 0,
     recover_lr: float = 1e-3,
+    recover_loss_fn: Callable[[Any, Any, tuple], torch.Tensor] | None = None,
     strategy: str = "layerwise",
     objectives: Sequence[str] | None = None,
     n_workers: int = 1,
@@ -579,8 +582,13 @@ def optimize(
             best feasible one (see `_warm_joint`), then start each unit from its cheapest ranks
             under 1% and 5% output error and the allocations at 25/50% of the FLOPs; (joint) start
             from those plans.
+        allocation_sensitivity: how the warm start's allocations weigh each unit's output error
+            (`fxsketch.allocate`'s `sensitivity`: None, "output", an accuracy function or a
+            mapping); a measured one is probed once, at half the FLOPs, and reused.
         recover_steps, recover_lr: distill each candidate (and the final model) for this many
             Adam steps on the calibration data against the original model before judging it.
+        recover_loss_fn: the distillation loss `(outputs, targets, inputs) -> scalar tensor`
+            (default relative MSE; `fxsketch.recover.masked_mse()` leaves padding out).
         strategy: "layerwise" tunes each unit on its own with the others dense, then combines
             and validates (the seeds' way); "joint" makes every trial a whole-model plan (each
             unit with its own values), so budgets and the warm start apply to the whole model.
@@ -644,11 +652,12 @@ def optimize(
     ctx.selected_dense = (sum(dense_cost(r).flops_per_token * r.tokens for r in selected),
                           sum(dense_cost(r).params for r in selected))
     if batches and warm_start:
+        ctx.sensitivity = _unit_sensitivity(ctx, units, allocation_sensitivity, batches)
         ctx.warm = _warm_start_plans(ctx, units)
     if recover_steps:
         if not batches:
             raise ValueError("recover_steps needs calibration_data to distill on")
-        ctx.recover = (batches, recover_steps, recover_lr)
+        ctx.recover = (batches, recover_steps, recover_lr, recover_loss_fn)
     dense_accuracy = None if _worker else _dense_accuracy(accuracy_fn, gm, accuracy_threshold)
     if n_workers > 1:
         check_sendable(model=model, spec=spec, accuracy_fn=call["accuracy_fn"], speed_fn=call["speed_fn"],
@@ -789,6 +798,23 @@ def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
         used += ctx.started - before
 
 
+def _unit_sensitivity(ctx: _Context, units: list[Unit], sensitivity: Any, batches) -> dict[str, float] | None:
+    """`allocation_sensitivity` as per-layer weights: a measured one ("output", an accuracy
+    function) is probed once here, at half the FLOPs, so later allocations cost no evaluation."""
+    if sensitivity is None or isinstance(sensitivity, Mapping):
+        return None if sensitivity is None else dict(sensitivity)
+    usable = _allocatable(units)
+    if not usable:
+        return None
+    from fxsketch.allocate import unit_choices, unit_weights
+    from fxsketch.rewrite import _fetch
+
+    weights = {n: _fetch(ctx.gm, ctx.records[n].weight_target) for u in usable for n in u.layers}
+    options = [unit_choices(u, ctx.records, ctx.cache, weights) for u in usable]
+    factors = unit_weights(usable, options, ctx.records, ctx.cache, sensitivity, ctx.gm, list(batches), share=0.5)
+    return {name: w / len(u.layers) for u, w in zip(usable, factors) for name in u.layers}
+
+
 def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:
     """Plans to try first: each layer's cheapest rank under 1% and 5% output error, then the
     allocations at 25% and 50% of the FLOPs (with a FLOP budget: the allocations under it)."""
@@ -805,7 +831,8 @@ def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[s
         plans = []  # with a FLOP budget, start from plans that respect it
     for budget in budgets:
         try:
-            plans.append(allocate_units(usable, ctx.records, ctx.cache, weights, budget))
+            plans.append(allocate_units(usable, ctx.records, ctx.cache, weights, budget,
+                                        sensitivity=ctx.sensitivity))
         except ValueError as exc:
             log.info("no warm start at %s: %s", budget, exc)
     return plans
@@ -852,7 +879,8 @@ def _warm_joint(ctx: _Context, study: optuna.Study, units: list[Unit], n_trials:
         if used >= limit or hi - lo < 0.01:
             break
         try:
-            plan = allocate_units(usable, ctx.records, ctx.cache, weights, Budget(budget, ctx.budget.params))
+            plan = allocate_units(usable, ctx.records, ctx.cache, weights, Budget(budget, ctx.budget.params),
+                                  sensitivity=ctx.sensitivity)
         except ValueError:  # below the cheapest plan
             plan = {}
         fresh = plan and (JOINT_KEY, json.dumps(plan, sort_keys=True)) not in ctx.memo

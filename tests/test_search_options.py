@@ -1,0 +1,82 @@
+"""optimize's pass-throughs to allocation and recovery, and rewrite(sequential=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxsketch
+from fxsketch.joint import JOINT_KEY
+from fxsketch.result import UNIT_ATTR
+
+D = 32
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 4)).eval()
+
+
+def _batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(8, D, generator=torch.Generator().manual_seed(7))
+    return [(torch.randn(64, 8, generator=g) @ mix + 0.05 * torch.randn(64, D, generator=g),) for _ in range(n)]
+
+
+def _first_warm_plan(result):
+    for t in result.study.trials:
+        entry = t.user_attrs.get("fxsketch.plan") or t.user_attrs.get("fxsketch.entry")
+        if t.user_attrs.get(UNIT_ATTR) == JOINT_KEY and isinstance(entry, dict):
+            return entry
+    raise AssertionError("no whole-model warm-start trial")
+
+
+def _run(model, **kw):
+    x = _batches(1, seed=5)[0][0]
+    spec = fxsketch.LayerConfig(["0", "2"], params="auto")
+    return fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=lambda m: 1.0, accuracy_threshold=0.5,
+                             objective="flops", n_trials=6, seed=0, calibration_data=_batches(), **kw)
+
+
+def test_allocation_sensitivity_moves_the_warm_start_budget_to_the_weighted_layer():
+    model = _model()
+    plain = _first_warm_plan(_run(model))
+    heavy = _first_warm_plan(_run(model, allocation_sensitivity={"0": 1e6, "2": 1e-6}))
+    rank = lambda plan, n: plan.get(n, {}).get("low_rank", 10**9)  # noqa: E731  (dense: the largest)
+    assert rank(heavy, "0") >= rank(plain, "0")
+    assert rank(heavy, "2") <= rank(plain, "2")
+    assert (rank(heavy, "0"), rank(heavy, "2")) != (rank(plain, "0"), rank(plain, "2"))
+
+
+def test_measured_allocation_sensitivity_runs_and_the_search_finishes():
+    result = _run(_model(), allocation_sensitivity="output")
+    assert result.plan and _first_warm_plan(result)
+
+
+def test_recover_loss_fn_is_used_for_distillation():
+    calls = []
+
+    def loss(outputs, targets, inputs):
+        calls.append(1)
+        return (outputs - targets).square().mean()
+
+    _run(_model(), recover_steps=3, recover_lr=1e-3, recover_loss_fn=loss)
+    assert len(calls) >= 3
+
+
+def test_rewrite_sequential_flag_matches_rewrite_sequential():
+    model, batches = _model(), _batches()
+    plan = {"0": {"method": "whitened_svd", "low_rank": 4}, "2": {"method": "whitened_svd", "low_rank": 4}}
+    x = batches[0][0]
+    flagged = fxsketch.rewrite(model, plan, (x,), calibration_data=batches, sequential=True)
+    direct = fxsketch.rewrite_sequential(model, plan, batches, (x,))
+    independent = fxsketch.rewrite(model, plan, (x,), calibration_data=batches)
+    held = _batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        ref = model(held)
+        torch.testing.assert_close(flagged(held), direct(held))
+        err = lambda m: float((m(held) - ref).square().sum() / ref.square().sum())  # noqa: E731
+        assert err(flagged) <= err(independent) * 1.0001
+    with pytest.raises(ValueError, match="calibration_data"):
+        fxsketch.rewrite(model, plan, (x,), sequential=True)
