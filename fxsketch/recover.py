@@ -13,7 +13,7 @@ from torch import nn
 from fxsketch.capture import as_inputs
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 
-__all__ = ["distill", "factor_parameters", "masked_mse", "relative_mse", "rewrite_sequential"]
+__all__ = ["distill", "factor_parameters", "masked_mse", "relative_mse", "rewrite_sequential", "with_taps"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def distill(
     lr: float = 1e-3,
     *,
     loss_fn: Callable[[Any, Any, tuple], torch.Tensor] | None = None,
+    schedule: str = "constant",
 ) -> float:
     """Train `student`'s replacement factors (in place) to reproduce `teacher`'s outputs on `data`.
 
@@ -80,6 +81,10 @@ def distill(
     output's mean square so that outputs of different scales weigh alike. For padded token batches
     pass `loss_fn=masked_mse()` (padding positions then cost nothing). `data` is cycled until
     `steps` optimizer steps are done. Other parameters of the student stay frozen.
+
+    `schedule="cosine"` anneals the learning rate from `lr` to 0 over the steps (a larger `lr`
+    then moves the factors further early on without the last steps' noise); "constant" keeps it.
+    To match intermediate values too, distill `with_taps` views of both models.
 
     Returns:
         The loss of the last step.
@@ -92,7 +97,10 @@ def distill(
         raise ValueError("distill needs data: pass an iterable of input batches")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if schedule == "cosine" else None
     loss = torch.zeros(())
     for batch in itertools.islice(itertools.cycle(batches), steps):
         inputs = as_inputs(batch)
@@ -103,6 +111,8 @@ def distill(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     final = float(loss.detach())
     log.debug("distilled %d steps, final loss %.5f", steps, final)
     return final
@@ -147,3 +157,29 @@ def rewrite_sequential(
     new = apply_plan(gm, {r.name: r for r in records}, plan, FactorCache(stats, refit=True))
     check_same_output_shapes(gm, new, inputs)
     return new
+
+
+def with_taps(gm: torch.fx.GraphModule, names: Any) -> torch.fx.GraphModule:
+    """A view of `gm` that returns `(its output, (value of node names[0], ...))`.
+
+    For distilling intermediate values (`distill(with_taps(student, names), with_taps(teacher,
+    names), ...)`, e.g. every transformer block's output): a rewritten model keeps the node names of
+    the graph it was rewritten from, so the same names address the same values in both. The view
+    shares `gm`'s parameters and submodules (training it trains `gm`); `gm` itself is unchanged.
+    Its forward takes the graph's placeholders positionally, flat.
+    """
+    import copy
+
+    names = [names] if isinstance(names, str) else list(names)
+    graph = copy.deepcopy(gm.graph)
+    nodes = {n.name: n for n in graph.nodes}
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise KeyError(f"no node named {missing} in the graph")
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = ((output.args[0], tuple(nodes[n] for n in names)),)
+    graph._codegen = torch.fx.graph.CodeGen()  # plain tuple output (not the captured pytree spec)
+    view = torch.fx.GraphModule(gm, graph)
+    for name, child in gm.named_children():  # the real submodules, not containers of their used attributes
+        setattr(view, name, child)
+    return view

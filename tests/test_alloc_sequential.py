@@ -4,6 +4,8 @@ direct computation on small models."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from torch import nn
 import fxsketch
 from fxsketch.allocate import unit_weights
 from fxsketch.calibrate import calibrate, sequential_stats
-from fxsketch.recover import masked_mse, rewrite_sequential
+from fxsketch.recover import masked_mse, rewrite_sequential, with_taps
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan
 
@@ -239,3 +241,50 @@ def test_masked_distillation_ignores_padding_and_loss_fn_is_checked():
     assert seen == [2, 2, 2] and final >= 0
     with pytest.raises(TypeError, match="scalar tensor"):
         fxsketch.distill(student, teacher, [(x, mask)], steps=1, loss_fn=lambda o, t, i: 0.5)
+
+
+def test_taps_expose_intermediate_values_that_distillation_trains():
+    model = _model()
+    gm = fxsketch.capture(model, (CALIB[:4],))
+    student = fxsketch.rewrite(model, {"0": {"method": "svd", "low_rank": 2}}, (CALIB[:4],))
+    tanh = [n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Tanh)]
+    assert len(tanh) == 2 and all(t in {n.name for n in student.graph.nodes} for t in tanh)
+    x = HELD_OUT[:8]
+    out, (h1, h2) = with_taps(gm, tanh)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+        torch.testing.assert_close(h1, torch.tanh(model[0](x)))
+        torch.testing.assert_close(h2, torch.tanh(model[2](h1)))
+    with pytest.raises(KeyError, match="no node"):
+        with_taps(gm, ["not_a_node"])
+
+    def first_tap_loss(o, t, inputs):  # only the first block's output: trains the replaced layer 0
+        return (o[1][0] - t[1][0]).square().mean()
+
+    before = _rel_error(student, model)
+    weights = [p.detach().clone() for p in fxsketch.recover.factor_parameters(student)]
+    fxsketch.distill(with_taps(student, tanh), with_taps(gm, tanh), [(CALIB[:256],)], steps=30, lr=3e-3,
+                     loss_fn=first_tap_loss, schedule="cosine")
+    after = [p.detach() for p in fxsketch.recover.factor_parameters(student)]
+    assert any(not torch.equal(a, b) for a, b in zip(weights, after))  # the view shares the student's factors
+    assert _rel_error(student, model) < before
+    with pytest.raises(ValueError, match="schedule"):
+        fxsketch.distill(student, gm, [(CALIB[:8],)], steps=1, schedule="linear")
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero(monkeypatch):
+    lrs = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    model = _model()
+    student = fxsketch.rewrite(model, {"2": {"method": "svd", "low_rank": 4}}, (CALIB[:4],))
+    fxsketch.distill(student, model, [(CALIB[:64],)], steps=4, lr=1e-2, schedule="cosine")
+    assert lrs == pytest.approx([1e-2 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)])
+    lrs.clear()
+    fxsketch.distill(student, model, [(CALIB[:64],)], steps=3, lr=1e-2)
+    assert lrs == pytest.approx([1e-2] * 3)
