@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -271,9 +272,14 @@ class LightningAccuracy:
         for key in ("max_epochs", "max_steps", "val_check_interval"):
             if key in trainer:
                 kwargs.setdefault(key, trainer.pop(key))
-        kwargs["trainer_kwargs"] = {**trainer, **kwargs.get("trainer_kwargs", {})}
+        kwargs["trainer_kwargs"] = {**trainer, **(kwargs.get("trainer_kwargs") or {})}
+        for section, given in (("model", module_class), ("data", datamodule_class)):
+            named = (merged.get(section) or {}).get("class_path") if isinstance(merged.get(section), dict) else None
+            if named and given is not None and named.rpartition(".")[2] != given.__name__:
+                raise ValueError(f"the base config's {section}.class_path is {named!r}, but "
+                                 f"{given.__name__} was given: pass the class it names")
         datamodule = datamodule_class(**data_args) if datamodule_class is not None else None
-        acc = cls(lambda: module_class(**model_args), datamodule, **kwargs)
+        acc = cls(functools.partial(module_class, **model_args), datamodule, **kwargs)
         acc.config = merged
         return acc
 
@@ -524,5 +530,9 @@ def _init_args(config: dict[str, Any], section: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"base config section {section!r} must be a mapping, got {value!r}")
     if "init_args" in value or "class_path" in value:
+        stray = set(value) - {"class_path", "init_args"}
+        if stray:
+            raise ValueError(f"base config section {section!r} mixes class_path/init_args with {sorted(stray)}: "
+                             f"put them under {section}.init_args")
         return dict(value.get("init_args") or {})
     return dict(value)

@@ -107,6 +107,9 @@ def rewrite(
     stats = None
     if sequential and calibration_data is None:
         raise ValueError("sequential=True fits each layer on calibration data: pass calibration_data=")
+    if sequential and not copy_weights:
+        raise ValueError("sequential=True fits the factors to the original weights: it cannot go with "
+                         "copy_weights=False (fresh random factors)")
     if calibration_data is not None:
         from fxsketch.calibrate import calibrate, sequential_stats
 
@@ -134,7 +137,10 @@ def apply_plan(
     """
     # The dense weights of the layers being replaced are dropped from the copy: share them instead
     # of copying them (for large layers that is most of the copy's cost).
-    memo = {id(p): p for p in gm.parameters()} if share_weights else {}
+    # Fresh Parameter objects over the same storage (and version counter): an in-place update is
+    # still seen by the search's check, while `.to()` / `.half()` on the copy swap only its own.
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+            for p in gm.parameters()} if share_weights else {}
     for name, entry in plan.items():
         record = records.get(name)
         replaced = record is not None and not record.unsupported and entry.get("method") != "dense"

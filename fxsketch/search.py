@@ -11,6 +11,7 @@ whole-model plan unless the combined per-unit bests beat it.
 from __future__ import annotations
 
 import itertools
+import functools
 import json
 import logging
 import math
@@ -270,17 +271,19 @@ class _Context:
     multi: bool = False  # multi-objective: every trial needs its speed
     timer: LayerTimer | None = None  # per-layer latency estimates (objective "latency")
 
-    def build(self, plan: dict, copy_weights: bool = True) -> nn.Module:
-        """The model with `plan` applied (and distilled, when recovery is on). Without recovery the
-        kept weights are shared with the captured graph, never copied: see `check_weights`."""
+    weight_versions: list[int] = field(default_factory=list)  # of gm's parameters, at the start
+
+    def build(self, plan: dict, copy_weights: bool = True, share: bool = True) -> nn.Module:
+        """The model with `plan` applied (and distilled, when recovery is on). With `share` and
+        without recovery the kept weights are the captured graph's own storage (trials; see
+        `check_weights`); models handed to the user are built with `share=False`."""
         batches, steps, lr, loss_fn = self.recover
         self.check_weights()
         module = apply_plan(self.gm, self.records, plan, self.cache, copy_weights=copy_weights,
-                            share_weights=not steps)
+                            share_weights=share and not steps)
         if steps and plan:
             distill(module, self.gm, batches, steps=steps, lr=lr, loss_fn=loss_fn)
         return module
-    weight_versions: list[int] = field(default_factory=list)  # of gm's parameters, at the start
 
     def check_weights(self) -> None:
         """Refuse to go on once an evaluation changed the captured weights in place (e.g. an
@@ -651,6 +654,9 @@ def optimize(
     selected = [ctx.records[n] for n in ctx.selected]
     ctx.selected_dense = (sum(dense_cost(r).flops_per_token * r.tokens for r in selected),
                           sum(dense_cost(r).params for r in selected))
+    if allocation_sensitivity is not None and not (batches and warm_start):
+        raise ValueError("allocation_sensitivity weighs the warm start's allocations: it needs calibration_data= "
+                         "and warm_start=True")
     if batches and warm_start:
         ctx.sensitivity = _unit_sensitivity(ctx, units, allocation_sensitivity, batches)
         ctx.warm = _warm_start_plans(ctx, units)
@@ -658,7 +664,7 @@ def optimize(
         if not batches:
             raise ValueError("recover_steps needs calibration_data to distill on")
         ctx.recover = (batches, recover_steps, recover_lr, recover_loss_fn)
-    dense_accuracy = None if _worker else _dense_accuracy(accuracy_fn, gm, accuracy_threshold)
+    dense_accuracy = None if _worker else _dense_accuracy(accuracy_fn, ctx.build({}), accuracy_threshold)
     if n_workers > 1:
         check_sendable(model=model, spec=spec, accuracy_fn=call["accuracy_fn"], speed_fn=call["speed_fn"],
                        sampler=sampler, pruner=pruner, calibration_data=batches)
@@ -1012,7 +1018,7 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strat
         reasons = trials["note"].value_counts()
         summary = "; ".join(f"{n}× {reason}" for reason, n in reasons.items())
         raise RuntimeError(f"every trial failed ({len(trials)}): {summary}")
-    pareto = pareto_points(ctx, study, ctx.build) if multi else []
+    pareto = pareto_points(ctx, study, functools.partial(ctx.build, share=False)) if multi else []
     plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
     warm = best_joint(study) if strategy == "layerwise" and ctx.threshold is not None else None
     if warm is None:
@@ -1029,6 +1035,8 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strat
                 step["source"] = "warm start (whole-model trial)"
             done = (done[0], done[1], tried + done[2], done[3])
         plan, accuracy, steps, module = done
+    if plan and not ctx.recover[1]:  # the returned model owns its weights (the same values)
+        module = ctx.build(plan, share=False)
     params_before, flops_before = plan_cost(records, {})
     params_after, flops_after = plan_cost(records, plan)
     if plan:  # the returned plan is always timed on the whole model, interleaved with the dense one

@@ -33,7 +33,15 @@ def choose(key: Hashable, candidates: Mapping[str, Callable[[], object]],
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return _DEFAULT if _DEFAULT in candidates else next(iter(candidates))
     timer = timer or cuda_time
-    times = {name: timer(fn) for name, fn in candidates.items()}
+    times = {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = timer(fn)
+        except Exception as exc:  # e.g. a kernel that fails to compile here: never picked
+            log.warning("lowrank kernel %r failed for %s and is not used for it: %s: %s", name, key,
+                        type(exc).__name__, exc)
+    if not times:
+        raise RuntimeError(f"every lowrank kernel failed for {key}")
     if _DEFAULT in times:  # timing noise must not flip a near-tie away from the default
         times[_DEFAULT] *= MARGIN
     choice = min(times, key=times.__getitem__)
@@ -61,5 +69,5 @@ def cuda_time(fn: Callable[[], object], calls: int = 10, rounds: int = 5) -> flo
 
 
 def clear() -> None:
-    """Forget every choice (e.g. after changing torch.backends.cuda.matmul.allow_tf32)."""
+    """Forget every choice (e.g. after a driver or library update within the process)."""
     _CHOICES.clear()

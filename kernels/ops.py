@@ -49,7 +49,7 @@ def _triton_available() -> bool:
     return True
 
 
-def _pick(kind: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias, fused, chain) -> str:
+def _pick(kind: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias, fused, chain, geometry=()) -> str:
     backend = kernel_backend(x)
     if backend != "auto":
         return backend
@@ -57,8 +57,9 @@ def _pick(kind: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias, fu
 
     M = x.numel() // max(x.shape[-1], 1) if kind == "linear" else x.shape[0] * x.shape[2] * x.shape[3]
     key = (kind, 1 << max(M - 1, 0).bit_length(), tuple(B.shape), A.shape[0], x.dtype, bias is not None,
-           torch.backends.cuda.matmul.allow_tf32, x.device.index)
-    return choose(key, {"triton": fused, "aten": chain})
+           torch.backends.cuda.matmul.allow_tf32, x.device.index, geometry)
+    with torch.cuda.device(x.device):
+        return choose(key, {"triton": fused, "aten": chain})
 
 
 def _lowrank_linear_impl(x, B, A, bias=None):
@@ -82,7 +83,8 @@ def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation):
     def chain():
         return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
 
-    return fused() if _pick("conv2d", x, B, A, bias, fused, chain) == "triton" else chain()
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), tuple(x.shape[2:]))
+    return fused() if _pick("conv2d", x, B, A, bias, fused, chain, geometry) == "triton" else chain()
 
 
 # The lower-level Library API keeps per-call overhead near a plain ATen call (~2 µs instead of

@@ -152,7 +152,9 @@ def _prune(configs, named_args, **kwargs):
                 and _smem_bytes(c, size) <= _SMEM_BUDGET)
 
     kept = [c for c in configs if suits(c)]
-    return kept or [min(configs, key=lambda c: _smem_bytes(c, size))]
+    # the fallback must keep BR: ONE_CHUNK (set by the caller) assumes one chunk holds R ≤ 256
+    same_chunk = [c for c in configs if c.kwargs["BR"] == want_br]
+    return kept or [min(same_chunk, key=lambda c: _smem_bytes(c, size))]
 
 
 @functools.cache

@@ -62,3 +62,17 @@ def test_the_chain_keeps_near_ties():
     assert ch.choose("tie", {"aten": "aten", "triton": "triton"}, timer=times.__getitem__) == "aten"
     times = {"aten": 1.0, "triton": 0.5}
     assert ch.choose("win", {"aten": "aten", "triton": "triton"}, timer=times.__getitem__) == "triton"
+
+
+def test_a_failing_candidate_is_never_picked():
+    def broken():
+        raise RuntimeError("PassManager::run failed")
+
+    times = {"aten": 1.0}
+
+    def timer(fn):
+        return fn() if fn is broken else times["aten"]
+
+    assert ch.choose("fails", {"triton": broken, "aten": "aten"}, timer=timer) == "aten"
+    with pytest.raises(RuntimeError, match="every lowrank kernel failed"):
+        ch.choose("all-fail", {"triton": broken}, timer=timer)

@@ -434,6 +434,11 @@ def test_base_config_errors(tmp_path):
         LightningAccuracy.from_config({"model": {"lr": 0.1}}, DigitsLit, overrides={"model.lr.x": 1}, attr="net")
     with pytest.raises(FileNotFoundError, match="base config file not found"):
         LightningAccuracy.from_config(tmp_path / "missing.yaml", DigitsLit, attr="net")
+    with pytest.raises(ValueError, match="class_path is 'models.Other'"):
+        LightningAccuracy.from_config({"model": {"class_path": "models.Other"}}, DigitsLit, attr="net")
+    with pytest.raises(ValueError, match="put them under model.init_args"):
+        LightningAccuracy.from_config({"model": {"class_path": "DigitsLit"}}, DigitsLit,
+                                      overrides={"model.lr": 0.1}, attr="net")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="invalid JSON"):

@@ -25,8 +25,11 @@ def test_share_weights_shares_kept_parameters_but_copies_buffers():
     cache = fxsketch.replacements.FactorCache()
     shared = apply_plan(gm, records, plan, cache, share_weights=True)
     copied = apply_plan(gm, records, plan, cache)
-    assert shared.get_submodule("0").weight is gm.get_submodule("0").weight
-    assert copied.get_submodule("0").weight is not gm.get_submodule("0").weight
+    w, ws, wc = (m.get_submodule("0").weight for m in (gm, shared, copied))
+    assert ws.data_ptr() == w.data_ptr() and wc.data_ptr() != w.data_ptr()
+    shared.double()  # casting (or moving) the trial's model swaps only its own parameters
+    assert w.dtype == torch.float32 and ws.dtype == torch.float64
+    shared.float()
     assert shared.get_submodule("2").running_mean is not gm.get_submodule("2").running_mean
     gm.eval(), shared.eval(), copied.eval()
     x = torch.randn(5, 16)
@@ -72,3 +75,25 @@ def test_evaluation_in_train_mode_does_not_leak_batchnorm_stats_between_trials()
     # forward they hold the same values
     for stats in seen[1:4]:
         torch.testing.assert_close(stats, seen[1])
+
+
+def test_accuracy_fn_may_cast_its_model_and_the_returned_model_owns_its_weights():
+    model = _model().eval()
+    x = torch.randn(64, 16)
+
+    def accuracy(m):
+        m.double()  # e.g. evaluation in another dtype or on another device
+        m(x.double())
+        return 1.0
+
+    spec = fxsketch.LayerConfig(["3", "5"], params={"low_rank": fxsketch.Categorical([2, 4, 8])})
+    result = fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=accuracy, objective="flops",
+                               n_trials=6, seed=0)
+    assert result.plan
+    gm = result.graph_module
+    assert all(p.dtype == torch.float32 for p in gm.parameters())  # rebuilt, not a trial's model
+    with torch.no_grad():
+        before = [p.clone() for p in model.parameters()]
+        for p in gm.parameters():
+            p.add_(1.0)  # fine-tuning the result touches nothing else
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
