@@ -24,7 +24,7 @@ import torch
 
 from torch import nn
 
-from fxsketch.calibrate import calibrate
+from fxsketch.calibrate import calibrate, iterate_batches
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
@@ -166,7 +166,7 @@ def allocate(
     """
     from fxsketch.search import resolve_units
 
-    batches = list(_batches(calibration_data))
+    batches = list(iterate_batches(calibration_data))
     if not batches:
         raise ValueError("calibration_data is empty: pass an iterable of input batches")
     inputs = as_inputs(example_inputs if example_inputs is not None else batches[0])
@@ -179,17 +179,6 @@ def allocate(
     cache = FactorCache(calibrate(gm, batches, records))
     return allocate_units(units, {r.name: r for r in records}, cache, _weights(gm, records),
                           Budget(budget, max_params), sensitivity=sensitivity, gm=gm, batches=batches)
-
-
-def _batches(calibration_data: Any) -> Iterable[Any]:
-    """`iter(calibration_data)`, with an error that says what calibration data is."""
-    try:
-        if isinstance(calibration_data, (str, bytes)):
-            raise TypeError
-        return iter(calibration_data)
-    except TypeError:
-        raise TypeError(f"calibration_data must be an iterable of input batches (tensors or tuples of "
-                        f"positional inputs), got {type(calibration_data).__name__}") from None
 
 
 def _check_ranks(unit, records: dict[str, LayerRecord]) -> None:

@@ -12,7 +12,7 @@ original model's inputs, so each replacement is fitted to undo the error upstrea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,7 +170,7 @@ def calibrate(
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"calibrate takes a captured GraphModule (fxsketch.capture(model, example_inputs)), "
                         f"got {type(gm).__name__}")
-    batches = _iterate(batches)
+    batches = iterate_batches(batches)
     records = records if records is not None else find_layers(gm)
     records = [r for r in records if not r.unsupported]  # never factored: nothing to record
     stats = {r.name: _empty(r) for r in records}
@@ -197,7 +197,8 @@ def _empty(record: LayerRecord) -> LayerStats:
     return LayerStats(torch.zeros(record.in_features, record.in_features, dtype=torch.float64))
 
 
-def _iterate(batches: Any):
+def iterate_batches(batches: Any) -> Iterator[Any]:
+    """`iter(batches)`, with an error that says what calibration data is."""
     try:
         if isinstance(batches, (str, bytes)):
             raise TypeError
@@ -247,7 +248,7 @@ def sequential_stats(
 
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"sequential_stats takes a captured GraphModule, got {type(gm).__name__}")
-    all_inputs = [_inputs(b, i) for i, b in enumerate(_iterate(batches))]
+    all_inputs = [_inputs(b, i) for i, b in enumerate(iterate_batches(batches))]
     if not all_inputs:
         raise ValueError("calibration_data is empty: pass an iterable of input batches (tensors or tuples)")
     records = records if records is not None else find_layers(gm)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsketch.records import LayerRecord
+from fxsketch.rewrite import _fetch
 from fxsketch.replacements import dense_cost, get_kind
 
 __all__ = ["compare_latency", "measure_latency", "plan_cost", "layer_cost", "LayerTimer"]
@@ -178,13 +179,6 @@ def fastest(fn: Callable, inputs: tuple, *, warmup: int = 1, repeats: int = 3, b
             best = min(best, time.perf_counter() - t0)
             n += 1
     return best
-
-
-def _fetch(module: nn.Module, target: str) -> torch.Tensor:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _input_meta(node: torch.fx.Node) -> tuple[tuple[int, ...], torch.dtype] | None:

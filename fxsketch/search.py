@@ -27,8 +27,8 @@ import optuna
 import torch
 from torch import nn
 
-from fxsketch.allocate import ALLOCATABLE, Budget, _batches, allocate_units, target_error_units
-from fxsketch.calibrate import calibrate
+from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units, target_error_units
+from fxsketch.calibrate import calibrate, iterate_batches
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import LayerTimer, compare_latency, plan_cost
 from fxsketch.joint import JOINT_KEY, best_joint, pareto_points, run_joint
@@ -629,7 +629,7 @@ def optimize(
     Budget(max_flops, max_params).limits(1, 1)
     if not isinstance(n_workers, int) or n_workers < 1:
         raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
-    batches = list(_batches(calibration_data)) if calibration_data is not None else None
+    batches = list(iterate_batches(calibration_data)) if calibration_data is not None else None
     default_method = default_method or ("whitened_svd" if batches else DEFAULT_METHOD)
     get_kind(default_method)
     inputs = as_inputs(example_inputs)

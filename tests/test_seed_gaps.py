@@ -22,7 +22,7 @@ from fxsketch.nn import SKConv2d, SKLinear
 from fxsketch.tuner import (
     Categorical, Float, Int, LayerConfig, ModelVisualizer, OptunaSearch, SearchAlgorithm, SKAutoTuner, TuningConfigs,
 )
-from test_tuner_support import SimpleModel, accuracy, size_speed, trained_mlp, val_loader
+from test_tuner_support import SimpleModel, accuracy, pruning_accuracy, size_speed, trained_mlp, val_loader
 from test_tuner_support import one_thread  # noqa: F401  (autouse fixture)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -116,16 +116,7 @@ def test_lightningtune_pruners_are_injected_into_optuna_search(pruner):
     search = OptunaSearch(n_trials=8, sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner)
     configs = TuningConfigs([LayerConfig(["fc2"], {"num_terms": [1, 2], "low_rank": [1, 2, 4, 32, 64]})])
 
-    def acc(model):
-        correct = total = 0
-        with torch.no_grad():
-            for step, (xb, yb) in enumerate(val_loader(batch_size=100)):
-                correct += (model(xb).argmax(1) == yb).sum().item()
-                total += len(yb)
-                search.report_intermediate(correct / total, step)
-                if search.should_prune():
-                    raise optuna.TrialPruned()
-        return correct / total
+    acc = pruning_accuracy(search)
 
     tuner = SKAutoTuner(trained_mlp(), configs, acc, search)
     tuner.tune()

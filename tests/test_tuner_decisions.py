@@ -17,7 +17,7 @@ from torch import nn
 import fxsketch
 from fxsketch.nn import LowRankLinear, SKLinear
 from fxsketch.tuner import Categorical, Float, Int, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
-from test_tuner_support import accuracy, size_speed, trained_mlp, val_loader
+from test_tuner_support import accuracy, pruning_accuracy, size_speed, trained_mlp
 from test_tuner_support import one_thread  # noqa: F401  (autouse fixture)
 
 SPACE = {"num_terms": Categorical([1, 2, 3]), "low_rank": Categorical([4, 8, 16, 32, 64])}
@@ -343,16 +343,7 @@ def test_decision_median_pruner_prunes_trials_reporting_per_batch():
     search = OptunaSearch(n_trials=10, sampler=optuna.samplers.RandomSampler(seed=0),
                           pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
 
-    def acc(model):
-        correct = total = 0
-        with torch.no_grad():
-            for step, (xb, yb) in enumerate(val_loader(batch_size=100)):
-                correct += (model(xb).argmax(1) == yb).sum().item()
-                total += len(yb)
-                search.report_intermediate(correct / total, step)
-                if search.should_prune():
-                    raise optuna.TrialPruned()
-        return correct / total
+    acc = pruning_accuracy(search)
 
     tuner = make(search=search, acc=acc)
     tuner.tune()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 
+import optuna
 import pytest
 import torch
 from torch import nn
@@ -136,3 +137,18 @@ def test_support_models_learn_the_digits() -> None:
     assert accuracy(trained_convnet()) > 0.6
     sk = nn.Sequential(SKLinear(64, 32, num_terms=2, low_rank=8), nn.ReLU(), SKLinear(32, 10, 1, 8))
     assert accuracy(fit(sk, epochs=5)) > 0.8  # the sketched layers train from a random start
+
+
+def pruning_accuracy(search):
+    """Validation accuracy that reports each batch to `search` and stops when it says prune."""
+    def acc(model):
+        correct = total = 0
+        with torch.no_grad():
+            for step, (xb, yb) in enumerate(val_loader(batch_size=100)):
+                correct += (model(xb).argmax(1) == yb).sum().item()
+                total += len(yb)
+                search.report_intermediate(correct / total, step)
+                if search.should_prune():
+                    raise optuna.TrialPruned()
+        return correct / total
+    return acc
