@@ -148,7 +148,7 @@ def apply_plan(
             if target:
                 tensor = _fetch(gm, target)
                 memo[id(tensor)] = tensor
-    new = copy.deepcopy(gm, memo)
+    new = _copy_graph_module(gm, memo)
     nodes = {n.name: n for n in new.graph.nodes}
     for name, entry in plan.items():
         record = _record(records, name, gm)
@@ -176,6 +176,21 @@ def apply_plan(
     new.graph.lint()
     new.recompile()
     new.meta["fxsketch_plan"] = {name: dict(entry) for name, entry in plan.items()}
+    return new
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.fx.GraphModule:
+    """`copy.deepcopy(gm, memo)` whose code is not generated yet: the caller edits the graph and
+    recompiles once (generating a large exported graph's code twice is a third of a trial's build).
+
+    The deep copy is given an empty stand-in for the graph, which compiles for nothing, and the real
+    graph's copy is attached afterwards the way the `graph` setter does, minus its recompile.
+    """
+    graph = copy.deepcopy(gm.graph)
+    memo[id(gm.graph)] = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls, tracer_extras=gm.graph._tracer_extras)
+    new = copy.deepcopy(gm, memo)
+    new._graph = graph
+    graph.owning_module = new
     return new
 
 

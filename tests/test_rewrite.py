@@ -264,6 +264,33 @@ def test_original_model_is_never_mutated_and_still_gives_identical_outputs():
         assert torch.equal(model(x), y_before)
 
 
+@pytest.mark.parametrize("model_cls", [Net, BranchNet])  # symbolic_trace, torch.export
+def test_apply_plan_leaves_the_captured_graph_module_whole(model_cls):
+    """apply_plan copies the graph once and generates its code once: the captured module keeps its
+    graph, owner and code; the copy's code is its own graph's and survives a deep copy."""
+    import copy
+
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x = _input()
+    gm = capture(model, (x,))
+    records = {r.name: r for r in find_layers(gm)}
+    graph, code, nodes = gm.graph, gm.code, len(gm.graph.nodes)
+    with torch.no_grad():
+        y = gm(x)
+    new = apply_plan(gm, records, _svd_plan({"conv1": 2, "fc2": 2}), FactorCache())
+    assert gm.graph is graph and graph.owning_module is gm
+    assert gm.code == code and len(gm.graph.nodes) == nodes
+    assert new.graph is not graph and new.graph.owning_module is new
+    assert new.code == new.graph.python_code("self").src
+    assert "lowrank" in new.code and new.graph._tracer_cls is graph._tracer_cls
+    twin = copy.deepcopy(new)
+    with torch.no_grad():
+        assert torch.equal(gm(x), y)
+        assert torch.equal(twin(x), new(x))
+        assert _rel_err(new(x), y) < 1.0
+
+
 @pytest.mark.parametrize(
     "bias", [True, False], ids=["bias", "no_bias"]
 )

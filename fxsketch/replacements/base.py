@@ -126,6 +126,8 @@ class FactorCache:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
         self._whitened: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._whitened_factors: dict[tuple[str, bool, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mean_output: dict[str, torch.Tensor] = {}
 
     def _disk(self, what: str, key: str, *tensors: torch.Tensor) -> Path | None:
         """The file holding a decomposition of these exact tensors (None without a cache_dir)."""
@@ -192,16 +194,20 @@ class FactorCache:
             W = torch.linalg.solve(C + eye, (W @ (P + eye)).T).T  # C̃ symmetric
         return W, C
 
-    def bias(self, key: str, matrix: torch.Tensor, approx: torch.Tensor, bias: torch.Tensor | None
-             ) -> torch.Tensor | None:
+    def bias(self, key: str, matrix: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor],
+             bias: torch.Tensor | None) -> torch.Tensor | None:
         """The bias that makes the replacement's mean output match the original's on the statistics:
-        b + W E[x] − Ŵ E[x̃] (for a fixed Ŵ, the least-squares optimal bias). `bias` itself when the
-        layer is not centered (see `centers`)."""
+        b + W E[x] − A B E[x̃] for the replacement Ŵ = A·B (`factors`; for a fixed Ŵ, the
+        least-squares optimal bias). `bias` itself when the layer is not centered (see `centers`)."""
         if bias is None or not self.centers(key, True):
             return bias
         stats = self.stats[key]
-        W = matrix.detach().to(torch.float64)
-        shift = W @ stats.ref_mean - approx.to(torch.float64) @ stats.mean
+        if key not in self._mean_output:
+            self._mean_output[key] = matrix.detach().to(torch.float64) @ stats.ref_mean
+        A, B = factors
+        dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+        approx = A.detach().to(dtype) @ (B.detach().to(dtype) @ stats.mean.to(dtype))
+        shift = self._mean_output[key] - approx.to(torch.float64)
         return (bias.detach().to(torch.float64) + shift).to(bias.dtype)
 
     def svd(self, key: str, matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,6 +266,17 @@ class FactorCache:
             self._store(path, (U, S, M))
         return self._whitened[slot]
 
+    def whitened_factors(self, key: str, matrix: torch.Tensor, centered: bool, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U S^½, S^½ M) of `whitened` in `dtype`, kept for the study: the rank-R factors (A, B) of
+        `whitened_svd` are their leading R columns and rows, so a trial's build only slices them."""
+        slot = (key, centered, dtype)
+        if slot not in self._whitened_factors:
+            U, S, M = self.whitened(key, matrix, centered)
+            root = S.sqrt()
+            self._whitened_factors[slot] = ((U * root).to(dtype), (root[:, None] * M).to(dtype))
+        return self._whitened_factors[slot]
+
     def output_errors(self, key: str, method: str, matrix: torch.Tensor, ranks: list[int],
                       centered: bool = False) -> list[float]:
         """Relative output error E‖(W − W_R)x‖² / E‖Wx‖² of `method` at each rank, on the statistics
@@ -286,3 +303,5 @@ class FactorCache:
     def clear(self) -> None:
         self._svd.clear()
         self._whitened.clear()
+        self._whitened_factors.clear()
+        self._mean_output.clear()

@@ -57,7 +57,7 @@ class SVD(ReplacementKind):
             centered = cache.centers(record.name, bias is not None)
             target, C = cache.target(record.name, W, centered)
             A = refit_outer(target, B.to(torch.float64), C)
-            bias = cache.bias(record.name, W, A @ B.to(torch.float64), bias)
+            bias = cache.bias(record.name, W, (A, B), bias)
         return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias)
 
 
@@ -76,12 +76,11 @@ class WhitenedSVD(SVD):
             return fresh_lowrank_module(record, rank, bias is not None).to(weight.dtype)
         W = weight.reshape(record.out_features, -1)
         centered = cache.centers(record.name, bias is not None)
-        U, S, M = cache.whitened(record.name, W, centered)
-        root = S[:rank].sqrt()
-        A, B = U[:, :rank] * root, root[:, None] * M[:rank]
+        A, B = cache.whitened_factors(record.name, W, centered, weight.dtype)
+        A, B = A[:, :rank], B[:rank]
         if centered:  # decomposed around the input mean: the bias carries the mean output
-            bias = cache.bias(record.name, W, A @ B, bias)
-        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias)
+            bias = cache.bias(record.name, W, (A, B), bias)
+        return lowrank_module(record, B, A, bias)
 
 
 def fresh_lowrank_module(record: LayerRecord, rank: int, bias: bool):

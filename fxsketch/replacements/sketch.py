@@ -78,8 +78,8 @@ class Sketch(ReplacementKind):
                 module.S1.copy_(S1)
                 module.S2.copy_(S2)
             if bias is not None and centered:
-                B, A = (t.detach().to(torch.float64) for t in module.collapsed_factors())
-                bias = cache.bias(record.name, W, A @ B, bias)
+                B, A = module.collapsed_factors()
+                bias = cache.bias(record.name, W, (A, B), bias)
         module = module.to(weight.dtype)
         if bias is not None and copy_weights:
             with torch.no_grad():
