@@ -85,8 +85,9 @@ def evaluate_plan(ctx, trial: optuna.Trial, plan: dict, flat: dict, reason: str 
         trial.set_user_attr("fxsketch.note", f"pruned before evaluation: {reason}")
         raise optuna.TrialPruned(reason)
     key = (JOINT_KEY, json.dumps(plan, sort_keys=True))
-    if key in ctx.memo:
-        accuracy, speed, first = ctx.memo[key]
+    hit = ctx.recall(key, plan)
+    if hit is not None:
+        accuracy, speed, first = hit
         trial.set_user_attr("fxsketch.note", f"same plan as trial {first}: result reused")
     else:
         module = ctx.build(plan)

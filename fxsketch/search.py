@@ -323,6 +323,19 @@ class _Context:
         dense, candidate = compare_latency([self.gm, module], self.inputs, budget_s=0.15)
         return dense / candidate
 
+    def recall(self, key: tuple[str, str], plan: dict, copy_weights: bool = True) -> tuple[float, float, int] | None:
+        """The remembered (accuracy, speed, first trial) of an earlier trial with the same values, or
+        None. A speed that was skipped (NaN: the trial missed a higher threshold, e.g. before a
+        resume with a lower one) is measured now when this call's score needs it."""
+        hit = self.memo.get(key)
+        if hit is None:
+            return None
+        accuracy, speed, first = hit
+        if math.isnan(speed) and (self.multi or (self.threshold is not None and accuracy >= self.threshold)):
+            speed = self.speed(self.build(plan, copy_weights=copy_weights), plan, accuracy)
+            self.memo[key] = hit = (accuracy, speed, first)
+        return hit
+
     def score(self, accuracy: float, speed: float) -> float:
         if self.threshold is None:
             return accuracy
@@ -382,8 +395,9 @@ def _run_trial(ctx: _Context, unit: Unit, trial: optuna.Trial) -> float:
     if reason:
         trial.set_user_attr("fxsketch.note", f"pruned before evaluation: {reason}")
         raise optuna.TrialPruned(reason)
-    if (unit.key, values) in ctx.memo:
-        accuracy, speed, first = ctx.memo[(unit.key, values)]
+    hit = ctx.recall((unit.key, values), {name: entry for name in unit.layers}, unit.copy_weights)
+    if hit is not None:
+        accuracy, speed, first = hit
         trial.set_user_attr("fxsketch.note", f"same values as trial {first}: result reused")
     else:
         accuracy, speed = _evaluate(ctx, unit, entry, trial)
@@ -918,10 +932,9 @@ def _joint_runner(ctx: _Context, study: optuna.Study, units: list[Unit], callbac
     from fxsketch.joint import evaluate_plan
 
     def run(plan: dict, note: str) -> float:
-        key = (JOINT_KEY, json.dumps(plan, sort_keys=True))
-        if key in ctx.memo:
-            accuracy, speed, _ = ctx.memo[key]
-            return ctx.score(accuracy, speed)
+        hit = ctx.recall((JOINT_KEY, json.dumps(plan, sort_keys=True)), plan)
+        if hit is not None:
+            return ctx.score(*hit[:2])
         flat = {f"{u.key}.{k}": v for u in units for k, v in plan.get(u.layers[0], {"method": "dense"}).items()}
         out = {"score": -math.inf}
 

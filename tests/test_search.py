@@ -279,6 +279,25 @@ def test_sqlite_storage_resume_adds_trials_without_repeating_configurations(tmp_
     assert len(calls) == 1 + (4 - reused) + len(resumed.validation)  # stored configurations are not re-run
 
 
+def test_resume_with_a_lower_threshold_times_the_trials_it_had_skipped(tmp_path):
+    """Under a high threshold, trials that miss it are not timed (speed NaN). Resumed with a lower
+    threshold, the same values are reused but now feasible: their speed is measured, not NaN."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = LayerConfig({"type": "Linear", "range": [0, 2]},
+                       params={"method": Categorical(["svd"]), "low_rank": Categorical([2, 4])})
+    first = _run(spec=spec, storage=url, study_name="s", objective="latency", accuracy_threshold=0.999,
+                 n_trials=6)
+    done = first.trials[first.trials["state"] == "COMPLETE"]
+    assert done["speed"].isna().any()  # infeasible under 0.999: not timed
+    resumed = _run(spec=spec, storage=url, study_name="s", objective="latency", accuracy_threshold=0.0,
+                   n_trials=4, load_if_exists=True)
+    new = resumed.trials.iloc[len(first.trials):]
+    reused = new[new["note"].str.contains("reused", na=False)]
+    assert len(reused) and (reused["state"] == "COMPLETE").all()
+    assert reused["speed"].map(math.isfinite).all() and (reused["speed"] > 0).all()
+    assert resumed.plan and math.isfinite(resumed.speedup)
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="objective"):
         _run(objective="speed")
