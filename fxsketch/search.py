@@ -262,6 +262,7 @@ class _Context:
     default_method: str
     budget: Budget = field(default_factory=Budget)
     warm: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # plans to try first
+    warm_joint: bool = True  # run the whole-model warm start (one worker of a parallel call does)
     selected_dense: tuple[int, int] = (0, 0)  # FLOPs and params of the selected layers, dense
     recover: tuple = ([], 0, 0.0, None)  # (batches, steps, lr, loss_fn) of distillation after each build
     sensitivity: dict[str, float] | None = None  # per-layer weights of the warm start's allocations
@@ -558,7 +559,7 @@ def optimize(
     heartbeat_interval: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     experiment_dir: str | os.PathLike | None = None,
-    _worker: bool = False,
+    _worker: int | None = None,
 ) -> Result | None:
     """Find the fastest plan that keeps `accuracy_fn(model) >= accuracy_threshold`, and apply it.
 
@@ -674,11 +675,12 @@ def optimize(
     if batches and warm_start:
         ctx.sensitivity = _unit_sensitivity(ctx, units, allocation_sensitivity, batches)
         ctx.warm = _warm_start_plans(ctx, units)
+        ctx.warm_joint = not _worker  # of parallel workers, the first runs the whole-model warm start
     if recover_steps:
         if not batches:
             raise ValueError("recover_steps needs calibration_data to distill on")
         ctx.recover = (batches, recover_steps, recover_lr, recover_loss_fn)
-    dense_accuracy = None if _worker else _dense_accuracy(accuracy_fn, ctx.build({}), accuracy_threshold)
+    dense_accuracy = None if _worker is not None else _dense_accuracy(accuracy_fn, ctx.build({}), accuracy_threshold)
     if n_workers > 1:
         check_sendable(model=model, spec=spec, accuracy_fn=call["accuracy_fn"], speed_fn=call["speed_fn"],
                        sampler=sampler, pruner=pruner, calibration_data=batches)
@@ -703,7 +705,7 @@ def optimize(
             _interrupted(study, call["storage"])
     finally:
         optuna.logging.set_verbosity(optuna_verbosity)
-    if _worker:
+    if _worker is not None:
         return None
     result = _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
     if experiment_dir is not None:
@@ -799,7 +801,7 @@ def _search(ctx, study, units, n_trials, timeout, verbose, callbacks) -> None:
     deadline = None if timeout is None else time.monotonic() + timeout
     printer = [_print_trial] if verbose else []
     used = warm = 0
-    if ctx.warm and ctx.threshold is not None:
+    if ctx.warm and ctx.warm_joint and ctx.threshold is not None:
         before = ctx.started
         _warm_joint(ctx, study, units, n_trials, [*printer, *callbacks])
         used = warm = ctx.started - before
@@ -879,8 +881,8 @@ def _warm_joint(ctx: _Context, study: optuna.Study, units: list[Unit], n_trials:
        search (which starts from the warm-start ranks of each unit) gets the rest.
 
     `_finish` returns the best of these plans unless the per-unit bests, combined and backed off,
-    are faster. Skipped when the study already holds whole-model trials (a resumed study, another
-    worker)."""
+    are faster. Skipped when the study already holds whole-model trials (a resumed study, a call on
+    another machine), and in every `n_workers` process but the first."""
     from fxsketch.rewrite import _fetch
 
     usable = [u for u in _allocatable(units) if u.space["low_rank"].values()]

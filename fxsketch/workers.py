@@ -102,7 +102,8 @@ def run_workers(n_workers: int, n_trials: int, storage: Any, study_name: str | N
         if not share:
             continue
         job = dict(kwargs, n_trials=share, storage=storage, study_name=study_name, load_if_exists=True,
-                   seed=None if seed is None else seed + i, n_workers=1, threads=max(1, (os.cpu_count() or 1) // n_workers))
+                   seed=None if seed is None else seed + i, n_workers=1, worker=i,
+                   threads=max(1, (os.cpu_count() or 1) // n_workers))
         processes.append(context.Process(target=_worker_main, args=(job,), name=f"fxsketch-worker-{i}"))
     for p in processes:
         p.start()
@@ -119,6 +120,7 @@ def _worker_main(job: dict[str, Any]) -> None:
     from fxsketch.search import optimize
 
     torch.set_num_threads(job.pop("threads"))
+    index = job.pop("worker")
     job["accuracy_fn"] = resolve_callable(job["accuracy_fn"])
     job["speed_fn"] = resolve_callable(job.get("speed_fn"))
-    optimize(**job, _worker=True)
+    optimize(**job, _worker=index)

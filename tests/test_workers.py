@@ -64,6 +64,21 @@ def test_layerwise_workers_split_the_trials_over_processes_and_layers(tmp_path):
     assert len(optuna.load_study(study_name="w", storage=url).trials) == 8
 
 
+def test_only_one_worker_runs_the_whole_model_warm_start(tmp_path):
+    """With calibration data every worker knows the warm-start plans, but only the first evaluates
+    them as whole-model trials: no warm-start plan is evaluated twice."""
+    import json
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    _optimize(n_trials=12, n_workers=2, storage=url, study_name="w", seed=0, calibration_data=[(X,)])
+    trials = optuna.load_study(study_name="w", storage=url).trials
+    joint = [t for t in trials if "fxsketch.warm" in t.user_attrs and "reused" not in t.user_attrs.get("fxsketch.note", "")]
+    assert joint  # the warm start ran
+    plans = [json.dumps(t.user_attrs["fxsketch.plan"], sort_keys=True) for t in joint]
+    assert len(plans) == len(set(plans))
+    assert len(trials) == 12
+
+
 def test_functions_that_cannot_reach_a_worker_are_refused_with_the_fix():
     with pytest.raises(TypeError, match="accuracy_fn cannot be sent to a worker process.*module:function"):
         _optimize(n_trials=2, n_workers=2, accuracy_fn=lambda m: 1.0)
