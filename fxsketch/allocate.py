@@ -72,6 +72,14 @@ class Choice:
     params: int
 
 
+def layer_errors(cache: FactorCache, record: LayerRecord, method: str, weight: torch.Tensor, ranks: list[int]
+                 ) -> list[float]:
+    """The relative output error of `record`'s `method` build at each rank, on the cached statistics:
+    of the build `apply_plan` makes (a whitened build with a bias fits around the input mean)."""
+    centered = method == "whitened_svd" and cache.centers(record.name, bool(record.bias_target))
+    return cache.output_errors(record.name, method, record.weight_matrix(weight), ranks, centered=centered)
+
+
 def unit_choices(unit, records: dict[str, LayerRecord], cache: FactorCache, weights) -> list[Choice]:
     """Every rank of the unit's space (and dense), with the summed relative output error."""
     method = unit.space["method"].first() if "method" in unit.space else unit.method
@@ -82,9 +90,7 @@ def unit_choices(unit, records: dict[str, LayerRecord], cache: FactorCache, weig
     kind = get_kind(method)
     errors = [0.0] * len(ranks)
     for name in unit.layers:
-        matrix = records[name].weight_matrix(weights[name])
-        centered = method == "whitened_svd" and cache.centers(name, bool(records[name].bias_target))
-        for i, e in enumerate(cache.output_errors(name, method, matrix, ranks, centered=centered)):
+        for i, e in enumerate(layer_errors(cache, records[name], method, weights[name], ranks)):
             errors[i] += e
     choices = [Choice(None, 0.0, *_cost(records, unit.layers, None))]
     for rank, error in zip(ranks, errors):

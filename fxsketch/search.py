@@ -27,7 +27,7 @@ import optuna
 import torch
 from torch import nn
 
-from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units, target_error_units
+from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units, layer_errors, target_error_units
 from fxsketch.calibrate import calibrate, iterate_batches
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import LayerTimer, compare_latency, plan_cost
@@ -973,8 +973,8 @@ def _cheaper_step(ctx: _Context, usable: list[Unit], plan: dict, weights, reject
                 return sum(dense_cost(ctx.records[n]).flops_per_token * ctx.records[n].tokens for n in unit.layers), 0.0
             kind = get_kind(e["method"])
             flops = sum(kind.cost(ctx.records[n], e).flops_per_token * ctx.records[n].tokens for n in unit.layers)
-            error = sum(ctx.cache.output_errors(n, e["method"], ctx.records[n].weight_matrix(weights[n]),
-                                                [e["low_rank"]])[0] for n in unit.layers)
+            error = sum(layer_errors(ctx.cache, ctx.records[n], e["method"], weights[n], [e["low_rank"]])[0]
+                        for n in unit.layers)
             return flops, error
 
         try:
@@ -1106,13 +1106,13 @@ def sensitivity_table(ctx: _Context, units: list[Unit]) -> "pd.DataFrame":
             continue
         full = min(record.out_features, record.in_features)
         ranks = sorted({max(1, round(full * f)) for f in (0.05, 0.1, 0.25, 0.5)} | set(range(1, full + 1)))
-        matrix = record.weight_matrix(_fetch(ctx.gm, record.weight_target))
+        weight = _fetch(ctx.gm, record.weight_target)
         if method == "svd":  # no statistics: the error at rank r is the exact SVD's tail energy
-            energy = ctx.cache.svd(name, matrix, full)[1].to(torch.float64).square()
+            energy = ctx.cache.svd(name, record.weight_matrix(weight), full)[1].to(torch.float64).square()
             tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
             errors = dict(zip(ranks, (tail[ranks] / tail[0].clamp_min(1e-300)).tolist()))
         else:
-            errors = dict(zip(ranks, ctx.cache.output_errors(name, method, matrix, ranks)))
+            errors = dict(zip(ranks, layer_errors(ctx.cache, record, method, weight, ranks)))
         row = {"layer": name, "method": method}
         row.update({f"err@{round(100 * f)}%": errors[max(1, round(full * f))] for f in (0.05, 0.1, 0.25, 0.5)})
         for tol in (0.01, 0.05, 0.10):
