@@ -243,8 +243,8 @@ def sequential_stats(
         `{qualified_name: LayerStats}` for the planned layers (with `cross` and `ref_total`) and
         plain statistics for every other layer that received rows.
     """
-    from fxsketch.replacements import FactorCache, get_kind
-    from fxsketch.rewrite import _fetch
+    from fxsketch.replacements import FactorCache
+    from fxsketch.rewrite import _record, build_entry
 
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"sequential_stats takes a captured GraphModule, got {type(gm).__name__}")
@@ -252,8 +252,10 @@ def sequential_stats(
     if not all_inputs:
         raise ValueError("calibration_data is empty: pass an iterable of input batches (tensors or tuples)")
     records = records if records is not None else find_layers(gm)
+    by_name = {r.name: r for r in records}
+    planned = {_record(by_name, name, gm).name: {"method": "svd", **entry} for name, entry in plan.items()
+               if entry.get("method", "svd") != "dense"}
     records = [r for r in records if not r.unsupported]
-    planned = {name: dict(entry) for name, entry in plan.items() if entry.get("method", "svd") != "dense"}
     by_node = {node: r for r in records for node in r.nodes}
     stats = {r.name: _empty(r) for r in records}
     cache = FactorCache(stats, refit=refit)
@@ -281,7 +283,7 @@ def sequential_stats(
                         rows = _layer_rows(record, s.env[input_of(node)], m)
                         _check_width(record, rows, layer)
                         layer.add(rows, _layer_rows(record, t.env[input_of(node)], m))
-                    built[record.name] = _build(record, planned[record.name], gm, cache, get_kind, _fetch)
+                    built[record.name] = build_entry(gm, record, planned[record.name], cache)
                 module = built[record.name]
                 for t, s in zip(teachers, students):
                     t.env[node] = t.run_node(node)
@@ -296,12 +298,3 @@ def sequential_stats(
                 for dead in interp.user_to_last_uses.get(node, []):
                     interp.env.pop(dead, None)
     return {name: s for name, s in stats.items() if s.count}
-
-
-def _build(record, entry, gm, cache, get_kind, fetch):
-    kind = get_kind(entry.get("method", "svd"))
-    params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
-    weight = fetch(gm, record.weight_target)
-    weight = weight.T if record.transposed else weight
-    bias = fetch(gm, record.bias_target) if record.bias_target else None
-    return kind.build(record, weight, bias, params, cache)

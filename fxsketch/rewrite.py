@@ -152,23 +152,7 @@ def apply_plan(
     nodes = {n.name: n for n in new.graph.nodes}
     for name, entry in plan.items():
         record = _record(records, name, gm)
-        kind = get_kind(entry["method"])
-        params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
-        unknown = set(params) - set(kind.param_names)
-        if unknown:
-            raise ValueError(f"plan entry {name!r}: {sorted(unknown)} are not parameters of method "
-                             f"{kind.name!r} (it takes {list(kind.param_names) or 'none'})")
-        reason = kind.unsupported(record)
-        if reason:
-            log.warning("keeping %s dense: %s", name, reason)
-            continue
-        problem = kind.invalid(record, params)
-        if problem:
-            raise ValueError(f"plan entry {name!r}: {problem}")
-        weight = _fetch(new, record.weight_target)
-        weight = weight.T if record.transposed else weight
-        bias = _fetch(new, record.bias_target) if record.bias_target else None
-        module = kind.build(record, weight, bias, params, cache, copy_weights=copy_weights)
+        module = build_entry(new, record, entry, cache, copy_weights)
         if module is not None:
             _install(new, record, [nodes[n.name] for n in record.nodes], module)
     new.graph.eliminate_dead_code()
@@ -177,6 +161,30 @@ def apply_plan(
     new.recompile()
     new.meta["fxsketch_plan"] = {name: dict(entry) for name, entry in plan.items()}
     return new
+
+
+def build_entry(gm: nn.Module, record: LayerRecord, entry: Mapping[str, Any], cache: FactorCache,
+                copy_weights: bool = True) -> nn.Module | None:
+    """The replacement module of plan `entry` for `record`, from `gm`'s weights (None: the layer
+    stays as it is). Raises ValueError for parameters the kind does not take or values it refuses;
+    a layer the kind cannot replace stays dense with a warning."""
+    kind = get_kind(entry["method"])
+    params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
+    unknown = set(params) - set(kind.param_names)
+    if unknown:
+        raise ValueError(f"plan entry {record.name!r}: {sorted(unknown)} are not parameters of method "
+                         f"{kind.name!r} (it takes {list(kind.param_names) or 'none'})")
+    reason = kind.unsupported(record)
+    if reason:
+        log.warning("keeping %s dense: %s", record.name, reason)
+        return None
+    problem = kind.invalid(record, params)
+    if problem:
+        raise ValueError(f"plan entry {record.name!r}: {problem}")
+    weight = _fetch(gm, record.weight_target)
+    weight = weight.T if record.transposed else weight
+    bias = _fetch(gm, record.bias_target) if record.bias_target else None
+    return kind.build(record, weight, bias, params, cache, copy_weights=copy_weights)
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.fx.GraphModule:

@@ -102,6 +102,19 @@ def test_sequential_statistics_are_the_inputs_of_the_partly_replaced_model():
     torch.testing.assert_close(stats["4"].gram, plain["4"].gram)
 
 
+@pytest.mark.parametrize("entry, error", [
+    ({"bogus": {"method": "svd", "low_rank": 2}}, "plan names layer 'bogus'"),
+    ({"2": {"method": "whitened_svd", "low_rank": 99}}, "low_rank must be an integer in"),
+    ({"2": {"method": "svd", "rank": 2}}, "are not parameters of method 'svd'"),
+])
+def test_sequential_statistics_check_the_plan_as_rewrite_does(entry, error):
+    gm = fxsketch.capture(_model(), CALIB[:8])
+    with pytest.raises(ValueError, match=error):
+        sequential_stats(gm, [CALIB[:100]], entry)
+    with pytest.raises(ValueError, match=error):
+        fxsketch.rewrite_sequential(_model(), entry, [CALIB[:100]], CALIB[:8])
+
+
 @pytest.mark.parametrize("method", ["whitened_svd", "svd"])
 def test_sequential_fitting_undoes_upstream_error(method):
     model = _model()
