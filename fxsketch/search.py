@@ -304,13 +304,14 @@ class _Context:
     memo: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
     seen: dict[str, set[str]] = field(default_factory=dict)
 
-    def speed(self, module: nn.Module, plan: dict, accuracy: float | None = None) -> float:
-        """The trial's speed. With objective "latency", an infeasible trial (accuracy below the
-        threshold, single objective: its score is -inf whatever its speed) is not timed (NaN), and
-        a feasible one gets the per-layer estimate (`LayerTimer`): only layer shapes and values no
-        earlier trial timed are measured. The plan `optimize` returns is timed on the whole model."""
+    def speed(self, module: nn.Module | None, plan: dict, accuracy: float | None = None) -> float:
+        """The speed of `plan` (built as `module`; None builds it only if needed). With objective
+        "latency", an infeasible trial (accuracy below the threshold, single objective: its score
+        is -inf whatever its speed) is not timed (NaN), and a feasible one gets the per-layer
+        estimate (`LayerTimer`): only layer shapes and values no earlier trial timed are measured.
+        The plan `optimize` returns is timed on the whole model."""
         if self.speed_fn is not None:
-            return _call_metric(self.speed_fn, module, "speed_fn")
+            return _call_metric(self.speed_fn, module if module is not None else self.build(plan), "speed_fn")
         if self.objective == "flops":
             return self.dense_flops / plan_cost(list(self.records.values()), plan)[1]
         if (accuracy is not None and self.threshold is not None and not self.multi
@@ -321,7 +322,8 @@ class _Context:
         estimate = self.timer.speedup(plan)
         if estimate is not None:
             return estimate
-        dense, candidate = compare_latency([self.gm, module], self.inputs, budget_s=0.15)
+        dense, candidate = compare_latency([self.gm, module if module is not None else self.build(plan)],
+                                           self.inputs, budget_s=0.15)
         return dense / candidate
 
     def recall(self, key: tuple[str, str], plan: dict, copy_weights: bool = True) -> tuple[float, float, int] | None:
@@ -333,7 +335,7 @@ class _Context:
             return None
         accuracy, speed, first = hit
         if math.isnan(speed) and (self.multi or (self.threshold is not None and accuracy >= self.threshold)):
-            speed = self.speed(self.build(plan, copy_weights=copy_weights), plan, accuracy)
+            speed = self.speed(None if copy_weights else self.build(plan, copy_weights=False), plan, accuracy)
             self.memo[key] = hit = (accuracy, speed, first)
         return hit
 
@@ -480,19 +482,6 @@ def _create_study(storage, study_name, load_if_exists, sampler, pruner, seed, mu
                          "to resume it, or choose another study_name") from None
 
 
-def _plan_speed(ctx: _Context, plan: dict) -> float:
-    """The objective's speed of a whole-model plan (exact FLOPs, the per-layer latency estimate, or
-    the user's speed_fn on the built model)."""
-    if ctx.speed_fn is None and ctx.objective == "flops":
-        return ctx.dense_flops / plan_cost(list(ctx.records.values()), plan)[1]
-    if ctx.speed_fn is None:
-        ctx.timer = ctx.timer or LayerTimer(ctx.gm, ctx.records, ctx.inputs, ctx.cache)
-        estimate = ctx.timer.speedup(plan)
-        if estimate is not None:
-            return estimate
-    return ctx.speed(ctx.build(plan), plan)
-
-
 def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: bool, floor: float | None = None,
               steps: list[dict[str, Any]] | None = None):
     """Check the combined plan on the whole model; drop the most harmful layers until it holds.
@@ -508,7 +497,7 @@ def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: 
     for victim in [None, *sorted(plan, key=lambda n: accuracies.get(n, math.inf))]:
         if victim is not None:
             plan.pop(victim)
-        if floor is not None and (not plan or _plan_speed(ctx, plan) <= floor):
+        if floor is not None and (not plan or ctx.speed(None, plan) <= floor):
             return None
         module = ctx.build(plan)
         try:
@@ -1039,7 +1028,7 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strat
     if warm is None:
         plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
     else:  # the best whole-model (warm-start) plan, unless the per-unit bests combined beat it
-        floor, tried = _plan_speed(ctx, warm[0]), []
+        floor, tried = ctx.speed(None, warm[0]), []
         done = _validate(ctx, plan, accuracies, verbose, floor=floor, steps=tried) if plan else None
         if done is None:
             if verbose:
