@@ -141,22 +141,13 @@ def rewrite_sequential(
         example_inputs: inputs for capture and the output-shape check (default: the first batch).
         mask: which token rows count ("auto": the `attention_mask` input, if any; see `calibrate`).
     """
-    from fxsketch.calibrate import sequential_stats
-    from fxsketch.capture import capture, find_layers
-    from fxsketch.replacements import FactorCache
-    from fxsketch.rewrite import apply_plan, check_same_output_shapes, normalize_plan
+    from fxsketch.rewrite import rewrite
 
-    plan = normalize_plan(plan)
     batches = list(calibration_data)
     if not batches:
         raise ValueError("calibration_data is empty: pass an iterable of input batches")
-    inputs = as_inputs(example_inputs if example_inputs is not None else batches[0])
-    gm = capture(model, inputs)
-    records = find_layers(gm)
-    stats = sequential_stats(gm, batches, plan, records, mask=mask)
-    new = apply_plan(gm, {r.name: r for r in records}, plan, FactorCache(stats, refit=True))
-    check_same_output_shapes(gm, new, inputs)
-    return new
+    inputs = example_inputs if example_inputs is not None else batches[0]
+    return rewrite(model, plan, inputs, calibration_data=batches, sequential=True, mask=mask)
 
 
 def with_taps(gm: torch.fx.GraphModule, names: Any) -> torch.fx.GraphModule:

@@ -82,6 +82,7 @@ def rewrite(
     calibration_data: Any = None,
     refit: bool = True,
     sequential: bool = False,
+    mask: Any = "auto",
 ) -> torch.fx.GraphModule:
     """Capture `model` and apply `plan` without any search; `model` itself is never changed.
 
@@ -96,6 +97,8 @@ def rewrite(
             layer's outputs from the inputs it receives once the layers before it are replaced
             (`fxsketch.calibrate.sequential_stats`: error-compensating, about two forward passes
             of the calibration data, held in memory at once).
+        mask: which token rows of the calibration data count ("auto": the `attention_mask`
+            input, if any; see `fxsketch.calibrate`).
 
     Returns:
         A new GraphModule in which every planned layer runs on the fxsketch ops.
@@ -113,8 +116,8 @@ def rewrite(
     if calibration_data is not None:
         from fxsketch.calibrate import calibrate, sequential_stats
 
-        stats = (sequential_stats(gm, list(calibration_data), plan, list(records.values()), refit=refit)
-                 if sequential else calibrate(gm, calibration_data, list(records.values())))
+        stats = (sequential_stats(gm, list(calibration_data), plan, list(records.values()), mask=mask, refit=refit)
+                 if sequential else calibrate(gm, calibration_data, list(records.values()), mask=mask))
     new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit), copy_weights=copy_weights)
     if inputs is not None:
         check_same_output_shapes(gm, new, inputs)
