@@ -58,6 +58,14 @@ def test_sentences_are_real_disjoint_and_deterministic():
     assert len(set(ev)) == len(ev)
     assert all(40 <= len(s) <= 300 and ">>>" not in s and "=" not in s for s in cal + ev)
     assert M.sentences("evaluation") == ev
+    distillation = M.sentences("distillation")
+    assert len(distillation) >= 1000 and len(set(distillation)) == len(distillation)
+    assert not set(distillation) & (set(cal) | set(ev))
+    assert all(40 <= len(s) <= 300 and ">>>" not in s for s in distillation)
+    distillation.clear()  # the caller's copy: the next call gives the split again
+    assert len(M.sentences("distillation")) >= 1000
+    with pytest.raises(ValueError, match="'distillation'"):
+        M.sentences("training")
 
 
 def test_capture_and_embeddings_match_the_model(mini):
@@ -152,6 +160,32 @@ def test_distillation_increases_fidelity(mini):
     loss = fxsketch.distill(M.Hidden(student), M.Hidden(m["gm"]), m["calibration"], steps=8, lr=3e-4)
     assert loss >= 0
     assert m["fid"](student) > before + 0.05
+
+
+def test_blocks_tap_every_sub_block_and_distill_on_extra_text(mini):
+    m = mini
+    ids, mask = m["evaluation"][0]
+    mask = mask.clone()
+    mask[0, 5:] = 0  # a padded sentence: its padding rows must be zero in every tap
+    with torch.no_grad():
+        taps = M.Blocks(m["gm"])(ids, mask)
+        last = M.Hidden(m["gm"])(ids, mask)
+    assert len(taps) == 12 and len(M.block_outputs(m["gm"])) == 12
+    torch.testing.assert_close(taps[-1], last)
+    assert all(float(t[0, 5:].abs().max()) == 0.0 for t in taps)
+    assert float(taps[3][0, :5].abs().max()) > 0.1
+
+    extra = M.distillation_batches(16, batch_size=8, max_length=MAX_LENGTH)
+    assert len(extra) == 2 and all(b[0].shape[1] <= MAX_LENGTH for b in extra)
+    again = M.distillation_batches(16, batch_size=8, max_length=MAX_LENGTH)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(extra, again))
+    student = m["build"](M.uniform_plan(m["layers"], 0.25, "svd"), calibrated=False)
+    before = m["fid"](student)
+    fxsketch.distill(M.Blocks(student), M.Blocks(m["gm"]), m["calibration"] + extra, steps=8, lr=3e-4,
+                     schedule="cosine")
+    assert m["fid"](student) > before + 0.05
+    with pytest.raises(ValueError, match="LayerNorm"):
+        M.block_outputs(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)))
 
 
 def test_rewritten_minilm_saves_and_reloads(mini, tmp_path):

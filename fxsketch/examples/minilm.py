@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ENCODER_LINEARS", "Hidden", "Pooled", "accuracy", "batches", "embed", "encoder_records", "flop_share",
-    "fidelity", "load", "make_minilm", "model_path", "sentences", "spearman", "target", "uniform_plan", "uniform_rank",
+    "ENCODER_LINEARS", "Blocks", "Hidden", "Pooled", "accuracy", "batches", "block_outputs", "distillation_batches",
+    "embed", "encoder_records", "flop_share", "fidelity", "load", "make_minilm", "model_path", "sentences", "spearman",
+    "target", "uniform_plan", "uniform_rank",
 ]
 
 ENCODER_LINEARS = r"^encoder\.layer\.\d+\."  # the 36 Linear layers of the 6 encoder blocks (not the pooler)
@@ -87,17 +88,25 @@ def _topic_sentences(text: str) -> list[str]:
 
 
 def sentences(split: str = "evaluation") -> list[str]:
-    """Deduplicated English sentences from the Python reference manual, in a fixed order.
+    """Deduplicated English sentences no one here wrote, in a fixed order.
 
-    The manual's topics are sorted by key; topics at even positions give the "calibration" split,
-    odd positions the "evaluation" split. A sentence that occurs in both (the manual repeats some
-    text) stays in calibration only, so the splits are disjoint.
+    "calibration" and "evaluation" come from the Python reference manual: its topics are sorted by
+    key; topics at even positions give "calibration", odd positions "evaluation". A sentence that
+    occurs in both (the manual repeats some text) stays in calibration only, so the splits are
+    disjoint. "distillation" is unlabelled text for training replacements (`fxsketch.distill`):
+    the docstrings of the standard library's modules (several thousand sentences), minus any
+    sentence of the other two splits.
     """
-    if split not in ("calibration", "evaluation"):
-        raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+    if split not in ("calibration", "evaluation", "distillation"):
+        raise ValueError(f"split must be 'calibration', 'evaluation' or 'distillation', got {split!r}")
+    return list(_splits()[split])
+
+
+@functools.cache
+def _splits() -> dict[str, list[str]]:
     from pydoc_data.topics import topics
 
-    halves: dict[str, list[str]] = {"calibration": [], "evaluation": []}
+    halves: dict[str, list[str]] = {"calibration": [], "evaluation": [], "distillation": []}
     seen: set[str] = set()
     keys = sorted(topics)
     for parity, name in ((0, "calibration"), (1, "evaluation")):
@@ -106,7 +115,35 @@ def sentences(split: str = "evaluation") -> list[str]:
                 if s not in seen:
                     seen.add(s)
                     halves[name].append(s)
-    return halves[split]
+    for doc in _stdlib_docstrings():
+        for s in _topic_sentences(doc):
+            if s not in seen:
+                seen.add(s)
+                halves["distillation"].append(s)
+    return halves
+
+
+def _stdlib_docstrings() -> Iterable[str]:
+    """The docstrings of the standard library's modules, classes and functions, read from the
+    source files with `ast` (nothing is imported), in path order; tests and demos are skipped."""
+    import ast
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
+    for path, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in skip)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(path, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        yield doc
 
 
 def batches(tokenizer: Any, texts: Sequence[str], batch_size: int = 32, max_length: int = 64,
@@ -177,6 +214,39 @@ class Hidden(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = _last_hidden_state(self.module(input_ids, attention_mask))
         return hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
+
+
+class Blocks(nn.Module):
+    """`gm(input_ids, attention_mask)` → the output of every encoder sub-block (the LayerNorms after
+    attention and after the FFN of each block: 12 for MiniLM-L6, the last is the last hidden state),
+    padding positions zeroed.
+
+    `gm` is a captured (or rewritten) graph of the model: a rewritten model keeps the node names of
+    the graph it came from, so `fxsketch.distill(Blocks(small), Blocks(gm), ...)` matches every
+    block's output on the real tokens, the strongest signal per sentence (the pooled embedding alone
+    overfits a few hundred sentences). `names` are the tapped nodes (default: `block_outputs(gm)`).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        from fxsketch.recover import with_taps
+
+        self.view = with_taps(gm, block_outputs(gm) if names is None else names)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _, values = self.view(input_ids, attention_mask)
+        keep = attention_mask.unsqueeze(-1).to(values[0].dtype)
+        return tuple(v * keep for v in values)
+
+
+def block_outputs(gm: torch.fx.GraphModule) -> list[str]:
+    """The graph nodes of every encoder sub-block's output in a captured MiniLM/BERT graph: its
+    LayerNorms but the embeddings' (the first)."""
+    norms = [n.name for n in gm.graph.nodes if n.target is torch.ops.aten.layer_norm.default
+             or (n.op == "call_function" and n.target is torch.nn.functional.layer_norm)]
+    if len(norms) < 2:
+        raise ValueError("no encoder LayerNorm found: Blocks needs a graph captured from a BERT-style model")
+    return norms[1:]
 
 
 def embed(module: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -259,6 +329,19 @@ def make_minilm(n_calibration: int | None = 256, n_evaluation: int | None = 256,
     example = batches(tokenizer, pool, need, max_length)[0]
     return (model, example, batches(tokenizer, calibration, batch_size, max_length, by_length=True),
             batches(tokenizer, evaluation, batch_size, max_length))
+
+
+def distillation_batches(n_sentences: int | None = None, batch_size: int = 32, max_length: int = 64,
+                         seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Length-grouped `(input_ids, attention_mask)` batches of the "distillation" sentences (the
+    first `n_sentences`, or all), the batch order shuffled with `seed`: extra unlabelled text for
+    `fxsketch.distill`, disjoint from the calibration and evaluation sentences."""
+    import random
+
+    _, tokenizer = load()
+    data = batches(tokenizer, sentences("distillation")[:n_sentences], batch_size, max_length, by_length=True)
+    random.Random(seed).shuffle(data)
+    return data
 
 
 def target() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
