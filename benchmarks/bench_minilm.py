@@ -150,7 +150,7 @@ def main() -> int:
                                                       n_evaluation=n_eval + n_search)
     table_batches, search_batches = evaluation[: n_eval // 32], evaluation[n_eval // 32:]
     distill_data = calibration + M.distillation_batches(args.distill_sentences)
-    random.Random(1).shuffle(distill_data)
+    random.Random(1).shuffle(distill_data)  # the calibration batches among the others
     gm = fxsketch.capture(model, x)
     records = fxsketch.find_layers(gm)
     by_name = {r.name: r for r in records}

@@ -244,7 +244,7 @@ def sequential_stats(
         plain statistics for every other layer that received rows.
     """
     from fxsketch.replacements import FactorCache
-    from fxsketch.rewrite import _record, build_entry
+    from fxsketch.rewrite import _record, build_entry, check_entry
 
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"sequential_stats takes a captured GraphModule, got {type(gm).__name__}")
@@ -256,6 +256,9 @@ def sequential_stats(
     planned = {_record(by_name, name, gm).name: {"method": "svd", **entry} for name, entry in plan.items()
                if entry.get("method", "svd") != "dense"}
     records = [r for r in records if not r.unsupported]
+    for r in records:  # the whole plan is checked before the pass
+        if r.name in planned:
+            check_entry(r, planned[r.name])
     by_node = {node: r for r in records for node in r.nodes}
     stats = {r.name: _empty(r) for r in records}
     cache = FactorCache(stats, refit=refit)

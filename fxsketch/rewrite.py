@@ -166,11 +166,10 @@ def apply_plan(
     return new
 
 
-def build_entry(gm: nn.Module, record: LayerRecord, entry: Mapping[str, Any], cache: FactorCache,
-                copy_weights: bool = True) -> nn.Module | None:
-    """The replacement module of plan `entry` for `record`, from `gm`'s weights (None: the layer
-    stays as it is). Raises ValueError for parameters the kind does not take or values it refuses;
-    a layer the kind cannot replace stays dense with a warning."""
+def check_entry(record: LayerRecord, entry: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """(kind, parameters) of plan `entry` for `record`, or None when the kind cannot replace this
+    layer (it stays dense, with a warning). Raises ValueError for parameters the kind does not take
+    or values it refuses."""
     kind = get_kind(entry["method"])
     params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
     unknown = set(params) - set(kind.param_names)
@@ -184,6 +183,17 @@ def build_entry(gm: nn.Module, record: LayerRecord, entry: Mapping[str, Any], ca
     problem = kind.invalid(record, params)
     if problem:
         raise ValueError(f"plan entry {record.name!r}: {problem}")
+    return kind, params
+
+
+def build_entry(gm: nn.Module, record: LayerRecord, entry: Mapping[str, Any], cache: FactorCache,
+                copy_weights: bool = True) -> nn.Module | None:
+    """The replacement module of plan `entry` for `record`, from `gm`'s weights (None: the layer
+    stays as it is; see `check_entry`)."""
+    checked = check_entry(record, entry)
+    if checked is None:
+        return None
+    kind, params = checked
     weight = _fetch(gm, record.weight_target)
     weight = weight.T if record.transposed else weight
     bias = _fetch(gm, record.bias_target) if record.bias_target else None
@@ -200,6 +210,20 @@ def _copy_graph_module(gm: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.
     graph = copy.deepcopy(gm.graph)
     memo[id(gm.graph)] = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls, tracer_extras=gm.graph._tracer_extras)
     new = copy.deepcopy(gm, memo)
+    # The deep copy keeps submodules, parameters and buffers; other attributes the graph reads
+    # (tensor constants set on the root by tracing or torch.export) came through its node loop.
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                _fetch(new, node.target)
+            except AttributeError:
+                parent_path, _, leaf = node.target.rpartition(".")
+                parent = new
+                for part in parent_path.split(".") if parent_path else ():
+                    if not hasattr(parent, part):
+                        parent.add_module(part, nn.Module())
+                    parent = getattr(parent, part)
+                setattr(parent, leaf, copy.deepcopy(_fetch(gm, node.target), memo))
     new._graph = graph
     graph.owning_module = new
     return new

@@ -335,7 +335,10 @@ class _Context:
             return None
         accuracy, speed, first = hit
         if math.isnan(speed) and (self.multi or (self.threshold is not None and accuracy >= self.threshold)):
-            speed = self.speed(None if copy_weights else self.build(plan, copy_weights=False), plan, accuracy)
+            try:
+                speed = self.speed(None if copy_weights else self.build(plan, copy_weights=False), plan, accuracy)
+            except TrialFailed:  # evaluate it afresh, where failures are recorded
+                return None
             self.memo[key] = hit = (accuracy, speed, first)
         return hit
 

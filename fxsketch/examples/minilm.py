@@ -94,33 +94,42 @@ def sentences(split: str = "evaluation") -> list[str]:
     key; topics at even positions give "calibration", odd positions "evaluation". A sentence that
     occurs in both (the manual repeats some text) stays in calibration only, so the splits are
     disjoint. "distillation" is unlabelled text for training replacements (`fxsketch.distill`):
-    the docstrings of the standard library's modules (several thousand sentences), minus any
-    sentence of the other two splits.
+    the docstrings of the standard library's modules (several thousand sentences; the exact set
+    depends on the Python version), minus any sentence of the other two splits.
     """
     if split not in ("calibration", "evaluation", "distillation"):
         raise ValueError(f"split must be 'calibration', 'evaluation' or 'distillation', got {split!r}")
-    return list(_splits()[split])
+    return list(_distillation() if split == "distillation" else _manual()[split])
 
 
 @functools.cache
-def _splits() -> dict[str, list[str]]:
+def _manual() -> dict[str, list[str]]:
     from pydoc_data.topics import topics
 
-    halves: dict[str, list[str]] = {"calibration": [], "evaluation": [], "distillation": []}
+    halves: dict[str, list[str]] = {"calibration": [], "evaluation": []}
     seen: set[str] = set()
     keys = sorted(topics)
     for parity, name in ((0, "calibration"), (1, "evaluation")):
         for key in keys[parity::2]:
-            for s in _topic_sentences(topics[key]):
-                if s not in seen:
-                    seen.add(s)
-                    halves[name].append(s)
-    for doc in _stdlib_docstrings():
-        for s in _topic_sentences(doc):
-            if s not in seen:
-                seen.add(s)
-                halves["distillation"].append(s)
+            halves[name] += _new_sentences(topics[key], seen)
     return halves
+
+
+@functools.cache
+def _distillation() -> list[str]:
+    manual = _manual()
+    seen = set(manual["calibration"]) | set(manual["evaluation"])
+    return [s for doc in _stdlib_docstrings() for s in _new_sentences(doc, seen)]
+
+
+def _new_sentences(text: str, seen: set[str]) -> list[str]:
+    """`text`'s sentences not in `seen`, which they are added to."""
+    out = []
+    for s in _topic_sentences(text):
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
 
 
 def _stdlib_docstrings() -> Iterable[str]:
