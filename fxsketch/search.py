@@ -310,8 +310,11 @@ class _Context:
         is -inf whatever its speed) is not timed (NaN), and a feasible one gets the per-layer
         estimate (`LayerTimer`): only layer shapes and values no earlier trial timed are measured.
         The plan `optimize` returns is timed on the whole model."""
+        def built() -> nn.Module:
+            return module if module is not None else self.build(plan)
+
         if self.speed_fn is not None:
-            return _call_metric(self.speed_fn, module if module is not None else self.build(plan), "speed_fn")
+            return _call_metric(self.speed_fn, built(), "speed_fn")
         if self.objective == "flops":
             return self.dense_flops / plan_cost(list(self.records.values()), plan)[1]
         if (accuracy is not None and self.threshold is not None and not self.multi
@@ -322,8 +325,7 @@ class _Context:
         estimate = self.timer.speedup(plan)
         if estimate is not None:
             return estimate
-        dense, candidate = compare_latency([self.gm, module if module is not None else self.build(plan)],
-                                           self.inputs, budget_s=0.15)
+        dense, candidate = compare_latency([self.gm, built()], self.inputs, budget_s=0.15)
         return dense / candidate
 
     def recall(self, key: tuple[str, str], plan: dict, copy_weights: bool = True) -> tuple[float, float, int] | None:

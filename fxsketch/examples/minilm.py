@@ -221,8 +221,11 @@ class Hidden(nn.Module):
         self.module = module
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = _last_hidden_state(self.module(input_ids, attention_mask))
-        return hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return _zero_padding(_last_hidden_state(self.module(input_ids, attention_mask)), attention_mask)
+
+
+def _zero_padding(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return states * mask.unsqueeze(-1).to(states.dtype)
 
 
 class Blocks(nn.Module):
@@ -244,8 +247,7 @@ class Blocks(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         _, values = self.view(input_ids, attention_mask)
-        keep = attention_mask.unsqueeze(-1).to(values[0].dtype)
-        return tuple(v * keep for v in values)
+        return tuple(_zero_padding(v, attention_mask) for v in values)
 
 
 def block_outputs(gm: torch.fx.GraphModule) -> list[str]:
