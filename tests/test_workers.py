@@ -76,7 +76,10 @@ def test_only_one_worker_runs_the_whole_model_warm_start(tmp_path):
     assert joint  # the warm start ran
     plans = [json.dumps(t.user_attrs["fxsketch.plan"], sort_keys=True) for t in joint]
     assert len(plans) == len(set(plans))
-    assert len(trials) == 12
+    # at most the 12 asked (a worker stops early once its units' small spaces are exhausted); none
+    # left running; a warm-start suggestion another worker queued may still wait
+    assert sum(t.state.is_finished() for t in trials) <= 12
+    assert all(t.state.is_finished() or t.state == optuna.trial.TrialState.WAITING for t in trials)
 
 
 def test_functions_that_cannot_reach_a_worker_are_refused_with_the_fix():
