@@ -64,7 +64,7 @@ def test_layerwise_workers_split_the_trials_over_processes_and_layers(tmp_path):
     assert len(optuna.load_study(study_name="w", storage=url).trials) == 8
 
 
-def test_only_one_worker_runs_the_whole_model_warm_start(tmp_path):
+def test_only_one_worker_runs_the_whole_model_warm_start(tmp_path, caplog):
     """With calibration data every worker knows the warm-start plans, but only the first evaluates
     them as whole-model trials: no warm-start plan is evaluated twice."""
     import json
@@ -80,6 +80,7 @@ def test_only_one_worker_runs_the_whole_model_warm_start(tmp_path):
     # left running; a warm-start suggestion another worker queued may still wait
     assert sum(t.state.is_finished() for t in trials) <= 12
     assert all(t.state.is_finished() or t.state == optuna.trial.TrialState.WAITING for t in trials)
+    assert "exited with code" not in caplog.text  # no worker died
 
 
 def test_functions_that_cannot_reach_a_worker_are_refused_with_the_fix():
