@@ -205,8 +205,8 @@ def main() -> int:
             rows.append(dict(method=name, budget=budget, plan=plan, module=module))
         student = copy.deepcopy(rows[-1]["module"])
         t0 = time.perf_counter()
-        fxsketch.distill(M.Blocks(student), M.Blocks(gm), distill_data, steps=steps,
-                                lr=args.distill_lr, schedule="cosine")
+        fxsketch.distill(M.Blocks(student), M.Blocks(gm), distill_data, steps=steps, lr=args.distill_lr,
+                         schedule="cosine")
         timings["distill"] += time.perf_counter() - t0
         rows.append(dict(method="allocation+distill", budget=budget, plan=alloc_plan, module=student))
 

@@ -37,7 +37,7 @@ from fxsketch.workers import check_sendable, fresh_journal, open_storage, resolv
 from fxsketch.recover import distill
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
 from fxsketch.result import ENTRY_ATTR, UNIT_ATTR, Result, trials_frame
-from fxsketch.rewrite import apply_plan
+from fxsketch.rewrite import _fetch, apply_plan
 from fxsketch.select import match_layers
 from fxsketch.spec import Categorical, LayerConfig, ParamSpec, TuningConfigs, load_spec
 
@@ -286,6 +286,10 @@ class _Context:
             distill(module, self.gm, batches, steps=steps, lr=lr, loss_fn=loss_fn)
         return module
 
+    def weights(self, units: list[Unit]) -> dict[str, torch.Tensor]:
+        """The captured weight tensor of every layer of `units`, by name."""
+        return {n: _fetch(self.gm, self.records[n].weight_target) for u in units for n in u.layers}
+
     def check_weights(self) -> None:
         """Refuse to go on once an evaluation changed the captured weights in place (e.g. an
         accuracy_fn that trains the model it is given): trials share those weights."""
@@ -304,14 +308,15 @@ class _Context:
     memo: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
     seen: dict[str, set[str]] = field(default_factory=dict)
 
-    def speed(self, module: nn.Module | None, plan: dict, accuracy: float | None = None) -> float:
-        """The speed of `plan` (built as `module`; None builds it only if needed). With objective
-        "latency", an infeasible trial (accuracy below the threshold, single objective: its score
-        is -inf whatever its speed) is not timed (NaN), and a feasible one gets the per-layer
-        estimate (`LayerTimer`): only layer shapes and values no earlier trial timed are measured.
-        The plan `optimize` returns is timed on the whole model."""
+    def speed(self, module: nn.Module | None, plan: dict, accuracy: float | None = None,
+              copy_weights: bool = True) -> float:
+        """The speed of `plan` (built as `module`; None builds it, with `copy_weights`, only if
+        needed). With objective "latency", an infeasible trial (accuracy below the threshold,
+        single objective: its score is -inf whatever its speed) is not timed (NaN), and a feasible
+        one gets the per-layer estimate (`LayerTimer`): only layer shapes and values no earlier
+        trial timed are measured. The plan `optimize` returns is timed on the whole model."""
         def built() -> nn.Module:
-            return module if module is not None else self.build(plan)
+            return module if module is not None else self.build(plan, copy_weights=copy_weights)
 
         if self.speed_fn is not None:
             return _call_metric(self.speed_fn, built(), "speed_fn")
@@ -338,7 +343,7 @@ class _Context:
         accuracy, speed, first = hit
         if math.isnan(speed) and (self.multi or (self.threshold is not None and accuracy >= self.threshold)):
             try:
-                speed = self.speed(None if copy_weights else self.build(plan, copy_weights=False), plan, accuracy)
+                speed = self.speed(None, plan, accuracy, copy_weights)
             except TrialFailed:  # evaluate it afresh, where failures are recorded
                 return None
             self.memo[key] = hit = (accuracy, speed, first)
@@ -823,9 +828,8 @@ def _unit_sensitivity(ctx: _Context, units: list[Unit], sensitivity: Any, batche
     if not usable:
         return None
     from fxsketch.allocate import unit_choices, unit_weights
-    from fxsketch.rewrite import _fetch
 
-    weights = {n: _fetch(ctx.gm, ctx.records[n].weight_target) for u in usable for n in u.layers}
+    weights = ctx.weights(usable)
     options = [unit_choices(u, ctx.records, ctx.cache, weights) for u in usable]
     factors = unit_weights(usable, options, ctx.records, ctx.cache, sensitivity, ctx.gm, list(batches), share=0.5)
     return {name: w / len(u.layers) for u, w in zip(usable, factors) for name in u.layers}
@@ -837,9 +841,8 @@ def _warm_start_plans(ctx: _Context, units: list[Unit]) -> list[dict[str, dict[s
     usable = _allocatable(units)
     if not usable:
         return []
-    from fxsketch.rewrite import _fetch
 
-    weights = {n: _fetch(ctx.gm, ctx.records[n].weight_target) for u in usable for n in u.layers}
+    weights = ctx.weights(usable)
     plans = [target_error_units(usable, ctx.records, ctx.cache, weights, tol) for tol in (0.01, 0.05)]
     budgets = [Budget(f, ctx.budget.params) for f in (0.25, 0.5)]
     if ctx.budget.flops is not None:
@@ -877,13 +880,12 @@ def _warm_joint(ctx: _Context, study: optuna.Study, units: list[Unit], n_trials:
     `_finish` returns the best of these plans unless the per-unit bests, combined and backed off,
     are faster. Skipped when the study already holds whole-model trials (a resumed study, a call on
     another machine), and in every `n_workers` process but the first."""
-    from fxsketch.rewrite import _fetch
 
     usable = [u for u in _allocatable(units) if u.space["low_rank"].values()]
     limit = min(WARM_TRIALS, n_trials // 3)
     if not usable or limit < 1 or any(t.user_attrs.get(UNIT_ATTR) == JOINT_KEY for t in study.get_trials(deepcopy=False)):
         return
-    weights = {n: _fetch(ctx.gm, ctx.records[n].weight_target) for u in usable for n in u.layers}
+    weights = ctx.weights(usable)
     dense_usable = sum(dense_cost(ctx.records[n]).flops_per_token * ctx.records[n].tokens for u in usable for n in u.layers)
     max_flops = ctx.budget.limits(*ctx.selected_dense)[0]
     upper = min(1.0, (max_flops - (ctx.selected_dense[0] - dense_usable)) / max(dense_usable, 1))
@@ -1090,7 +1092,6 @@ def sensitivity_table(ctx: _Context, units: list[Unit]) -> "pd.DataFrame":
     smallest rank keeping it under 1% / 5% / 10% (from the cached decompositions, no evaluation)."""
     import pandas as pd
 
-    from fxsketch.rewrite import _fetch
 
     method = "whitened_svd" if ctx.cache.stats else "svd"
     rows = []

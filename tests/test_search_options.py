@@ -49,9 +49,30 @@ def test_allocation_sensitivity_moves_the_warm_start_budget_to_the_weighted_laye
     assert (rank(heavy, "0"), rank(heavy, "2")) != (rank(plain, "0"), rank(plain, "2"))
 
 
-def test_measured_allocation_sensitivity_runs_and_the_search_finishes():
+def test_measured_allocation_sensitivity_is_probed_once_and_reused(monkeypatch):
+    """"output" is measured once, at half the FLOPs, and every warm-start allocation reuses it (as
+    per-layer weights) instead of probing again."""
+    import sys
+
+    alloc = sys.modules["fxsketch.allocate"]  # the module (fxsketch.allocate is also the function)
+    calls, weights = [], []
+    probe, allocate_units = alloc.unit_weights, alloc.allocate_units
+
+    def counting_probe(*args, **kw):
+        calls.append((args[4], kw.get("share")))
+        return probe(*args, **kw)
+
+    def recording_allocate(*args, sensitivity=None, **kw):
+        weights.append(sensitivity)
+        return allocate_units(*args, sensitivity=sensitivity, **kw)
+
+    monkeypatch.setattr(alloc, "unit_weights", counting_probe)
+    monkeypatch.setattr("fxsketch.search.allocate_units", recording_allocate)
     result = _run(_model(), allocation_sensitivity="output")
     assert result.plan and _first_warm_plan(result)
+    probes = [c for c in calls if not isinstance(c[0], dict)]  # a mapping is only read, not probed
+    assert probes == [("output", 0.5)] and len(calls) > 1
+    assert len(weights) >= 2 and all(isinstance(w, dict) and set(w) == {"0", "2"} for w in weights)
 
 
 def test_recover_loss_fn_is_used_for_distillation():

@@ -30,7 +30,7 @@ from torch import nn
 __all__ = [
     "ENCODER_LINEARS", "Blocks", "Hidden", "Pooled", "accuracy", "batches", "block_outputs", "distillation_batches",
     "embed", "encoder_records", "flop_share", "fidelity", "load", "make_minilm", "model_path", "sentences", "spearman",
-    "target", "uniform_plan", "uniform_rank",
+    "target", "tokenizer", "uniform_plan", "uniform_rank",
 ]
 
 ENCODER_LINEARS = r"^encoder\.layer\.\d+\."  # the 36 Linear layers of the 6 encoder blocks (not the pooler)
@@ -53,15 +53,22 @@ def load() -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    path = model_path()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        model = transformers.AutoModel.from_pretrained(path).eval()
+        model = transformers.AutoModel.from_pretrained(model_path()).eval()
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return model, tokenizer
+    return model, tokenizer()
+
+
+@functools.cache
+def tokenizer() -> Any:
+    """The model's tokenizer alone (loaded once, offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(model_path())
 
 
 def _paragraphs(text: str) -> Iterable[str]:
@@ -349,8 +356,7 @@ def distillation_batches(n_sentences: int | None = None, batch_size: int = 32, m
     `fxsketch.distill`, disjoint from the calibration and evaluation sentences."""
     import random
 
-    _, tokenizer = load()
-    data = batches(tokenizer, sentences("distillation")[:n_sentences], batch_size, max_length, by_length=True)
+    data = batches(tokenizer(), sentences("distillation")[:n_sentences], batch_size, max_length, by_length=True)
     random.Random(seed).shuffle(data)
     return data
 
