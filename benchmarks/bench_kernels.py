@@ -8,7 +8,7 @@ M ∈ {1, 16, 64, 512, 4096, 16384}, ranks R ∈ {32, 64, 128, 256} and dtypes b
   compiled_us  torch.compile(chain, mode="max-autotune", dynamic=False)
   ours_us      fxsketch.kernels.triton_lowrank.lowrank_linear_triton  (fused, M×R kept on chip)
   op_us        fxsketch.kernels.lowrank_linear, what a rewritten model runs: on CUDA it times the
-               fused kernel and the chain once per shape and keeps the faster (kernels/choose.py)
+               fused kernel and the chain once per shape and keeps the faster (fxsketch/kernels/choose.py)
 
 with triton.testing.do_bench (median of the per-call CUDA-event times, L2 flushed between calls).
 Ours runs once before timing (autotuning excluded) and is checked against the chain. Derived columns:
