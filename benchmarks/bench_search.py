@@ -16,7 +16,7 @@ once with objective="latency" and once with objective="flops" (seed 0). Overhead
 (wall − accuracy calls × 1 s) / N, where the accuracy calls are counted (dense model, evaluated
 trials, validation; a trial repeating earlier values reuses their result and makes no call). The
 call is instrumented without changing the library: for its duration the names `fxsketch.search`
-looks up (capture, apply_plan, compare_latency, sensitivity_table, _search, _finish) and
+looks up (capture, apply_plan, measure_speedup, sensitivity_table, _search, _finish) and
 `LayerTimer.speedup` (the latency objective's per-layer trial timings) are wrapped with timers,
 which splits the wall time into set-up (capture), the trial loop (rewrite, latency measurement,
 Optuna and bookkeeping per trial) and the finish (validation, the final whole-model latency
@@ -198,7 +198,7 @@ def calibrate_work(target_s: float) -> tuple[int, float]:
 class Probe:
     """Wraps the names fxsketch.search looks up at call time, recording (what, phase, seconds)."""
 
-    WRAPPED = ("capture", "apply_plan", "compare_latency", "sensitivity_table")
+    WRAPPED = ("capture", "apply_plan", "measure_speedup", "sensitivity_table")
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str, float]] = []
@@ -232,7 +232,7 @@ class Probe:
             setattr(search, name, self._timed(name, self._saved[name]))
         # the trials' latency estimates (objective "latency"): timed as latency measurement too
         self._speedup = LayerTimer.speedup
-        LayerTimer.speedup = self._timed("compare_latency", LayerTimer.speedup)
+        LayerTimer.speedup = self._timed("measure_speedup", LayerTimer.speedup)
         search._search = self._phase("loop", self._saved["_search"])
         search._finish = self._phase("finish", self._saved["_finish"])
         _PHASE[0] = "setup"
@@ -262,7 +262,7 @@ def overhead_run(model, inputs, spec, objective: str, n_trials: int, seed: int) 
     loop, finish = probe.spans.get("loop", 0.0), probe.spans.get("finish", 0.0)
     setup = wall - loop - finish
     rewrites = probe.times("apply_plan", "loop")
-    latencies = probe.times("compare_latency", "loop")
+    latencies = probe.times("measure_speedup", "loop")
     loop_excl = loop - calls["loop"] * ACC_S
     over = wall - sum(calls.values()) * ACC_S
     e = max(calls["loop"], 1)  # per evaluated trial: a reused trial builds, measures and evaluates nothing
@@ -288,7 +288,7 @@ def overhead_run(model, inputs, spec, objective: str, n_trials: int, seed: int) 
         "  latency measure ms": 1e3 * sum(latencies) / e,
         "  optuna + bookkeeping ms": 1e3 * (loop_excl - sum(rewrites) - sum(latencies)) / e,
         "finish ms excl. accuracy": 1e3 * (finish - calls["finish"] * ACC_S),
-        "  final latency measure ms": 1e3 * sum(probe.times("compare_latency", "finish")),
+        "  final latency measure ms": 1e3 * sum(probe.times("measure_speedup", "finish")),
         "  sensitivity table ms": 1e3 * sum(probe.times("sensitivity_table", "finish")),
         "  validation rewrites ms": 1e3 * sum(probe.times("apply_plan", "finish")),
         "sleep overshoot ms (total)": 1e3 * sum(s - ACC_S for _, s in ACC_CALLS),

@@ -24,8 +24,17 @@ TARGET_HELP = ("A factory returning (model, example_inputs): path/to/file.py:cal
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fxsketch's debug messages.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(lambda record: not hasattr(record, "fxsketch_resume"))  # the CLI words its own, in flags
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
+
+
+def _resume_hint(storage: Any, study_name: Optional[str]) -> str:
+    """How to resume an interrupted `fxsketch optimize`, in the command's own flags."""
+    if storage is None:
+        return "rerun with --storage sqlite:///study.db --study-name NAME to make the search resumable"
+    return f"resume with the same command and --storage {storage} --study-name {study_name or 'NAME'}"
 
 
 @contextmanager
@@ -151,7 +160,8 @@ def inspect(
 def _progress_callback(progress, task):
     def update(study, trial) -> None:
         attrs = trial.user_attrs
-        note = (f"acc {attrs['fxsketch.accuracy']:.4f} speed {attrs['fxsketch.speed']:.3f}"
+        estimate = "≈" if attrs.get("fxsketch.speed_source") == "per-layer estimate" else " "
+        note = (f"acc {attrs['fxsketch.accuracy']:.4f} speed{estimate}{attrs['fxsketch.speed']:.3f}"
                 if "fxsketch.accuracy" in attrs else trial.state.name.lower())
         progress.update(task, advance=1, description=f"{attrs.get('fxsketch.unit', '')}: {note}")
     return update
@@ -194,7 +204,7 @@ def optimize(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("searching", total=trials)
-        with _user_code("optimize"):
+        with _user_code("optimize"), _interrupt_before_any_trial(storage):
             result = fxsketch.optimize(
                 model, spec, example_inputs=example_inputs, accuracy_fn=accuracy_fn, accuracy_threshold=threshold,
                 objective=objective, n_trials=trials, storage=storage, study_name=study_name,
@@ -203,6 +213,23 @@ def optimize(
                 callbacks=[_progress_callback(progress, task)] if workers == 1 else [])
     typer.echo(result.summary())
     _write_outputs(result, example_inputs, out, plan_out, report)
+    if result.interrupted:
+        kept = "saved above" if out or plan_out else "shown above"
+        console.print(f"[yellow]interrupted[/yellow]: the best plan so far is {kept}; "
+                      f"{_resume_hint(storage, result.study.study_name)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+
+
+@contextmanager
+def _interrupt_before_any_trial(storage: Optional[str], resumable: bool = True):
+    """Ctrl-C before any trial finished (or before the search began): nothing to keep; say how to
+    resume and exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        hint = f"; {_resume_hint(storage, getattr(exc, 'study_name', None))}" if resumable else ""
+        console.print(f"[yellow]interrupted[/yellow] before any trial finished{hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _write_outputs(result, example_inputs, out, plan_out, report) -> None:
@@ -263,7 +290,7 @@ def demo(
                   f"threshold {threshold:.4f} (one point below)")
     params = "auto" if method in (None, "svd", "whitened_svd") else {"method": [method]}
     spec = fxsketch.LayerConfig(layer_names={"type": "Linear"}, params=params)
-    with _user_code("the demo"):
+    with _user_code("the demo"), _interrupt_before_any_trial(None, resumable=False):
         result = fxsketch.optimize(task.model, spec, example_inputs=task.example_inputs, accuracy_fn=task.accuracy,
                                    accuracy_threshold=threshold, objective=objective, n_trials=trials, seed=seed,
                                    verbose=True, default_method=method,
@@ -272,6 +299,9 @@ def demo(
     typer.echo(result.summary())
     fxsketch.save(result.graph_module, out, task.example_inputs)
     console.print(f"\nsaved the optimized model to {out} (load it with fxsketch.load)")
+    if result.interrupted:
+        console.print("[yellow]interrupted[/yellow]: the best plan found so far is saved above")
+        raise typer.Exit(130)
 
 
 def main() -> None:

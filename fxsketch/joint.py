@@ -16,6 +16,7 @@ from torch import nn
 
 from fxsketch.measure import plan_cost
 from fxsketch.result import ENTRY_ATTR, UNIT_ATTR
+from fxsketch.workers import optimize_study
 
 __all__ = ["JOINT_KEY", "ParetoPoint", "run_joint", "best_joint", "pareto_points"]
 
@@ -100,6 +101,7 @@ def evaluate_plan(ctx, trial: optuna.Trial, plan: dict, flat: dict, reason: str 
         ctx.memo[key] = (accuracy, speed, trial.number)
     trial.set_user_attr("fxsketch.accuracy", accuracy)
     trial.set_user_attr("fxsketch.speed", speed)
+    trial.set_user_attr("fxsketch.speed_source", ctx.speed_label(speed))
     if ctx.threshold is not None:
         trial.set_constraint("accuracy", ctx.threshold - accuracy)
     if multi:
@@ -128,8 +130,8 @@ def run_joint(ctx, study, units, n_trials, timeout, callbacks, multi: bool) -> N
 
     if ctx.warm:
         _enqueue_warm(ctx, study, units)
-    study.optimize(lambda trial: _joint_trial(ctx, units, trial, multi), n_trials=n_trials, timeout=timeout,
-                   catch=(TrialFailed,), callbacks=list(callbacks))
+    optimize_study(study, lambda trial: _joint_trial(ctx, units, trial, multi), n_trials, timeout, (TrialFailed,),
+                   list(callbacks))
 
 
 def _complete(study):

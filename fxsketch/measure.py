@@ -1,11 +1,14 @@
-"""Measurements: latency of a module on example inputs, and the exact cost of a plan."""
+"""Measurements: honest timings (warmed up, interleaved rounds, disturbed rounds set aside, a spread
+beside every median), the physical bound of a speedup, and the exact cost of a plan."""
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,46 +20,226 @@ from fxsketch.records import LayerRecord
 from fxsketch.rewrite import _fetch
 from fxsketch.replacements import dense_cost, get_kind
 
-__all__ = ["compare_latency", "measure_latency", "plan_cost", "layer_cost", "LayerTimer"]
+__all__ = ["Rounds", "Speedup", "compare_latency", "measure_latency", "measure_speedup", "time_rounds", "speed_bound",
+           "plan_cost", "layer_cost", "LayerTimer"]
+
+TOLERANCE = 0.05  # a figure is stable once its interquartile range lies within ±5% of its median
+BUSY = 0.05  # a round is disturbed when the process's threads waited for a CPU this share of its time
 
 
-def measure_latency(
-    module: nn.Module, inputs: tuple, *, warmup: int = 3, min_repeats: int = 5, budget_s: float = 0.25
-) -> float:
-    """Median seconds per call of `module(*inputs)` under `torch.no_grad()`.
+@dataclass(frozen=True)
+class Speedup:
+    """A measured speedup: the median over interleaved rounds of baseline time / candidate time.
 
-    Repeats until `budget_s` has passed (at least `min_repeats` times) so small and large models
-    both get a stable median; CUDA work is synchronized before each clock read.
+    Attributes:
+        median: the reported figure (> 1: the candidate is faster).
+        low / high: the first and third quartiles of the per-round ratios (the spread).
+        rounds: how many rounds the figure comes from.
+        stable: the spread lies within ±5% of the median, over at least the minimum number of
+            rounds the machine left alone.
+        busy: the share of rounds during which this process's threads waited for a CPU (other
+            processes held the cores): they are set aside, and when too few rounds are left the
+            figure comes from all rounds and is not stable.
+        baseline_s / candidate_s: median seconds per call of each side.
+        bound: the physical bound of the speedup (max of the FLOP and byte ratios of the replaced
+            layers), when known.
+        suspect: the figure stayed above `bound` by more than its spread after a re-measurement.
     """
-    return compare_latency([module], inputs, warmup=warmup, min_repeats=min_repeats, budget_s=budget_s)[0]
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+    stable: bool
+    baseline_s: float
+    candidate_s: float
+    busy: float = 0.0
+    bound: float | None = None
+    suspect: bool = False
+
+    @property
+    def reliable(self) -> bool:
+        """Stable (enough undisturbed rounds, a narrow spread) and within its physical bound."""
+        return self.stable and not self.suspect
+
+    @property
+    def slower(self) -> bool:
+        """Slower than the baseline beyond the noise: the whole spread lies below 1."""
+        return self.high < 1.0
+
+    @property
+    def faster(self) -> bool:
+        """Faster than the baseline beyond the noise: the whole spread lies above 1."""
+        return self.low > 1.0
+
+    def describe(self) -> str:
+        """`1.84x faster than dense (IQR 1.80-1.88 over 9 interleaved rounds)`, naming a figure that is
+        slower, within the noise of dense, unstable or suspect as such."""
+        if self.faster:
+            head = f"{self.median:.2f}x faster than dense"
+        elif self.slower:
+            head = f"{self.median:.2f}x the speed of dense: SLOWER than dense"
+        else:
+            head = f"{self.median:.2f}x the speed of dense: no faster than dense within the noise"
+        spread = f"IQR {self.low:.2f}-{self.high:.2f} over {self.rounds} interleaved rounds"
+        notes = []
+        if not self.stable:
+            why = (f"other processes held the CPUs in {100 * self.busy:.0f}% of the rounds" if self.busy >= 0.5
+                   else "the spread stayed wider than ±5%")
+            notes.append(f"unstable, an unreliable figure: {why}; measure again on a quiet machine")
+        if self.suspect:
+            notes.append(f"suspect: above the replaced layers' bound of {self.bound:.2f}x (FLOP/byte ratio) "
+                         "after re-measuring")
+        return f"{head} ({spread})" + "".join(f"; {n}" for n in notes)
 
 
-def compare_latency(
-    modules: list[nn.Module], inputs: tuple, *, warmup: int = 3, min_repeats: int = 5, budget_s: float = 0.25
-) -> list[float]:
-    """Median seconds per call of each module, measured in interleaved rounds.
+@dataclass(frozen=True)
+class Rounds:
+    """What `time_rounds` measured: `times[fn][round]` in seconds, whether the figure settled
+    (`stable`), and the share of rounds disturbed by other processes (`busy`)."""
 
-    Alternating the modules call by call exposes them all to the same machine noise (other
-    processes, frequency changes), so their ratio is steadier than two separate measurements.
+    times: list[list[float]]
+    stable: bool
+    busy: float
+
+    def median(self, i: int = 0) -> float:
+        return statistics.median(self.times[i])
+
+    def ratios(self) -> list[float]:
+        return [a / b for a, b in zip(self.times[0], self.times[1])]
+
+
+def time_rounds(fns: Sequence[Callable], inputs: tuple, *, tolerance: float = TOLERANCE, min_rounds: int = 5,
+                cap_s: float = 2.0) -> Rounds:
+    """Seconds per call of each of `fns`, after warm-up, in interleaved rounds.
+
+    Every function is first warmed up (until its calls stop getting faster). A round then calls
+    the functions in turn, about 10 ms of calls each (their order alternating round by round), and
+    keeps each one's fastest call. A round during which this process's threads waited for a CPU (Linux
+    scheduler statistics) is set aside: on a machine shared with busy processes, multi-threaded
+    ops stall unevenly and the times say nothing about the model. Rounds go on until, after
+    `min_rounds` undisturbed ones, the interquartile range of the first two functions' time ratio
+    (of the first one's time, for one function) lies within ±`tolerance` of its median, or
+    `cap_s` seconds pass (never before `min_rounds` rounds); then, with too few undisturbed
+    rounds, all rounds are used and the figure is not stable. CUDA work is synchronized before each clock read.
     """
     cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times: list[list[float]] = [[] for _ in modules]
-    with torch.no_grad():
-        for _ in range(warmup):
-            for m in modules:
-                m(*inputs)
+
+    def timed(fn: Callable) -> float:
+        t0 = time.perf_counter()
+        fn(*inputs)
         sync()
-        start = time.perf_counter()
-        while len(times[0]) < min_repeats or time.perf_counter() - start < budget_s * len(modules):
-            for m, bucket in zip(modules, times):
-                t0 = time.perf_counter()
-                m(*inputs)
-                sync()
-                bucket.append(time.perf_counter() - t0)
-            if len(times[0]) >= 10_000:
+        return time.perf_counter() - t0
+
+    def settled(rows: list[list[float]]) -> bool:
+        series = [a / b for a, b in zip(rows[0], rows[1])] if len(rows) > 1 else rows[0]
+        low, mid, high = _quartiles(series)
+        return mid * (1 - tolerance) <= low and high <= mid * (1 + tolerance)
+
+    start = time.perf_counter()
+    clean: list[list[float]] = [[] for _ in fns]
+    every: list[list[float]] = [[] for _ in fns]
+    with torch.no_grad():
+        per_call = [_warm_up(timed, fn, start + cap_s / 3) for fn in fns]
+        calls = max(1, min(50, math.ceil(0.01 / max(sum(per_call), 1e-9))))  # ~10 ms of work per round
+        while True:
+            order = list(range(len(fns)))
+            if len(every[0]) % 2:
+                order.reverse()
+            best = [math.inf] * len(fns)
+            wall, waited = time.perf_counter(), _cpu_wait()
+            for _ in range(calls):
+                for i in order:
+                    best[i] = min(best[i], timed(fns[i]))
+            disturbed = _cpu_wait() - waited > BUSY * (time.perf_counter() - wall)
+            for i, b in enumerate(best):
+                every[i].append(b)
+                if not disturbed:
+                    clean[i].append(b)
+            stable = len(clean[0]) >= min_rounds and settled(clean)
+            capped = len(every[0]) >= min_rounds and time.perf_counter() - start > cap_s
+            if stable or capped or len(every[0]) >= 10_000:
                 break
-    return [statistics.median(t) for t in times]
+    busy = 1 - len(clean[0]) / len(every[0])
+    if len(clean[0]) >= min_rounds:
+        return Rounds(clean, stable, busy)
+    return Rounds(every, False, busy)
+
+
+def _cpu_wait() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a CPU, from Linux's
+    scheduler statistics (0.0 where they cannot be read)."""
+    total = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended, or no schedstat
+            continue
+    return total * 1e-9
+
+
+def _warm_up(timed: Callable[[Callable], float], fn: Callable, deadline: float) -> float:
+    """Call `fn` until it stops getting faster: from the third call on, until a call is no more than
+    5% faster than the best before it (at most 20 calls, or until `deadline`); its last time."""
+    best = math.inf
+    for n in range(20):
+        t = timed(fn)
+        if n >= 2 and (t >= 0.95 * best or time.perf_counter() > deadline):
+            return t
+        best = min(best, t)
+    return t
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def measure_speedup(baseline: Callable, candidate: Callable, inputs: tuple, *, bound: float | None = None,
+                    tolerance: float = TOLERANCE, min_rounds: int = 5, cap_s: float = 3.0) -> Speedup:
+    """How much faster `candidate(*inputs)` runs than `baseline(*inputs)`, timed interleaved (`time_rounds`).
+
+    With `bound` (the most the replaced work allows, `speed_bound`), a figure whose whole spread
+    lies above the bound is measured once more with twice the time; if it is still above, the
+    result is marked suspect rather than trusted.
+    """
+    result = _ratio(baseline, candidate, inputs, bound, tolerance, min_rounds, cap_s)
+    if bound is not None and result.low > bound:
+        result = _ratio(baseline, candidate, inputs, bound, tolerance, 2 * min_rounds, 2 * cap_s)
+        if result.low > bound:
+            result = replace(result, suspect=True)
+    return result
+
+
+def _ratio(baseline, candidate, inputs, bound, tolerance, min_rounds, cap_s) -> Speedup:
+    rounds = time_rounds([baseline, candidate], inputs, tolerance=tolerance, min_rounds=min_rounds, cap_s=cap_s)
+    low, mid, high = _quartiles(rounds.ratios())
+    return Speedup(mid, low, high, len(rounds.times[0]), rounds.stable, rounds.median(0), rounds.median(1),
+                   rounds.busy, bound)
+
+
+def measure_latency(module: nn.Module, inputs: tuple, *, cap_s: float = 1.0) -> float:
+    """Median seconds per call of `module(*inputs)` under `torch.no_grad()`, after warm-up, in rounds
+    until its spread is within ±5% or `cap_s` passes (`time_rounds`)."""
+    return time_rounds([module], inputs, cap_s=cap_s).median()
+
+
+def compare_latency(modules: list[nn.Module], inputs: tuple, *, cap_s: float = 2.0) -> list[float]:
+    """Median seconds per call of each module, measured in interleaved rounds (`time_rounds`).
+
+    Alternating the modules exposes them all to the same machine noise (other processes,
+    frequency changes), so their ratio is steadier than separate measurements.
+    """
+    rounds = time_rounds(modules, inputs, cap_s=cap_s)
+    return [rounds.median(i) for i in range(len(modules))]
 
 
 def layer_cost(record: LayerRecord, entry: Mapping[str, Any] | None):
@@ -78,36 +261,50 @@ def plan_cost(records: list[LayerRecord], plan: Mapping[str, Mapping[str, Any]])
     return params, flops
 
 
+def speed_bound(records: Sequence[LayerRecord], plan: Mapping[str, Mapping[str, Any]]) -> float:
+    """The most `plan` can speed up the layers it replaces: the larger of their FLOP ratio and their
+    byte ratio (weights plus the activations each layer reads and writes, low-rank layers also
+    their rank-wide intermediate). A whole-model speedup above it beats physics, not the model."""
+    dense_flops = flops = dense_bytes = moved = 0
+    for record in records:
+        entry = plan.get(record.name)
+        if entry is None or record.unsupported or entry.get("method", "dense") == "dense":
+            continue
+        before, after = layer_cost(record, None), layer_cost(record, entry)
+        dense_flops += before.flops_per_token * record.tokens
+        flops += after.flops_per_token * record.tokens
+        io = record.tokens * (record.in_features + record.out_features)
+        dense_bytes += before.params + io
+        moved += after.params + io + 2 * record.tokens * (after.rank or 0)
+    if not flops or not moved:
+        return 1.0
+    return max(dense_flops / flops, dense_bytes / moved, 1.0)
+
+
 class LayerTimer:
     """Speedups of plans estimated from per-layer timings, for the search's trials.
 
-    Every time here is the fastest of a few calls: the least disturbed by other processes, so the
-    model's and its layers' times, taken at different moments, stay comparable (medians under
-    changing load are not: the dense layers could add up to more than the model). The dense model
-    is timed once (on first use), and so is each dense layer shape. Each
-    replacement is timed alone on an input of its layer's real shape and cached by geometry and
-    values: a replacement's time does not depend on its weights, so layers of one shape share a
-    measurement and a repeated value is never timed again. A plan then runs in about
-    T − Σ (dense layer − replacement) seconds, T being the dense model's time, and its speedup is
-    T over that. A trial thus times only the layer shapes and values no earlier trial timed, never
-    the whole model; `optimize` still times the plan it returns on the whole model, interleaved
-    with the dense one.
+    The dense model is timed once (`measure_latency`). Each replacement is timed interleaved
+    with its own dense layer (`time_rounds`), alone on an input of the layer's real shape, and
+    cached by geometry and values: its time does not depend on its weights, so layers of one
+    shape share a measurement and a repeated value is never timed again. A plan then runs in
+    about T − Σ (dense layer − replacement) seconds, T being the dense model's time, and its
+    estimated speedup is T over that, never more than the plan's `speed_bound`. Trials use these
+    estimates; `optimize` times the plan it returns on the whole model (`measure_speedup`).
     """
 
     def __init__(self, gm: nn.Module, records: Mapping[str, LayerRecord], inputs: tuple, cache: Any = None, *,
-                 repeats: int = 3, dense_repeats: int = 5, model_budget_s: float = 0.0) -> None:
+                 layer_cap_s: float = 0.3, model_cap_s: float = 1.0) -> None:
         self.gm, self.records, self.inputs, self.cache = gm, records, inputs, cache
-        self.repeats, self.dense_repeats, self.model_budget_s = repeats, dense_repeats, model_budget_s
+        self.layer_cap_s, self.model_cap_s = layer_cap_s, model_cap_s
         self._model: float | None = None
-        self._dense: dict[Any, float] = {}  # dense layer geometry -> seconds
         self._saved: dict[Any, float | None] = {}  # replacement key -> dense − replacement seconds (None: cannot time)
         self.timed = 0  # replacements timed so far
 
     def model_seconds(self) -> float:
         """Seconds per forward of the dense model (measured once)."""
         if self._model is None:
-            self._model = fastest(self.gm, self.inputs, warmup=1, repeats=self.dense_repeats,
-                                  budget_s=self.model_budget_s)
+            self._model = measure_latency(self.gm, self.inputs, cap_s=self.model_cap_s)
         return self._model
 
     def speedup(self, plan: Mapping[str, Mapping[str, Any]]) -> float | None:
@@ -115,17 +312,22 @@ class LayerTimer:
         alone, e.g. its input shape is unknown; time the whole model instead)."""
         saved = 0.0
         for name, entry in plan.items():
-            record = self.records.get(name)
-            if record is None or record.unsupported or entry.get("method", "dense") == "dense":
+            if entry.get("method", "dense") == "dense":
                 continue
-            one = self._layer(record, entry)
+            one = self.saving(name, entry)
             if one is None:
                 return None
             saved += one
         total = self.model_seconds()
-        return total / max(total - saved, 0.02 * total)
+        bound = speed_bound(list(self.records.values()), plan)
+        return total / max(total - saved, total / bound)
 
-    def _layer(self, record: LayerRecord, entry: Mapping[str, Any]) -> float | None:
+    def saving(self, name: str, entry: Mapping[str, Any]) -> float | None:
+        """Seconds per forward that `entry` saves on layer `name` (negative: it is slower than the
+        dense layer; None: it cannot be timed alone)."""
+        record = self.records.get(name)
+        if record is None or record.unsupported or entry.get("method", "dense") == "dense":
+            return 0.0
         kind = get_kind(entry["method"])
         params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
         shapes = [_input_meta(n) for n in record.nodes]
@@ -135,10 +337,10 @@ class LayerTimer:
                     repr(sorted(record.conv.items())))
         key = (kind.name, repr(sorted(params.items())), geometry, tuple(shapes))
         if key not in self._saved:
-            self._saved[key] = self._time(record, kind, params, geometry, shapes)
+            self._saved[key] = self._time(record, kind, params, shapes)
         return self._saved[key]
 
-    def _time(self, record: LayerRecord, kind, params: dict[str, Any], geometry, shapes: list) -> float | None:
+    def _time(self, record: LayerRecord, kind, params: dict[str, Any], shapes: list) -> float | None:
         weight = _fetch(self.gm, record.weight_target).detach()
         bias = _fetch(self.gm, record.bias_target).detach() if record.bias_target else None
         matrix = weight.T if record.transposed else weight
@@ -152,33 +354,10 @@ class LayerTimer:
         saved = 0.0
         for shape, dtype in shapes:
             x = torch.randn(shape, dtype=dtype, device=weight.device)
-            slot = (geometry, shape, dtype)
-            if slot not in self._dense:
-                self._dense[slot] = fastest(_dense_call(record, matrix, bias), (x,), warmup=1,
-                                            repeats=self.dense_repeats)
-            saved += self._dense[slot] - fastest(replacement, (x,), warmup=1, repeats=self.repeats)
+            rounds = time_rounds([_dense_call(record, matrix, bias), replacement], (x,), cap_s=self.layer_cap_s)
+            saved += rounds.median(0) - rounds.median(1)
         self.timed += 1
         return saved
-
-
-def fastest(fn: Callable, inputs: tuple, *, warmup: int = 1, repeats: int = 3, budget_s: float = 0.0) -> float:
-    """The fastest of `repeats` timed calls of `fn(*inputs)` under `torch.no_grad()` (more while
-    `budget_s` has not passed), after `warmup` untimed ones; CUDA work is synchronized."""
-    cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    best, n = math.inf, 0
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(*inputs)
-        sync()
-        start = time.perf_counter()
-        while n < repeats or (time.perf_counter() - start < budget_s and n < 10_000):
-            t0 = time.perf_counter()
-            fn(*inputs)
-            sync()
-            best = min(best, time.perf_counter() - t0)
-            n += 1
-    return best
 
 
 def _input_meta(node: torch.fx.Node) -> tuple[tuple[int, ...], torch.dtype] | None:

@@ -39,6 +39,13 @@ def write_report(result: "Result", path: str | Path) -> Path:
     return path
 
 
+def _speed_axis(result: "Result") -> str:
+    """The trials' speed axis title, naming what the figures are (e.g. per-layer estimates)."""
+    sources = result.trials.get("speed_source", pd.Series(dtype=str))
+    sources = sources[sources.astype(bool) & (sources != "not timed (infeasible)")]
+    return f"trial speed vs dense ({sources.mode()[0]})" if len(sources) else "trial speed vs dense"
+
+
 def _points(result: "Result") -> pd.DataFrame:
     frame = result.trials
     done = frame[frame["state"] == "COMPLETE"].copy()
@@ -63,7 +70,7 @@ def _html(result: "Result") -> str:
     best = points[points["feasible"]].sort_values("number")
     history.add_scatter(x=best["number"], y=best["speed"].cummax(), mode="lines", name="best so far",
                         line_shape="hv", line_color="#264653")
-    history.update_layout(title="Optimization history", xaxis_title="trial", yaxis_title="speed (vs dense)")
+    history.update_layout(title="Optimization history", xaxis_title="trial", yaxis_title=_speed_axis(result))
     scatter = go.Figure()
     for feasible, name, color in ((True, "feasible", "#2a9d8f"), (False, "below threshold", "#e76f51")):
         part = points[(points["feasible"] == feasible) & ~points["chosen"]]
@@ -81,9 +88,9 @@ def _html(result: "Result") -> str:
         scatter.add_hrect(y0=result.accuracy_threshold, y1=max(1.0, points["accuracy"].max()), fillcolor="#2a9d8f",
                           opacity=0.08, line_width=0, annotation_text="feasible region")
         scatter.add_hline(y=result.accuracy_threshold, line_dash="dash", annotation_text="threshold")
-    scatter.update_layout(title="Accuracy and speed of every trial", xaxis_title="speed (vs dense)",
+    scatter.update_layout(title="Accuracy and speed of every trial", xaxis_title=_speed_axis(result),
                           yaxis_title="accuracy")
-    summary = html.escape("\n".join(result.summary().splitlines()[:5]))
+    summary = html.escape(result.summary().split("\n\n")[0])  # the figures and notes, before the tables
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>fxsketch report</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -128,8 +135,8 @@ def _png(result: "Result", path: Path) -> None:
     if result.accuracy_threshold is not None and not math.isnan(result.accuracy_threshold):
         ax_s.axhspan(result.accuracy_threshold, max(1.0, points["accuracy"].max()), color="#2a9d8f", alpha=0.08)
         ax_s.axhline(result.accuracy_threshold, ls="--", c="gray", label="threshold")
-    ax_h.set(title="Optimization history", xlabel="trial", ylabel="speed (vs dense)")
-    ax_s.set(title="Accuracy and speed of every trial", xlabel="speed (vs dense)", ylabel="accuracy")
+    ax_h.set(title="Optimization history", xlabel="trial", ylabel=_speed_axis(result))
+    ax_s.set(title="Accuracy and speed of every trial", xlabel=_speed_axis(result), ylabel="accuracy")
     ax_h.legend(fontsize=8)
     ax_s.legend(fontsize=8)
     ax_t.axis("off")

@@ -12,7 +12,7 @@ import optuna
 import pandas as pd
 import torch.fx
 
-from fxsketch.measure import layer_cost
+from fxsketch.measure import Speedup, layer_cost
 from fxsketch.records import LayerRecord
 
 __all__ = ["Result", "trials_frame"]
@@ -30,7 +30,15 @@ class Result:
         plan: `{qualified_name: {"method": ..., **params}}` for every replaced layer.
         accuracy: the rewritten model's accuracy (validated on the whole model).
         dense_accuracy: the original model's accuracy, measured in the same run.
-        speedup: measured latency of the original over the rewritten model on the example inputs.
+        speedup: how many times faster the rewritten model runs than the original on the example
+            inputs: the median of interleaved whole-model timings after warm-up (1.0 when nothing
+            was replaced). Below 1 it is slower, and `notes` says so.
+        measured_speedup: that measurement in full (`fxsketch.measure.Speedup`): its spread
+            (interquartile range), whether it was stable, its physical bound and whether it
+            exceeded it (suspect); None when nothing was replaced.
+        notes: what the summary must say beside the figures (a plan slower than dense, no plan
+            faster than dense on this machine).
+        interrupted: the search was stopped by Ctrl-C; this is the best plan found before.
         flops_ratio: FLOPs of the matchable layers before over after, from the exact cost model.
         params_before / params_after: parameters of the matchable layers before and after.
         trials: one row per trial (layer, parameters, accuracy, speed, score, state, note).
@@ -56,6 +64,9 @@ class Result:
     pareto: list = field(default_factory=list)
     sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
     speedup_estimate: float | None = None
+    measured_speedup: Speedup | None = None
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
 
     def select(self, min_accuracy: float):
         """The fastest Pareto point (multi-objective search) whose accuracy is at least `min_accuracy`.
@@ -116,14 +127,14 @@ class Result:
         thr = "" if self.accuracy_threshold is None else f" (threshold {self.accuracy_threshold:.4f})"
         lines = [
             f"accuracy     dense {dense} -> optimized {acc}{thr}",
-            f"latency      {self.speedup:.2f}x faster than dense (measured on the example inputs"
-            + (f"; the trials' per-layer estimate: {self.speedup_estimate:.2f}x)" if self.speedup_estimate else ")"),
+            f"latency      {self._latency_line()}",
             f"FLOPs        {self.flops_ratio:.2f}x fewer in the matchable layers",
             f"parameters   {self.params_before:,} -> {self.params_after:,} in the matchable layers",
             f"trials       {len(self.trials)} ({_state_counts(self.trials)})",
             "",
             self.layer_table().to_string(index=False),
         ]
+        lines[1:1] = [f"note         {n}" for n in self.notes]
         if not self.sensitivity.empty:
             lines += ["", "sensitivity (relative output error by rank; smallest rank under each error):",
                       self.sensitivity.to_string(index=False, float_format=lambda v: f"{v:.3g}")]
@@ -131,6 +142,14 @@ class Result:
             lines += ["", f"Pareto front ({len(self.pareto)} plans): accuracy / speed "
                       + ", ".join(f"{p.accuracy:.4f}/{p.speed:.2f}" for p in self.pareto)]
         return "\n".join(lines)
+
+    def _latency_line(self) -> str:
+        if self.measured_speedup is None:
+            return "not measured (see the note)" if self.plan else "1.00x: nothing replaced, the model is the dense graph"
+        line = self.measured_speedup.describe() + ", whole model on the example inputs"
+        if self.speedup_estimate is not None:
+            line += f"; the trials' per-layer estimate: {self.speedup_estimate:.2f}x"
+        return line
 
     def __str__(self) -> str:
         return self.summary()
@@ -151,6 +170,13 @@ class Result:
             "accuracy": self.accuracy,
             "dense_accuracy": self.dense_accuracy,
             "speedup": self.speedup,
+            "speedup_iqr": [m.low, m.high] if (m := self.measured_speedup) else None,
+            "speedup_rounds": m.rounds if m else None,
+            "speedup_stable": m.stable if m else None,
+            "speedup_suspect": m.suspect if m else None,
+            "speedup_bound": m.bound if m else None,
+            "speedup_estimate": self.speedup_estimate,
+            "notes": self.notes,
             "flops_ratio": self.flops_ratio,
         }
         with open(path, "w") as f:
@@ -182,12 +208,13 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row["method"] = "+".join(sorted({e.get("method", "dense") for e in plan.values()})) or "dense"
         for key in ("accuracy", "speed", "score"):
             row[key] = t.user_attrs.get(f"fxsketch.{key}", math.nan)
+        row["speed_source"] = t.user_attrs.get("fxsketch.speed_source", "")
         row["note"] = t.user_attrs.get("fxsketch.note", "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else math.nan
         rows.append(row)
     columns = ["number", "layer", "state", "method"]
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return pd.DataFrame(columns=columns + ["accuracy", "speed", "score", "note", "duration_s"])
+        return pd.DataFrame(columns=columns + ["accuracy", "speed", "score", "speed_source", "note", "duration_s"])
     ordered = columns + [c for c in frame.columns if c not in columns]
     return frame.reindex(columns=ordered)

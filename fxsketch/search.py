@@ -30,10 +30,10 @@ from torch import nn
 from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units, layer_errors, target_error_units
 from fxsketch.calibrate import calibrate, iterate_batches
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
-from fxsketch.measure import LayerTimer, compare_latency, plan_cost
+from fxsketch.measure import LayerTimer, Speedup, measure_speedup, plan_cost, speed_bound
 from fxsketch.joint import JOINT_KEY, best_joint, pareto_points, run_joint
 from fxsketch.records import LayerRecord
-from fxsketch.workers import check_sendable, fresh_journal, open_storage, resolve_callable, run_workers
+from fxsketch.workers import check_sendable, fresh_journal, open_storage, optimize_study, resolve_callable, run_workers
 from fxsketch.recover import distill
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
 from fxsketch.result import ENTRY_ATTR, UNIT_ATTR, Result, trials_frame
@@ -271,6 +271,7 @@ class _Context:
     started: int = 0  # trials this process started (other workers may share the study)
     multi: bool = False  # multi-objective: every trial needs its speed
     timer: LayerTimer | None = None  # per-layer latency estimates (objective "latency")
+    speed_source: str = ""  # how latency trials are timed: per-layer estimates, or whole models when layers can't be
 
     weight_versions: list[int] = field(default_factory=list)  # of gm's parameters, at the start
 
@@ -329,9 +330,10 @@ class _Context:
             self.timer = LayerTimer(self.gm, self.records, self.inputs, self.cache)
         estimate = self.timer.speedup(plan)
         if estimate is not None:
+            self.speed_source = "per-layer estimate"
             return estimate
-        dense, candidate = compare_latency([self.gm, built()], self.inputs, budget_s=0.15)
-        return dense / candidate
+        self.speed_source = "measured"
+        return measure_speedup(self.gm, built(), self.inputs, cap_s=0.5).median
 
     def recall(self, key: tuple[str, str], plan: dict, copy_weights: bool = True) -> tuple[float, float, int] | None:
         """The remembered (accuracy, speed, first trial) of an earlier trial with the same values, or
@@ -348,6 +350,17 @@ class _Context:
                 return None
             self.memo[key] = hit = (accuracy, speed, first)
         return hit
+
+    def speed_label(self, speed: float) -> str:
+        """What a trial's speed figure is: a cost ratio, the user's speed_fn, or a latency estimate or
+        measurement (a NaN was not timed)."""
+        if not math.isfinite(speed):
+            return "not timed (infeasible)"
+        if self.speed_fn is not None:
+            return "speed_fn"
+        if self.objective == "flops":
+            return "FLOP ratio"
+        return self.speed_source or "per-layer estimate"
 
     def score(self, accuracy: float, speed: float) -> float:
         if self.threshold is None:
@@ -418,6 +431,7 @@ def _run_trial(ctx: _Context, unit: Unit, trial: optuna.Trial) -> float:
     score = ctx.score(accuracy, speed)
     trial.set_user_attr("fxsketch.accuracy", accuracy)
     trial.set_user_attr("fxsketch.speed", speed)
+    trial.set_user_attr("fxsketch.speed_source", ctx.speed_label(speed))
     trial.set_user_attr("fxsketch.score", score)
     if ctx.threshold is not None:
         trial.set_constraint("accuracy", ctx.threshold - accuracy)  # ≤ 0 is feasible
@@ -694,6 +708,7 @@ def optimize(
             _parallel(study, call)
             return _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
         _seed_memo(ctx, study)
+        interrupted = False
         try:
             if strategy == "joint":
                 printer = [_print_trial] if verbose else []
@@ -702,11 +717,13 @@ def optimize(
                 _search(ctx, study, units, n_trials, timeout, verbose, callbacks)
         except KeyboardInterrupt:
             _interrupted(study, call["storage"])
+            interrupted = True
     finally:
         optuna.logging.set_verbosity(optuna_verbosity)
     if _worker is not None:
         return None
     result = _finish(ctx, study, units, records, dense_accuracy, verbose, strategy, multi)
+    result.interrupted = result.interrupted or interrupted
     if experiment_dir is not None:
         _keep_best(result, experiment_dir, inputs)
     return result
@@ -723,7 +740,11 @@ def _keep_best(result: Result, folder: Path, inputs: tuple) -> None:
 
 
 class SearchInterrupted(KeyboardInterrupt):
-    """Ctrl-C before any trial finished; the message says how to resume."""
+    """Ctrl-C before any trial finished; the message says how to resume (`study_name` names the study)."""
+
+    def __init__(self, message: str, study_name: str | None = None) -> None:
+        super().__init__(message)
+        self.study_name = study_name
 
 
 def _interrupted(study: optuna.Study, storage: Any) -> None:
@@ -732,8 +753,10 @@ def _interrupted(study: optuna.Study, storage: Any) -> None:
     resume = (f"resume with storage={storage!r}, study_name={study.study_name!r}, load_if_exists=True"
               if storage is not None else "pass storage= (e.g. 'sqlite:///study.db') and study_name= to make it resumable")
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        raise SearchInterrupted(f"interrupted before any trial finished; {resume}")
-    log.warning("interrupted after %d finished trials: returning the best plan so far; %s", finished, resume)
+        raise SearchInterrupted(f"interrupted before any trial finished; {resume}", study.study_name)
+    # marked so that the CLI can leave this hint out: it gives its own, in its flags
+    log.warning("interrupted after %d finished trials: returning the best plan so far; %s", finished, resume,
+                extra={"fxsketch_resume": True})
 
 
 def _check_arguments(accuracy_fn, speed_fn, n_trials, threshold, timeout, sampler, pruner, callbacks) -> None:
@@ -1007,8 +1030,8 @@ def _search_unit(ctx, study, unit, n_trials, timeout, callbacks) -> None:
         if len(ctx.seen.get(unit.key, ())) >= size:
             study.stop()  # every value set of this unit has been tried
 
-    study.optimize(lambda trial: _run_trial(ctx, unit, trial), n_trials=n_trials, timeout=timeout,
-                   catch=(TrialFailed,), callbacks=[*callbacks, stop_when_exhausted])
+    optimize_study(study, lambda trial: _run_trial(ctx, unit, trial), n_trials, timeout, (TrialFailed,),
+                   [*callbacks, stop_when_exhausted])
 
 
 def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -1016,8 +1039,9 @@ def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     entry = ", ".join(f"{k}={v}" for k, v in attrs.get(ENTRY_ATTR, {}).items())
     if trial.state == optuna.trial.TrialState.COMPLETE:
         score = f" score={attrs['fxsketch.score']:.4f}" if "fxsketch.score" in attrs else ""
+        source = attrs.get("fxsketch.speed_source")
         print(f"trial {trial.number:3d} {attrs.get(UNIT_ATTR)} [{entry}] accuracy={attrs['fxsketch.accuracy']:.4f} "
-              f"speed={attrs['fxsketch.speed']:.3f}{score}")
+              f"speed={attrs['fxsketch.speed']:.3f}{f' ({source})' if source else ''}{score}")
     else:
         print(f"trial {trial.number:3d} {attrs.get(UNIT_ATTR)} [{entry}] {trial.state.name.lower()}: "
               f"{attrs.get('fxsketch.note', '')}")
@@ -1048,20 +1072,84 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strat
         plan, accuracy, steps, module = done
     if plan and not ctx.recover[1]:  # the returned model owns its weights (the same values)
         module = ctx.build(plan, share=False)
+    notes: list[str] = []
+    interrupted = False
+    try:
+        measured = _time_result(ctx, plan, module)
+        if measured is not None and measured.median < 1.0 and not measured.reliable:  # the load may have passed
+            measured = _time_result(ctx, plan, module, cap_s=6.0)
+        if measured is not None and _slower(measured) and ctx.objective == "latency" and ctx.speed_fn is None:
+            plan, accuracy, module, measured = _back_off_slow(ctx, plan, accuracy, module, measured, steps, verbose)
+            if not plan:
+                notes.append("no plan was faster than dense on this machine: the model stays dense")
+                accuracy = dense_accuracy
+    except KeyboardInterrupt:  # Ctrl-C while timing: keep the validated plan, unmeasured
+        interrupted, measured = True, None
+        notes.append("interrupted while timing the returned model: its speed was not measured")
+    if measured is not None and not measured.faster:
+        notes.append(f"the returned plan is not faster than dense on this machine: {measured.describe()}")
+    for note in notes:
+        log.warning(note)
+    if measured is not None and measured.faster and not measured.reliable:
+        log.warning("the measured speedup is not reliable: %s", measured.describe())
     params_before, flops_before = plan_cost(records, {})
     params_after, flops_after = plan_cost(records, plan)
-    if plan:  # the returned plan is always timed on the whole model, interleaved with the dense one
-        dense_latency, latency = compare_latency([ctx.gm, module], ctx.inputs, budget_s=0.2)
-        speedup = dense_latency / latency
-    else:  # nothing replaced: the model is the dense graph
-        speedup = 1.0
     estimate = ctx.timer.speedup(plan) if ctx.timer is not None and plan else None
     sensitivity = sensitivity_table(ctx, units)
     return Result(graph_module=module, plan=plan, accuracy=accuracy, dense_accuracy=dense_accuracy,
-                  speedup=speedup, flops_ratio=flops_before / flops_after, params_before=params_before,
+                  speedup=measured.median if measured else (math.nan if plan else 1.0),
+                  flops_ratio=flops_before / flops_after, params_before=params_before, measured_speedup=measured,
+                  notes=notes, interrupted=interrupted,
                   params_after=params_after, trials=trials, study=study, records=records, validation=steps,
                   accuracy_threshold=ctx.threshold, pareto=pareto, sensitivity=sensitivity,
                   speedup_estimate=estimate)
+
+
+def _time_result(ctx: _Context, plan: dict, module: nn.Module, cap_s: float = 3.0) -> Speedup | None:
+    """The returned model timed on the whole model, interleaved with the dense one, in rounds until
+    its spread is within ±5% or `cap_s` passes (None: nothing was replaced, the model is dense)."""
+    if not plan:
+        return None
+    return measure_speedup(ctx.gm, module, ctx.inputs, bound=speed_bound(list(ctx.records.values()), plan),
+                           cap_s=cap_s)
+
+
+def _slower(measured: Speedup) -> bool:
+    """A reliable measurement whose median is below dense: with objective "latency" such a plan is not
+    kept (an unreliable one is reported, never acted on)."""
+    return measured.median < 1.0 and measured.reliable
+
+
+def _back_off_slow(ctx: _Context, plan: dict, accuracy, module: nn.Module, measured: Speedup,
+                   steps: list[dict[str, Any]], verbose: bool):
+    """Put layers back to dense, the one saving least time first, until the whole model is no longer
+    slower than dense (`_slower`); each step is checked against the accuracy threshold too.
+    Returns (plan, accuracy, module, measured); an empty plan when nothing helped."""
+    def gain(name: str) -> float:
+        saved = ctx.timer.saving(name, plan[name]) if ctx.timer is not None else None
+        return saved if saved is not None else -math.inf
+
+    plan = dict(plan)
+    if verbose:
+        print(f"latency: {measured.describe()}: backing off")
+    for victim in sorted(plan, key=gain):
+        plan.pop(victim)
+        if verbose:
+            print(f"latency: putting {victim} back to dense")
+        if not plan:
+            return {}, accuracy, ctx.build({}, share=False), None
+        module = ctx.build(plan, share=False)
+        try:
+            accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+        except TrialFailed as exc:
+            raise RuntimeError(f"validating the backed-off plan failed: {exc}") from exc
+        steps.append({"layers": len(plan), "dropped": victim, "accuracy": accuracy, "reason": "slower than dense"})
+        if ctx.threshold is not None and accuracy < ctx.threshold:
+            continue
+        measured = _time_result(ctx, plan, module)
+        if not _slower(measured):
+            break
+    return plan, accuracy, module, measured
 
 
 def _chosen_plan(ctx, study, units, strategy, pareto) -> tuple[dict, dict[str, float]]:

@@ -13,12 +13,14 @@ import multiprocessing
 import os
 import pickle
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 
-__all__ = ["open_storage", "run_workers", "check_sendable", "fresh_journal", "resolve_callable"]
+__all__ = ["open_storage", "run_workers", "check_sendable", "fresh_journal", "resolve_callable", "optimize_study"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,32 @@ def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
                          "Give a URL such as 'sqlite:///path/study.db' (its directory must exist), "
                          "'postgresql+psycopg://user@host:port/db' of a reachable server, or "
                          "'journal:///path/study.log'") from exc
+
+
+def optimize_study(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_trials: int,
+                   timeout: float | None, catch: tuple, callbacks: list) -> None:
+    """`study.optimize`, surviving a known race of Optuna's between processes sharing a study: two
+    of them can pop the same enqueued trial, and the second one's result is then refused ("Cannot
+    tell a COMPLETE trial"). That trial is left to the first process; this one goes on with the rest
+    of its `n_trials` (and of its `timeout`)."""
+    started = [0]
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def counted(trial: optuna.Trial) -> Any:
+        started[0] += 1
+        return objective(trial)
+
+    while started[0] < n_trials:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        try:
+            study.optimize(counted, n_trials=n_trials - started[0], timeout=left, catch=catch, callbacks=callbacks)
+            return
+        except ValueError as exc:
+            if not str(exc).startswith("Cannot tell a"):
+                raise
+            log.info("another process finished the same enqueued trial first (%s); going on", exc)
 
 
 def fresh_journal() -> str:

@@ -75,6 +75,25 @@ def broken():
 
 def bad_accuracy(m):
     raise KeyError("labels")
+
+
+CALLS = []
+
+
+def interrupting_accuracy(m):
+    """Ctrl-C during the fourth evaluation (the first is the dense model's)."""
+    CALLS.append(1)
+    if len(CALLS) == 4:
+        raise KeyboardInterrupt
+    return accuracy(m)
+
+
+def interrupting_at_once(m):
+    """Ctrl-C during the first trial."""
+    CALLS.append(1)
+    if len(CALLS) == 2:
+        raise KeyboardInterrupt
+    return accuracy(m)
 '''
 
 
@@ -189,3 +208,28 @@ def test_bad_calibration_and_budget_options(tmp_path):
     assert result.exit_code == 2 and "no calibration batches" in result.output
     result = _runner_invoke("optimize", target, "--spec", spec, "--accuracy", accuracy, "--max-flops", "-1")
     assert result.exit_code != 0 and "--max-flops" in result.output
+
+
+def test_ctrl_c_saves_the_best_plan_then_exits_130_with_a_resume_hint_in_cli_flags(tmp_path):
+    target, spec, accuracy = _project(tmp_path)
+    plan, db = tmp_path / "plan.json", tmp_path / "study.db"
+    storage = f"sqlite:///{db}"
+    proc = _cli("optimize", target, "--spec", spec, "--accuracy", accuracy.replace(":accuracy", ":interrupting_accuracy"),
+                "--threshold", "0.9", "--trials", "8", "--objective", "flops", "--seed", "0", "--plan-out", str(plan),
+                "--storage", storage, "--study-name", "s1", cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 130, text
+    assert plan.exists() and "plan written to" in text
+    assert "interrupted" in text and f"--storage {storage} --study-name s1" in text
+    assert "load_if_exists" not in text and "storage=" not in text  # the API's keywords are not the CLI's flags
+    assert fxsketch.load_plan(plan)  # the best plan so far
+
+
+def test_ctrl_c_before_any_trial_finished_exits_130_and_says_how_to_make_it_resumable(tmp_path):
+    target, spec, accuracy = _project(tmp_path)
+    proc = _cli("optimize", target, "--spec", spec, "--accuracy", accuracy.replace(":accuracy", ":interrupting_at_once"),
+                "--threshold", "0.9", "--trials", "8", "--objective", "flops", cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 130, text
+    assert "before any trial finished" in text and "--storage sqlite:///study.db --study-name" in text
+    assert "storage=" not in text

@@ -295,7 +295,9 @@ def test_resume_with_a_lower_threshold_times_the_trials_it_had_skipped(tmp_path)
     reused = new[new["note"].str.contains("reused", na=False)]
     assert len(reused) and (reused["state"] == "COMPLETE").all()
     assert reused["speed"].map(math.isfinite).all() and (reused["speed"] > 0).all()
-    assert resumed.plan and math.isfinite(resumed.speedup)
+    assert math.isfinite(resumed.speedup)
+    # tiny layers may run slower low-rank than dense on this machine: then the model stays dense, and says so
+    assert resumed.plan or any("no plan was faster than dense" in n for n in resumed.notes)
 
 
 def test_invalid_arguments():

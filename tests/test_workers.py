@@ -130,3 +130,28 @@ def test_a_killed_worker_trial_is_failed_and_retried(tmp_path):
     assert retry.system_attrs.get("failed_trial") == 0 and retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.params == {"2:low_rank": 6}
     assert result.plan == {"2": {"method": "svd", "low_rank": 6}}
+
+
+def test_a_trial_another_process_finished_first_does_not_stop_the_worker(tmp_path):
+    """Optuna's race between processes sharing a study: two pop the same enqueued trial and the
+    second one's result is refused. The worker leaves that trial to the other and runs the rest."""
+    from fxsketch.workers import optimize_study
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(storage=url, study_name="r")
+    other = optuna.load_study(storage=url, study_name="r")  # the other process's view
+    calls = []
+
+    def objective(trial):
+        calls.append(trial.number)
+        x = trial.suggest_float("x", 0, 1)
+        if len(calls) == 2:  # the other process finishes this very trial first
+            other.tell(trial.number, 0.5)
+        return x
+
+    with pytest.raises(ValueError, match="Cannot tell a COMPLETE trial"):
+        optuna.load_study(storage=url, study_name="r").optimize(
+            lambda t: other.tell(t.number, 0.5) or 1.0, n_trials=1)  # plain optimize dies of it
+    optimize_study(study, objective, 5, None, (), [])
+    assert len(calls) == 5
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
