@@ -115,7 +115,7 @@ def time_rounds(fns: Sequence[Callable], inputs: tuple, *, tolerance: float = TO
 
     Every function is first warmed up (until its calls stop getting faster). A round then calls
     the functions in turn, about 10 ms of calls each (their order alternating round by round), and
-    keeps each one's fastest call. A round during which this process's threads waited for a CPU (Linux
+    keeps each one's mean time per call: the steady-state speed a caller gets. A round during which this process's threads waited for a CPU (Linux
     scheduler statistics) is set aside: on a machine shared with busy processes, multi-threaded
     ops stall unevenly and the times say nothing about the model. Rounds go on until, after
     `min_rounds` undisturbed ones, the interquartile range of the first two functions' time ratio
@@ -147,16 +147,16 @@ def time_rounds(fns: Sequence[Callable], inputs: tuple, *, tolerance: float = TO
             order = list(range(len(fns)))
             if len(every[0]) % 2:
                 order.reverse()
-            best = [math.inf] * len(fns)
+            spent = [0.0] * len(fns)
             wall, waited = time.perf_counter(), _cpu_wait()
             for _ in range(calls):
                 for i in order:
-                    best[i] = min(best[i], timed(fns[i]))
+                    spent[i] += timed(fns[i])
             disturbed = _cpu_wait() - waited > BUSY * (time.perf_counter() - wall)
-            for i, b in enumerate(best):
-                every[i].append(b)
+            for i, total in enumerate(spent):
+                every[i].append(total / calls)
                 if not disturbed:
-                    clean[i].append(b)
+                    clean[i].append(total / calls)
             stable = len(clean[0]) >= min_rounds and settled(clean)
             capped = len(every[0]) >= min_rounds and time.perf_counter() - start > cap_s
             if stable or capped or len(every[0]) >= 10_000:

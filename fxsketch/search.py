@@ -10,6 +10,7 @@ whole-model plan unless the combined per-unit bests beat it.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import functools
 import json
@@ -271,6 +272,7 @@ class _Context:
     started: int = 0  # trials this process started (other workers may share the study)
     multi: bool = False  # multi-objective: every trial needs its speed
     timer: LayerTimer | None = None  # per-layer latency estimates (objective "latency")
+    baseline: nn.Module | None = None  # a copy of the user's model: what Result.speedup is measured against
     speed_source: str = ""  # how latency trials are timed: per-layer estimates, or whole models when layers can't be
 
     weight_versions: list[int] = field(default_factory=list)  # of gm's parameters, at the start
@@ -678,6 +680,8 @@ def optimize(
     ctx.selected = [n for u in units for n in u.layers]
     ctx.units = {u.key: u for u in units}
     ctx.multi = multi
+    if _worker is None:  # the returned model is timed against the model the user has, not its captured graph
+        ctx.baseline = copy.deepcopy(model)
     ctx.check_weights()  # records the weights' versions before any evaluation
     selected = [ctx.records[n] for n in ctx.selected]
     ctx.selected_dense = (sum(dense_cost(r).flops_per_token * r.tokens for r in selected),
@@ -1106,11 +1110,13 @@ def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strat
 
 
 def _time_result(ctx: _Context, plan: dict, module: nn.Module, cap_s: float = 3.0) -> Speedup | None:
-    """The returned model timed on the whole model, interleaved with the dense one, in rounds until
-    its spread is within ±5% or `cap_s` passes (None: nothing was replaced, the model is dense)."""
+    """The returned model timed against (a copy of) the user's own model, interleaved, in rounds until
+    its spread is within ±5% or `cap_s` passes (None: nothing was replaced, the model is dense). The
+    captured graph can itself run faster or slower than the model it came from."""
     if not plan:
         return None
-    return measure_speedup(ctx.gm, module, ctx.inputs, bound=speed_bound(list(ctx.records.values()), plan),
+    baseline = ctx.baseline if ctx.baseline is not None else ctx.gm
+    return measure_speedup(baseline, module, ctx.inputs, bound=speed_bound(list(ctx.records.values()), plan),
                            cap_s=cap_s)
 
 
