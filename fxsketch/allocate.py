@@ -26,7 +26,7 @@ from torch import nn
 
 from fxsketch.calibrate import calibrate, iterate_batches
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
-from fxsketch.records import LayerRecord
+from fxsketch.records import LayerRecord, fetch
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
 from fxsketch.spec import load_spec
 
@@ -203,9 +203,8 @@ def _check_ranks(unit, records: dict[str, LayerRecord]) -> None:
 
 
 def _weights(gm, records):
-    from fxsketch.rewrite import _fetch
 
-    return {r.name: _fetch(gm, r.weight_target) for r in records}
+    return {r.name: fetch(gm, r.weight_target) for r in records}
 
 
 def allocate_units(units, records, cache, weights, budget: Budget, *, sensitivity: Any = None,
@@ -294,10 +293,10 @@ PROBE_BATCHES = 4  # calibration batches a sensitivity="output" probe runs (even
 def _output_score(gm: torch.fx.GraphModule, batches: Sequence[Any]) -> Callable[[nn.Module], float]:
     """score(module) = −(relative squared error of its floating outputs against `gm`'s), over
     `batches`, real-token rows only when the model takes an attention mask."""
-    from fxsketch.calibrate import _mask_fn
-    from fxsketch.recover import _tensors
+    from fxsketch.calibrate import mask_fn
+    from fxsketch.recover import float_tensors
 
-    find_mask = _mask_fn(gm, "auto")
+    find_mask = mask_fn(gm, "auto")
     if len(batches) > PROBE_BATCHES:  # evenly spaced: calibration batches may be sorted by length
         step = len(batches) / PROBE_BATCHES
         batches = [batches[int(i * step)] for i in range(PROBE_BATCHES)]
@@ -306,7 +305,7 @@ def _output_score(gm: torch.fx.GraphModule, batches: Sequence[Any]) -> Callable[
 
     def rows(out, mask):
         picked = []
-        for t in _tensors(out):
+        for t in float_tensors(out):
             if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
                 t = t[mask != 0]
             picked.append(t.detach().to(torch.float64))

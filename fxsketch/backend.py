@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxsketch.capture import _module_type, call_arguments, functional_record, is_functional_layer
+from fxsketch.capture import module_type_of, call_arguments, functional_record, is_functional_layer
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import FactorCache, get_kind
-from fxsketch.rewrite import _private_path, normalize_plan
+from fxsketch.rewrite import private_path, normalize_plan
 
 __all__ = ["backend", "compile_backend", "qualified_name"]
 
@@ -133,7 +133,7 @@ def _layer(gm, node, values, position):
         stack = list((node.meta.get("nn_module_stack") or {}).values())
         path = qualified_name(stack[-1][0]) + ".weight" if stack else str(weight_node.target)
     name = path[: -len(".weight")] if path.endswith(".weight") else path
-    record = functional_record(node, name, _module_type(node, name), tuple(weight.shape), 0, position,
+    record = functional_record(node, name, module_type_of(node, name), tuple(weight.shape), 0, position,
                                str(weight_node.name), str(bias_node.name) if bias_node is not None else None)
     return record, weight, bias
 
@@ -168,7 +168,7 @@ def _replace(gm, name, layers, entry, cache) -> bool:
         if module is None:
             return False
         B, A = module.collapsed_factors() if hasattr(module, "collapsed_factors") else (module.B, module.A)
-    base = _private_path(gm, name)
+    base = private_path(gm, name)
     constants = {"B": B.detach().reshape(B.shape[0], *record.weight_shape[1:]), "A": A.detach().contiguous(),
                  "bias": None if module.bias is None else module.bias.detach()}
     for key, value in constants.items():

@@ -121,7 +121,7 @@ def _layer_rows(record: LayerRecord, x: torch.Tensor, mask: torch.Tensor | None 
 MASK_NAMES = ("attention_mask",)
 
 
-def _mask_fn(gm: torch.fx.GraphModule, mask: Any) -> MaskFn | None:
+def mask_fn(gm: torch.fx.GraphModule, mask: Any) -> MaskFn | None:
     """How to find the token mask of a batch.
 
     `mask="auto"` (default): the positional input whose placeholder is named `attention_mask` (HF
@@ -176,7 +176,7 @@ def calibrate(
     stats = {r.name: _empty(r) for r in records}
     targets = {node: r for r in records for node in r.nodes}
     recorder = _Recorder(gm, targets, stats)
-    find_mask = _mask_fn(gm, mask)
+    find_mask = mask_fn(gm, mask)
     seen = 0
     with torch.no_grad():
         for batch in batches:
@@ -244,7 +244,7 @@ def sequential_stats(
         plain statistics for every other layer that received rows.
     """
     from fxsketch.replacements import FactorCache
-    from fxsketch.rewrite import _record, build_entry, check_entry
+    from fxsketch.rewrite import find_record, build_entry, check_entry
 
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"sequential_stats takes a captured GraphModule, got {type(gm).__name__}")
@@ -253,7 +253,7 @@ def sequential_stats(
         raise ValueError("calibration_data is empty: pass an iterable of input batches (tensors or tuples)")
     records = records if records is not None else find_layers(gm)
     by_name = {r.name: r for r in records}
-    planned = {_record(by_name, name, gm).name: {"method": "svd", **entry} for name, entry in plan.items()
+    planned = {find_record(by_name, name, gm).name: {"method": "svd", **entry} for name, entry in plan.items()
                if entry.get("method", "svd") != "dense"}
     records = [r for r in records if not r.unsupported]
     for r in records:  # the whole plan is checked before the pass
@@ -263,7 +263,7 @@ def sequential_stats(
     stats = {r.name: _empty(r) for r in records}
     cache = FactorCache(stats, refit=refit)
     built: dict[str, Any] = {}
-    find_mask = _mask_fn(gm, mask)
+    find_mask = mask_fn(gm, mask)
     masks = [find_mask(inputs) if find_mask else None for inputs in all_inputs]
 
     def runner(inputs: tuple) -> torch.fx.Interpreter:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxsketch.records import LayerRecord
+from fxsketch.records import LayerRecord, fetch
 
 __all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs", "describe_inputs"]
 
@@ -209,10 +209,10 @@ def _record_for(gm, node: torch.fx.Node, order: dict[str, int], position: int) -
     if not _is_attr(weight) or (bias is not None and not _is_attr(bias)):
         return None  # computed weights are not layers we can factor
     name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
-    shape = tuple(_fetch_attr(gm, weight.target).shape)
+    shape = tuple(fetch(gm, weight.target).shape)
     if len(shape) != (2 if node.target in _LINEAR_FNS | _ADDMM_FNS else 4):
         return None
-    return functional_record(node, name, _module_type(node, name), shape, order.get(name, _FUNCTIONAL_ORDER),
+    return functional_record(node, name, module_type_of(node, name), shape, order.get(name, _FUNCTIONAL_ORDER),
                              position, weight.target, bias.target if bias is not None else None)
 
 
@@ -307,14 +307,7 @@ def _is_attr(node: Any) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "get_attr"
 
 
-def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _module_type(node: torch.fx.Node, name: str) -> str:
+def module_type_of(node: torch.fx.Node, name: str) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     for path, mod_type in reversed(list(stack.values())):
         if path == name:

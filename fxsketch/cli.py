@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.tree import Tree
 
+from fxsketch import study_format as keys
+
 app = typer.Typer(help="fxsketch: faster, smaller PyTorch models by rewriting their FX graphs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
@@ -160,10 +162,10 @@ def inspect(
 def _progress_callback(progress, task):
     def update(study, trial) -> None:
         attrs = trial.user_attrs
-        estimate = "≈" if attrs.get("fxsketch.speed_source") == "per-layer estimate" else " "
-        note = (f"acc {attrs['fxsketch.accuracy']:.4f} speed{estimate}{attrs['fxsketch.speed']:.3f}"
-                if "fxsketch.accuracy" in attrs else trial.state.name.lower())
-        progress.update(task, advance=1, description=f"{attrs.get('fxsketch.unit', '')}: {note}")
+        estimate = "≈" if attrs.get(keys.SPEED_SOURCE) == "per-layer estimate" else " "
+        note = (f"acc {attrs[keys.ACCURACY]:.4f} speed{estimate}{attrs[keys.SPEED]:.3f}"
+                if keys.ACCURACY in attrs else trial.state.name.lower())
+        progress.update(task, advance=1, description=f"{attrs.get(keys.UNIT, '')}: {note}")
     return update
 
 

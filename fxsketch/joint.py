@@ -15,13 +15,12 @@ import optuna
 from torch import nn
 
 from fxsketch.measure import plan_cost
-from fxsketch.result import ENTRY_ATTR, UNIT_ATTR
+from fxsketch import study_format as keys
 from fxsketch.workers import optimize_study
 
 __all__ = ["JOINT_KEY", "ParetoPoint", "run_joint", "best_joint", "pareto_points"]
 
 JOINT_KEY = "*"
-PLAN_ATTR = "fxsketch.plan"
 
 
 @dataclass
@@ -44,11 +43,11 @@ class ParetoPoint:
 
 
 def _suggest_plan(ctx, units, trial) -> tuple[dict, dict, str]:
-    from fxsketch.search import _suggest_entry, invalid_reason
+    from fxsketch.search import suggest_entry, invalid_reason
 
     plan, flat, reason = {}, {}, ""
     for unit in units:
-        entry = _suggest_entry(unit, trial, ctx.default_method, ctx.records)
+        entry = suggest_entry(unit, trial, ctx.default_method, ctx.records)
         reason = reason or invalid_reason(ctx, unit, entry)
         flat.update({f"{unit.key}.{k}": v for k, v in entry.items()})
         plan.update({name: entry for name in unit.layers})
@@ -69,45 +68,45 @@ def _over_budget(ctx, plan) -> str:
 
 
 def _joint_trial(ctx, units, trial: optuna.Trial, multi: bool):
-    trial.set_user_attr(UNIT_ATTR, JOINT_KEY)
+    trial.set_user_attr(keys.UNIT, JOINT_KEY)
     plan, flat, reason = _suggest_plan(ctx, units, trial)
     return evaluate_plan(ctx, trial, plan, flat, reason, multi)
 
 
 def evaluate_plan(ctx, trial: optuna.Trial, plan: dict, flat: dict, reason: str = "", multi: bool = False):
     """Evaluate a whole-model `plan` as joint trial `trial` (pruned when `reason` or a budget says so)."""
-    from fxsketch.search import TrialFailed, _call_metric
+    from fxsketch.search import TrialFailed, call_metric
 
-    trial.set_user_attr(UNIT_ATTR, JOINT_KEY)
-    trial.set_user_attr(ENTRY_ATTR, flat)
-    trial.set_user_attr(PLAN_ATTR, plan)
+    trial.set_user_attr(keys.UNIT, JOINT_KEY)
+    trial.set_user_attr(keys.ENTRY, flat)
+    trial.set_user_attr(keys.PLAN, plan)
     reason = reason or _over_budget(ctx, plan)
     if reason:
-        trial.set_user_attr("fxsketch.note", f"pruned before evaluation: {reason}")
+        trial.set_user_attr(keys.NOTE, f"pruned before evaluation: {reason}")
         raise optuna.TrialPruned(reason)
     key = (JOINT_KEY, json.dumps(plan, sort_keys=True))
     hit = ctx.recall(key, plan)
     if hit is not None:
         accuracy, speed, first = hit
-        trial.set_user_attr("fxsketch.note", f"same plan as trial {first}: result reused")
+        trial.set_user_attr(keys.NOTE, f"same plan as trial {first}: result reused")
     else:
         module = ctx.build(plan)
         try:
-            accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+            accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn")
             speed = ctx.speed(module, plan, accuracy)
         except TrialFailed as exc:
-            trial.set_user_attr("fxsketch.note", str(exc))
+            trial.set_user_attr(keys.NOTE, str(exc))
             raise
         ctx.memo[key] = (accuracy, speed, trial.number)
-    trial.set_user_attr("fxsketch.accuracy", accuracy)
-    trial.set_user_attr("fxsketch.speed", speed)
-    trial.set_user_attr("fxsketch.speed_source", ctx.speed_label(speed))
+    trial.set_user_attr(keys.ACCURACY, accuracy)
+    trial.set_user_attr(keys.SPEED, speed)
+    trial.set_user_attr(keys.SPEED_SOURCE, ctx.speed_label(speed))
     if ctx.threshold is not None:
         trial.set_constraint("accuracy", ctx.threshold - accuracy)
     if multi:
         return accuracy, speed
     score = ctx.score(accuracy, speed)
-    trial.set_user_attr("fxsketch.score", score)
+    trial.set_user_attr(keys.SCORE, score)
     return score
 
 
@@ -136,7 +135,7 @@ def run_joint(ctx, study, units, n_trials, timeout, callbacks, multi: bool) -> N
 
 def _complete(study):
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if t.user_attrs.get(UNIT_ATTR) == JOINT_KEY]
+            if t.user_attrs.get(keys.UNIT) == JOINT_KEY]
 
 
 def best_joint(study) -> tuple[dict, float] | None:
@@ -144,23 +143,23 @@ def best_joint(study) -> tuple[dict, float] | None:
     scored = [t for t in _complete(study) if math.isfinite(t.value)]
     if not scored:
         return None
-    best = max(scored, key=lambda t: (t.value, t.user_attrs["fxsketch.accuracy"]))
-    return best.user_attrs[PLAN_ATTR], best.user_attrs["fxsketch.accuracy"]
+    best = max(scored, key=lambda t: (t.value, t.user_attrs[keys.ACCURACY]))
+    return best.user_attrs[keys.PLAN], best.user_attrs[keys.ACCURACY]
 
 
 def pareto_points(ctx, study, build) -> list[ParetoPoint]:
     """The non-dominated feasible plans (accuracy and speed both maximized), fastest first."""
     trials = [t for t in _complete(study)
-              if ctx.threshold is None or t.user_attrs["fxsketch.accuracy"] >= ctx.threshold]
+              if ctx.threshold is None or t.user_attrs[keys.ACCURACY] >= ctx.threshold]
     selected = [ctx.records[n] for n in ctx.selected]
     points = []
     for t in trials:
-        a, s = t.user_attrs["fxsketch.accuracy"], t.user_attrs["fxsketch.speed"]
-        dominated = any(o is not t and o.user_attrs["fxsketch.accuracy"] >= a and o.user_attrs["fxsketch.speed"] >= s
-                        and (o.user_attrs["fxsketch.accuracy"], o.user_attrs["fxsketch.speed"]) != (a, s)
+        a, s = t.user_attrs[keys.ACCURACY], t.user_attrs[keys.SPEED]
+        dominated = any(o is not t and o.user_attrs[keys.ACCURACY] >= a and o.user_attrs[keys.SPEED] >= s
+                        and (o.user_attrs[keys.ACCURACY], o.user_attrs[keys.SPEED]) != (a, s)
                         for o in trials)
         if not dominated:
-            plan = t.user_attrs[PLAN_ATTR]
+            plan = t.user_attrs[keys.PLAN]
             points.append(ParetoPoint(plan, a, s, plan_cost(selected, plan)[0], t.number, build))
     unique = {json.dumps(p.plan, sort_keys=True): p for p in sorted(points, key=lambda p: -p.trial)}
     return sorted(unique.values(), key=lambda p: (-p.speed, -p.accuracy))

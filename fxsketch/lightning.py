@@ -16,9 +16,9 @@ a bar on the metric with `threshold()` and a returned score back with `metric_va
 
 During a fit, each validation reports the metric to the running Optuna trial (`trial.report`,
 step = the trainer's global step) and asks the study's pruner (`trial.should_prune`); a pruned
-trial stops training and raises `optuna.TrialPruned`. The running trial is the `trial=` argument,
-or else found on the call stack (the `trial` of the Optuna objective that is running), so the
-function works both inside `fxsketch.optimize` and in a plain `study.optimize(objective)`.
+trial stops training and raises `optuna.TrialPruned`. The running trial is the `trial=` argument, or
+else the trial `fxsketch.optimize` is evaluating (`fxsketch.study_format.running_trial`); in a
+plain `study.optimize(objective)`, pass `trial=trial`.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ import functools
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 import optuna
 import torch
 from torch import nn
+
+from fxsketch.study_format import running_trial
 
 __all__ = ["LightningAccuracy", "LightningMetricError", "merge_config"]
 
@@ -100,22 +101,6 @@ def _as_trial(obj: Any) -> optuna.trial.Trial | None:
     raise TypeError(f"trial must be an optuna.trial.Trial or an fxsketch.tuner.OptunaSearch, got {type(obj).__name__}")
 
 
-def _running_trial() -> optuna.trial.Trial | None:
-    """The Optuna trial whose objective is running (a local named `trial` up the call stack)."""
-    from fxsketch import search
-
-    hook = getattr(search, "current_trial", None)  # an explicit hook, if fxsketch.search offers one
-    if callable(hook):
-        trial = hook()
-        if trial is not None:
-            return trial
-    frame = sys._getframe(1)
-    while frame is not None:
-        trial = frame.f_locals.get("trial")
-        if isinstance(trial, optuna.trial.Trial):
-            return trial
-        frame = frame.f_back
-    return None
 
 
 class LightningAccuracy:
@@ -299,7 +284,7 @@ class LightningAccuracy:
         """Validate `model` (after a short fit, if configured) inside the LightningModule; the score.
 
         `trial` (for pruning and checkpoint names): an Optuna trial, or the `OptunaSearch` of an
-        `fxsketch.tuner.SKAutoTuner` (its pending trial); default: the trial running on the stack.
+        `fxsketch.tuner.SKAutoTuner` (its pending trial); default: the trial `fxsketch.optimize` is evaluating.
 
         Raises:
             LightningMetricError: `metric` was not logged, or is NaN/inf.
@@ -309,7 +294,7 @@ class LightningAccuracy:
             raise TypeError(f"LightningAccuracy takes the candidate nn.Module, got {type(model).__name__}")
         trial = _as_trial(trial)
         if trial is None and (self.prune or self.save_checkpoints):
-            trial = _running_trial()
+            trial = running_trial.get()  # set by fxsketch.optimize around each evaluation
         with contextlib.ExitStack() as stack:
             if not self.verbose:
                 stack.enter_context(_quiet(self._pl.__name__))

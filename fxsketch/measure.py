@@ -16,8 +16,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsketch.records import LayerRecord
-from fxsketch.rewrite import _fetch
+from fxsketch.records import LayerRecord, fetch
 from fxsketch.replacements import dense_cost, get_kind
 
 __all__ = ["Rounds", "Speedup", "compare_latency", "measure_latency", "measure_speedup", "time_rounds", "speed_bound",
@@ -341,8 +340,8 @@ class LayerTimer:
         return self._saved[key]
 
     def _time(self, record: LayerRecord, kind, params: dict[str, Any], shapes: list) -> float | None:
-        weight = _fetch(self.gm, record.weight_target).detach()
-        bias = _fetch(self.gm, record.bias_target).detach() if record.bias_target else None
+        weight = fetch(self.gm, record.weight_target).detach()
+        bias = fetch(self.gm, record.bias_target).detach() if record.bias_target else None
         matrix = weight.T if record.transposed else weight
         try:
             module = kind.build(record, matrix, bias, params, self.cache, copy_weights=False)

@@ -1,13 +1,23 @@
-"""The normalized description of one matchable layer in a captured graph."""
+"""The normalized description of one matchable layer in a captured graph, and `fetch`, which reads
+an attribute of a module by its dotted path."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx
 
 MATCHABLE_TYPES = ("Linear", "Conv2d")
+
+
+def fetch(module: torch.nn.Module, target: str) -> Any:
+    """The attribute at the dotted path `target` of `module` (a parameter, buffer or submodule)."""
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 @dataclass

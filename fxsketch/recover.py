@@ -25,7 +25,7 @@ def factor_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for m in module.modules() if isinstance(m, _REPLACEMENTS) for p in m.parameters() if p.requires_grad]
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def float_tensors(out: Any) -> list[torch.Tensor]:
     leaves = torch.utils._pytree.tree_leaves(out)
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
@@ -34,7 +34,7 @@ def relative_mse(outputs: Any, targets: Any, inputs: tuple = ()) -> torch.Tensor
     """The default distillation loss: the mean squared error of every floating-point output, each
     normalized by the teacher output's mean square (outputs of different scales weigh alike)."""
     return sum((o - t).square().mean() / t.square().mean().clamp_min(1e-12)
-               for o, t in zip(_tensors(outputs), _tensors(targets)))
+               for o, t in zip(float_tensors(outputs), float_tensors(targets)))
 
 
 def masked_mse(mask_index: int = 1) -> Callable[[Any, Any, tuple], torch.Tensor]:
@@ -47,7 +47,7 @@ def masked_mse(mask_index: int = 1) -> Callable[[Any, Any, tuple], torch.Tensor]
     def loss(outputs: Any, targets: Any, inputs: tuple) -> torch.Tensor:
         mask = inputs[mask_index] if len(inputs) > mask_index else None
         total = torch.zeros(())
-        for o, t in zip(_tensors(outputs), _tensors(targets)):
+        for o, t in zip(float_tensors(outputs), float_tensors(targets)):
             if isinstance(mask, torch.Tensor) and o.dim() >= 2 and tuple(o.shape[:2]) == tuple(mask.shape):
                 keep = mask != 0
                 o, t = o[keep], t[keep]

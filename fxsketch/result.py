@@ -12,13 +12,12 @@ import optuna
 import pandas as pd
 import torch.fx
 
+from fxsketch import study_format as keys
 from fxsketch.measure import Speedup, layer_cost
 from fxsketch.records import LayerRecord
 
 __all__ = ["Result", "trials_frame"]
 
-UNIT_ATTR = "fxsketch.unit"
-ENTRY_ATTR = "fxsketch.entry"
 
 
 @dataclass
@@ -86,13 +85,13 @@ class Result:
         """Optuna's parameter importances, per tuning unit (one study can mix units' parameters)."""
         rows = []
         done = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-        for unit in sorted({t.user_attrs.get(UNIT_ATTR) for t in done} - {None}):
-            trials = [t for t in done if t.user_attrs.get(UNIT_ATTR) == unit]
+        for unit in sorted({t.user_attrs.get(keys.UNIT) for t in done} - {None}):
+            trials = [t for t in done if t.user_attrs.get(keys.UNIT) == unit]
             if len(trials) < 2:
                 continue
             scratch = optuna.create_study(directions=self.study.directions)
             scratch.add_trials(trials)
-            target = (lambda t: t.user_attrs.get("fxsketch.speed", math.nan)) if len(self.study.directions) > 1 else None
+            target = (lambda t: t.user_attrs.get(keys.SPEED, math.nan)) if len(self.study.directions) > 1 else None
             try:
                 scores = optuna.importance.get_param_importances(scratch, target=target)
             except (RuntimeError, ValueError):  # a single distinct value, or nothing varied
@@ -199,17 +198,17 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per fxsketch trial of `study`, with parameter names stripped of their layer prefix."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if UNIT_ATTR not in t.user_attrs:
+        if keys.UNIT not in t.user_attrs:
             continue
-        row: dict[str, Any] = {"number": t.number, "layer": t.user_attrs[UNIT_ATTR], "state": t.state.name}
-        row.update(t.user_attrs.get(ENTRY_ATTR, {}))
-        plan = t.user_attrs.get("fxsketch.plan")
+        row: dict[str, Any] = {"number": t.number, "layer": t.user_attrs[keys.UNIT], "state": t.state.name}
+        row.update(t.user_attrs.get(keys.ENTRY, {}))
+        plan = t.user_attrs.get(keys.PLAN)
         if "method" not in row and isinstance(plan, dict):  # a whole-model trial: the kinds its plan uses
             row["method"] = "+".join(sorted({e.get("method", "dense") for e in plan.values()})) or "dense"
-        for key in ("accuracy", "speed", "score"):
-            row[key] = t.user_attrs.get(f"fxsketch.{key}", math.nan)
-        row["speed_source"] = t.user_attrs.get("fxsketch.speed_source", "")
-        row["note"] = t.user_attrs.get("fxsketch.note", "")
+        for key, attr in (("accuracy", keys.ACCURACY), ("speed", keys.SPEED), ("score", keys.SCORE)):
+            row[key] = t.user_attrs.get(attr, math.nan)
+        row["speed_source"] = t.user_attrs.get(keys.SPEED_SOURCE, "")
+        row["note"] = t.user_attrs.get(keys.NOTE, "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else math.nan
         rows.append(row)
     columns = ["number", "layer", "state", "method"]

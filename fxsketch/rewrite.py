@@ -18,7 +18,7 @@ from torch import nn
 from fxsketch.capture import as_inputs, capture, find_layers, input_of
 from fxsketch.kernels import lowrank_conv2d, lowrank_linear
 from fxsketch.nn import LowRankConv2d, LowRankLinear
-from fxsketch.records import LayerRecord
+from fxsketch.records import LayerRecord, fetch
 from fxsketch.replacements import FactorCache, get_kind
 
 __all__ = ["rewrite", "apply_plan", "normalize_plan", "load_plan"]
@@ -149,12 +149,12 @@ def apply_plan(
         replaced = record is not None and not record.unsupported and entry.get("method") != "dense"
         for target in (record.weight_target, record.bias_target) if replaced else ():
             if target:
-                tensor = _fetch(gm, target)
+                tensor = fetch(gm, target)
                 memo[id(tensor)] = tensor
     new = _copy_graph_module(gm, memo)
     nodes = {n.name: n for n in new.graph.nodes}
     for name, entry in plan.items():
-        record = _record(records, name, gm)
+        record = find_record(records, name, gm)
         module = build_entry(new, record, entry, cache, copy_weights)
         if module is not None:
             _install(new, record, [nodes[n.name] for n in record.nodes], module)
@@ -194,9 +194,9 @@ def build_entry(gm: nn.Module, record: LayerRecord, entry: Mapping[str, Any], ca
     if checked is None:
         return None
     kind, params = checked
-    weight = _fetch(gm, record.weight_target)
+    weight = fetch(gm, record.weight_target)
     weight = weight.T if record.transposed else weight
-    bias = _fetch(gm, record.bias_target) if record.bias_target else None
+    bias = fetch(gm, record.bias_target) if record.bias_target else None
     return kind.build(record, weight, bias, params, cache, copy_weights=copy_weights)
 
 
@@ -215,7 +215,7 @@ def _copy_graph_module(gm: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.
     for node in graph.nodes:
         if node.op == "get_attr":
             try:
-                _fetch(new, node.target)
+                fetch(new, node.target)
             except AttributeError:
                 parent_path, _, leaf = node.target.rpartition(".")
                 parent = new
@@ -223,13 +223,13 @@ def _copy_graph_module(gm: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.
                     if not hasattr(parent, part):
                         parent.add_module(part, nn.Module())
                     parent = getattr(parent, part)
-                setattr(parent, leaf, copy.deepcopy(_fetch(gm, node.target), memo))
+                setattr(parent, leaf, copy.deepcopy(fetch(gm, node.target), memo))
     new._graph = graph
     graph.owning_module = new
     return new
 
 
-def _record(records: Mapping[str, LayerRecord], name: str, gm: nn.Module | None = None) -> LayerRecord:
+def find_record(records: Mapping[str, LayerRecord], name: str, gm: nn.Module | None = None) -> LayerRecord:
     if name in records:
         return records[name]
     close = difflib.get_close_matches(name, list(records), n=5)
@@ -250,19 +250,12 @@ def _record(records: Mapping[str, LayerRecord], name: str, gm: nn.Module | None 
     raise ValueError(f"plan names layer {name!r}, which is not a Linear/Conv2d layer of this model ({hint})")
 
 
-def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node], module: nn.Module) -> None:
     """Put `module` into `gm` and route the record's nodes through it."""
     if all(n.op == "call_module" for n in nodes):
         path = record.name
     else:
-        path = record.name if _owner_is_replaceable(gm, record, nodes) else _private_path(gm, record.name)
+        path = record.name if _owner_is_replaceable(gm, record, nodes) else private_path(gm, record.name)
     _set_submodule(gm, path, module)
     for node in nodes:
         with gm.graph.inserting_before(node):
@@ -310,7 +303,7 @@ def _owner_is_replaceable(gm: torch.fx.GraphModule, record: LayerRecord, nodes: 
     return all(set(n.users) <= mine for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(prefix))
 
 
-def _private_path(gm: nn.Module, name: str) -> str:
+def private_path(gm: nn.Module, name: str) -> str:
     base = "fxsketch_" + re.sub(r"\W", "_", name)
     path, i = base, 1
     while hasattr(gm, path):

@@ -33,12 +33,13 @@ from fxsketch.calibrate import calibrate, iterate_batches
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import LayerTimer, Speedup, measure_speedup, plan_cost, speed_bound
 from fxsketch.joint import JOINT_KEY, best_joint, pareto_points, run_joint
-from fxsketch.records import LayerRecord
+from fxsketch.records import LayerRecord, fetch
 from fxsketch.workers import check_sendable, fresh_journal, open_storage, optimize_study, resolve_callable, run_workers
 from fxsketch.recover import distill
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
-from fxsketch.result import ENTRY_ATTR, UNIT_ATTR, Result, trials_frame
-from fxsketch.rewrite import _fetch, apply_plan
+from fxsketch import study_format as keys
+from fxsketch.result import Result, trials_frame
+from fxsketch.rewrite import apply_plan
 from fxsketch.select import match_layers
 from fxsketch.spec import Categorical, LayerConfig, ParamSpec, TuningConfigs, load_spec
 
@@ -208,7 +209,7 @@ class _PrefixedTrial:
         return attr
 
 
-def _suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str, records=None) -> dict[str, Any]:
+def suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str, records=None) -> dict[str, Any]:
     """Define-by-run: the method first, then only the parameters that method takes."""
     if unit.define_by_run is not None:
         entry = dict(unit.define_by_run(_PrefixedTrial(trial, unit.key), records[unit.layers[0]]))
@@ -228,7 +229,7 @@ def _suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str, records
     return entry
 
 
-def _call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str) -> float:
+def call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str) -> float:
     """`fn(module)` as a finite float; anything else (an exception, running out of memory, None,
     NaN, inf, a non-number) fails the trial with the reason."""
     try:
@@ -291,7 +292,7 @@ class _Context:
 
     def weights(self, units: list[Unit]) -> dict[str, torch.Tensor]:
         """The captured weight tensor of every layer of `units`, by name."""
-        return {n: _fetch(self.gm, self.records[n].weight_target) for u in units for n in u.layers}
+        return {n: fetch(self.gm, self.records[n].weight_target) for u in units for n in u.layers}
 
     def check_weights(self) -> None:
         """Refuse to go on once an evaluation changed the captured weights in place (e.g. an
@@ -322,7 +323,7 @@ class _Context:
             return module if module is not None else self.build(plan, copy_weights=copy_weights)
 
         if self.speed_fn is not None:
-            return _call_metric(self.speed_fn, built(), "speed_fn")
+            return call_metric(self.speed_fn, built(), "speed_fn")
         if self.objective == "flops":
             return self.dense_flops / plan_cost(list(self.records.values()), plan)[1]
         if (accuracy is not None and self.threshold is not None and not self.multi
@@ -412,29 +413,29 @@ def _over_budget(ctx: _Context, unit: Unit, kind, params: dict[str, Any]) -> str
 
 def _run_trial(ctx: _Context, unit: Unit, trial: optuna.Trial) -> float:
     # A retried trial of a dead worker carries its unit (and fixed values); evaluate that unit.
-    unit = ctx.units.get(trial.user_attrs.get(UNIT_ATTR), unit)
-    trial.set_user_attr(UNIT_ATTR, unit.key)
+    unit = ctx.units.get(trial.user_attrs.get(keys.UNIT), unit)
+    trial.set_user_attr(keys.UNIT, unit.key)
     ctx.started += 1
-    entry = _suggest_entry(unit, trial, ctx.default_method, ctx.records)
-    trial.set_user_attr(ENTRY_ATTR, entry)
+    entry = suggest_entry(unit, trial, ctx.default_method, ctx.records)
+    trial.set_user_attr(keys.ENTRY, entry)
     values = json.dumps(entry, sort_keys=True)
     ctx.seen.setdefault(unit.key, set()).add(values)
     reason = _prune_reason(ctx, unit, entry)
     if reason:
-        trial.set_user_attr("fxsketch.note", f"pruned before evaluation: {reason}")
+        trial.set_user_attr(keys.NOTE, f"pruned before evaluation: {reason}")
         raise optuna.TrialPruned(reason)
     hit = ctx.recall((unit.key, values), {name: entry for name in unit.layers}, unit.copy_weights)
     if hit is not None:
         accuracy, speed, first = hit
-        trial.set_user_attr("fxsketch.note", f"same values as trial {first}: result reused")
+        trial.set_user_attr(keys.NOTE, f"same values as trial {first}: result reused")
     else:
         accuracy, speed = _evaluate(ctx, unit, entry, trial)
         ctx.memo[(unit.key, values)] = (accuracy, speed, trial.number)
     score = ctx.score(accuracy, speed)
-    trial.set_user_attr("fxsketch.accuracy", accuracy)
-    trial.set_user_attr("fxsketch.speed", speed)
-    trial.set_user_attr("fxsketch.speed_source", ctx.speed_label(speed))
-    trial.set_user_attr("fxsketch.score", score)
+    trial.set_user_attr(keys.ACCURACY, accuracy)
+    trial.set_user_attr(keys.SPEED, speed)
+    trial.set_user_attr(keys.SPEED_SOURCE, ctx.speed_label(speed))
+    trial.set_user_attr(keys.SCORE, score)
     if ctx.threshold is not None:
         trial.set_constraint("accuracy", ctx.threshold - accuracy)  # ≤ 0 is feasible
     return score
@@ -444,10 +445,10 @@ def _evaluate(ctx: _Context, unit: Unit, entry: dict[str, Any], trial: optuna.Tr
     plan = {name: entry for name in unit.layers}
     module = ctx.build(plan, copy_weights=unit.copy_weights)
     try:
-        accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+        accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn")
         return accuracy, ctx.speed(module, plan, accuracy)
     except TrialFailed as exc:
-        trial.set_user_attr("fxsketch.note", str(exc))
+        trial.set_user_attr(keys.NOTE, str(exc))
         log.warning("trial %d (%s) failed: %s", trial.number, unit.key, exc)
         raise
 
@@ -467,32 +468,31 @@ def _space_size(unit: Unit, default_method: str) -> float:
 
 
 def _ran(trial: optuna.trial.FrozenTrial) -> bool:
-    return trial.state != optuna.trial.TrialState.FAIL or "fxsketch.note" in trial.user_attrs
+    return trial.state != optuna.trial.TrialState.FAIL or keys.NOTE in trial.user_attrs
 
 
 def _seed_memo(ctx: _Context, study: optuna.Study) -> None:
     """A resumed study's finished configurations are remembered, so none is evaluated twice."""
-    from fxsketch.joint import PLAN_ATTR
 
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         attrs = t.user_attrs
-        if "fxsketch.accuracy" not in attrs or UNIT_ATTR not in attrs:
+        if keys.ACCURACY not in attrs or keys.UNIT not in attrs:
             continue
-        entry = attrs.get(PLAN_ATTR) if attrs[UNIT_ATTR] == "*" else attrs.get(ENTRY_ATTR)
+        entry = attrs.get(keys.PLAN) if attrs[keys.UNIT] == "*" else attrs.get(keys.ENTRY)
         values = json.dumps(entry, sort_keys=True)
-        ctx.memo.setdefault((attrs[UNIT_ATTR], values), (attrs["fxsketch.accuracy"], attrs["fxsketch.speed"], t.number))
-        ctx.seen.setdefault(attrs[UNIT_ATTR], set()).add(values)
+        ctx.memo.setdefault((attrs[keys.UNIT], values), (attrs[keys.ACCURACY], attrs[keys.SPEED], t.number))
+        ctx.seen.setdefault(attrs[keys.UNIT], set()).add(values)
 
 
 def _best_entry(study: optuna.Study, key: str) -> tuple[dict[str, Any], float] | None:
     """The best feasible trial's entry and accuracy for unit `key`, or None."""
     best = None
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get(UNIT_ATTR) != key or not math.isfinite(t.value):
+        if t.user_attrs.get(keys.UNIT) != key or not math.isfinite(t.value):
             continue
-        rank = (t.value, t.user_attrs.get("fxsketch.accuracy", -math.inf))
+        rank = (t.value, t.user_attrs.get(keys.ACCURACY, -math.inf))
         if best is None or rank > best[0]:
-            best = (rank, t.user_attrs[ENTRY_ATTR], t.user_attrs.get("fxsketch.accuracy", math.nan))
+            best = (rank, t.user_attrs[keys.ENTRY], t.user_attrs.get(keys.ACCURACY, math.nan))
     return None if best is None else (best[1], best[2])
 
 
@@ -527,7 +527,7 @@ def _validate(ctx: _Context, plan: dict, accuracies: dict[str, float], verbose: 
             return None
         module = ctx.build(plan)
         try:
-            accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+            accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn")
         except TrialFailed as exc:
             raise RuntimeError(f"validating the combined plan failed: {exc}") from exc
         steps.append({"layers": len(plan), "dropped": victim, "accuracy": accuracy})
@@ -792,7 +792,7 @@ def _check_arguments(accuracy_fn, speed_fn, n_trials, threshold, timeout, sample
 
 def _dense_accuracy(accuracy_fn, gm, threshold) -> float:
     try:
-        dense = _call_metric(accuracy_fn, gm, "accuracy_fn")
+        dense = call_metric(accuracy_fn, gm, "accuracy_fn")
     except TrialFailed as exc:
         raise RuntimeError(f"{exc} on the original (dense) model: fix accuracy_fn before searching") from exc
     if threshold is not None and dense < threshold:
@@ -910,7 +910,7 @@ def _warm_joint(ctx: _Context, study: optuna.Study, units: list[Unit], n_trials:
 
     usable = [u for u in _allocatable(units) if u.space["low_rank"].values()]
     limit = min(WARM_TRIALS, n_trials // 3)
-    if not usable or limit < 1 or any(t.user_attrs.get(UNIT_ATTR) == JOINT_KEY for t in study.get_trials(deepcopy=False)):
+    if not usable or limit < 1 or any(t.user_attrs.get(keys.UNIT) == JOINT_KEY for t in study.get_trials(deepcopy=False)):
         return
     weights = ctx.weights(usable)
     dense_usable = sum(dense_cost(ctx.records[n]).flops_per_token * ctx.records[n].tokens for u in usable for n in u.layers)
@@ -965,11 +965,11 @@ def _joint_runner(ctx: _Context, study: optuna.Study, units: list[Unit], callbac
 
         def objective(trial):
             ctx.started += 1
-            trial.set_user_attr("fxsketch.warm", note)
+            trial.set_user_attr(keys.WARM, note)
             out["score"] = evaluate_plan(ctx, trial, plan, flat)
             return out["score"]
 
-        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=list(callbacks))
+        optimize_study(study, objective, 1, None, (TrialFailed,), list(callbacks))
         return out["score"]
 
     return run
@@ -1040,15 +1040,15 @@ def _search_unit(ctx, study, unit, n_trials, timeout, callbacks) -> None:
 
 def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     attrs = trial.user_attrs
-    entry = ", ".join(f"{k}={v}" for k, v in attrs.get(ENTRY_ATTR, {}).items())
+    entry = ", ".join(f"{k}={v}" for k, v in attrs.get(keys.ENTRY, {}).items())
     if trial.state == optuna.trial.TrialState.COMPLETE:
-        score = f" score={attrs['fxsketch.score']:.4f}" if "fxsketch.score" in attrs else ""
-        source = attrs.get("fxsketch.speed_source")
-        print(f"trial {trial.number:3d} {attrs.get(UNIT_ATTR)} [{entry}] accuracy={attrs['fxsketch.accuracy']:.4f} "
-              f"speed={attrs['fxsketch.speed']:.3f}{f' ({source})' if source else ''}{score}")
+        score = f" score={attrs[keys.SCORE]:.4f}" if keys.SCORE in attrs else ""
+        source = attrs.get(keys.SPEED_SOURCE)
+        print(f"trial {trial.number:3d} {attrs.get(keys.UNIT)} [{entry}] accuracy={attrs[keys.ACCURACY]:.4f} "
+              f"speed={attrs[keys.SPEED]:.3f}{f' ({source})' if source else ''}{score}")
     else:
-        print(f"trial {trial.number:3d} {attrs.get(UNIT_ATTR)} [{entry}] {trial.state.name.lower()}: "
-              f"{attrs.get('fxsketch.note', '')}")
+        print(f"trial {trial.number:3d} {attrs.get(keys.UNIT)} [{entry}] {trial.state.name.lower()}: "
+              f"{attrs.get(keys.NOTE, '')}")
 
 
 def _finish(ctx: _Context, study, units, records, dense_accuracy, verbose, strategy, multi) -> Result:
@@ -1146,7 +1146,7 @@ def _back_off_slow(ctx: _Context, plan: dict, accuracy, module: nn.Module, measu
             return {}, accuracy, ctx.build({}, share=False), None
         module = ctx.build(plan, share=False)
         try:
-            accuracy = _call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+            accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn")
         except TrialFailed as exc:
             raise RuntimeError(f"validating the backed-off plan failed: {exc}") from exc
         steps.append({"layers": len(plan), "dropped": victim, "accuracy": accuracy, "reason": "slower than dense"})
@@ -1195,7 +1195,7 @@ def sensitivity_table(ctx: _Context, units: list[Unit]) -> "pd.DataFrame":
             continue
         full = min(record.out_features, record.in_features)
         ranks = sorted({max(1, round(full * f)) for f in (0.05, 0.1, 0.25, 0.5)} | set(range(1, full + 1)))
-        weight = _fetch(ctx.gm, record.weight_target)
+        weight = fetch(ctx.gm, record.weight_target)
         if method == "svd":  # no statistics: the error at rank r is the exact SVD's tail energy
             energy = ctx.cache.svd(name, record.weight_matrix(weight), full)[1].to(torch.float64).square()
             tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])

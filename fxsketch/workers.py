@@ -20,6 +20,8 @@ from typing import Any
 
 import optuna
 
+from fxsketch.study_format import trial_running
+
 __all__ = ["open_storage", "run_workers", "check_sendable", "fresh_journal", "resolve_callable", "optimize_study"]
 
 log = logging.getLogger(__name__)
@@ -63,16 +65,17 @@ def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
 
 def optimize_study(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_trials: int,
                    timeout: float | None, catch: tuple, callbacks: list) -> None:
-    """`study.optimize`, surviving a known race of Optuna's between processes sharing a study: two
-    of them can pop the same enqueued trial, and the second one's result is then refused ("Cannot
-    tell a COMPLETE trial"). That trial is left to the first process; this one goes on with the rest
-    of its `n_trials` (and of its `timeout`)."""
+    """`study.optimize`, with each trial the `running_trial` while its objective runs, surviving a
+    known race of Optuna's between processes sharing a study: two of them can pop the same enqueued
+    trial, and the second one's result is then refused ("Cannot tell a COMPLETE trial"). That trial
+    is left to the first process; this one goes on with the rest of its `n_trials` (and `timeout`)."""
     started = [0]
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def counted(trial: optuna.Trial) -> Any:
         started[0] += 1
-        return objective(trial)
+        with trial_running(trial):
+            return objective(trial)
 
     while started[0] < n_trials:
         left = None if deadline is None else deadline - time.monotonic()

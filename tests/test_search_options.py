@@ -8,7 +8,7 @@ from torch import nn
 
 import fxsketch
 from fxsketch.joint import JOINT_KEY
-from fxsketch.result import UNIT_ATTR
+from fxsketch.study_format import UNIT as UNIT_ATTR
 
 D = 32
 

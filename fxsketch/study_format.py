@@ -1,0 +1,38 @@
+"""The study format: the Optuna trial attributes fxsketch writes, and the trial running now.
+
+A stored study resumes by these attribute keys, so they never change; every module reads and
+writes them through these names. `running_trial` is the Optuna trial whose evaluation runs in this
+context (set by the search around each objective call), for integrations that report to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+__all__ = ["UNIT", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "SCORE", "NOTE", "WARM",
+           "running_trial", "trial_running"]
+
+UNIT = "fxsketch.unit"  # the tuning unit's key (a layer, a group, or the whole-model key)
+ENTRY = "fxsketch.entry"  # the unit's values: {"method": ..., **params}
+PLAN = "fxsketch.plan"  # a whole-model trial's plan
+ACCURACY = "fxsketch.accuracy"
+SPEED = "fxsketch.speed"
+SPEED_SOURCE = "fxsketch.speed_source"  # what the speed is: a per-layer estimate, a FLOP ratio, ...
+SCORE = "fxsketch.score"
+NOTE = "fxsketch.note"  # why a trial was pruned, failed or reused an earlier result
+WARM = "fxsketch.warm"  # a whole-model warm-start trial: how its plan was made
+
+running_trial: ContextVar[Any] = ContextVar("fxsketch_running_trial", default=None)
+
+
+@contextmanager
+def trial_running(trial: Any) -> Iterator[None]:
+    """Make `trial` the `running_trial` for the duration of the block."""
+    token = running_trial.set(trial)
+    try:
+        yield
+    finally:
+        running_trial.reset(token)
