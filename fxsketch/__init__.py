@@ -3,11 +3,13 @@
     result = fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=acc, accuracy_threshold=0.9)
 
 Importing fxsketch registers the `fxsketch::` ops (needed to load saved `.pt2` files); it never
-initializes CUDA.
+initializes CUDA, and it loads the search (and with it Optuna and pandas) only when `optimize` or
+`Result` is first used.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -22,13 +24,21 @@ from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import KINDS, get_kind, register_kind
 from fxsketch.recover import distill, masked_mse, rewrite_sequential
-from fxsketch.result import Result
 from fxsketch.rewrite import load_plan, rewrite
-from fxsketch.search import optimize
 from fxsketch.select import match_layers
 from fxsketch.spec import Categorical, Float, Int, LayerConfig, ParamSpec, TuningConfigs, load_spec
 
 __version__ = "0.1.0"
+
+_SEARCH = {"optimize": "fxsketch.search", "Result": "fxsketch.result"}  # loaded on first use
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SEARCH:
+        value = getattr(importlib.import_module(_SEARCH[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fxsketch' has no attribute {name!r}")
 
 
 def select(model: torch.nn.Module, selector: Any, example_inputs: Any = None) -> list[str]:

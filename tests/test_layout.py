@@ -42,3 +42,18 @@ def test_a_transformers_model_builds_and_runs_with_the_repo_root_first_on_sys_pa
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_importing_fxsketch_loads_neither_optuna_nor_pandas_until_a_search_is_asked_for():
+    script = textwrap.dedent("""
+        import sys
+        import fxsketch
+        assert "optuna" not in sys.modules and "pandas" not in sys.modules, "eager"
+        fxsketch.capture, fxsketch.LayerConfig, fxsketch.load  # the rest of the API is there at once
+        assert "optuna" not in sys.modules and "pandas" not in sys.modules, "capture"
+        assert callable(fxsketch.optimize) and fxsketch.Result.__name__ == "Result"
+        assert "optuna" in sys.modules and "pandas" in sys.modules
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

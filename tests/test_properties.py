@@ -23,11 +23,12 @@ import string
 
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, reject, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fxsketch  # noqa: E402
@@ -219,6 +220,18 @@ def build(bp: dict, seed: int) -> tuple[nn.Module, torch.Tensor]:
 # --------------------------------------------------------------------------- properties
 
 
+def _capture(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    """`fxsketch.capture`, rejecting the example when torch.export's symbolic shape solver gives up
+    (sympy cannot decide a guard such as `2*((x/2)//2) - 2 == 0` for two stride-2 convs on a 4x4
+    input; a torch limitation, and once hit it fails every later export in the process)."""
+    try:
+        return fxsketch.capture(model, x)
+    except fxsketch.CaptureError as exc:
+        if "cannot be solved using" in str(exc):
+            reject()
+        raise
+
+
 def _full_rank_plan(records) -> dict:
     return {r.name: {"method": "svd", "low_rank": min(r.out_features, r.in_features)} for r in records}
 
@@ -227,7 +240,7 @@ def _full_rank_plan(records) -> dict:
 @given(bp=BLUEPRINTS, seed=st.integers(0, 2**16))
 def test_full_rank_rewrite_reproduces_the_model(bp, seed):
     model, x = build(bp, seed)
-    gm = fxsketch.capture(model, x)
+    gm = _capture(model, x)
     records = fxsketch.find_layers(gm)
     assert records, "every blueprint has at least one layer"
     rewritten = fxsketch.rewrite(gm, _full_rank_plan(records), x)
@@ -273,7 +286,7 @@ def _selector(names: list[str]):
 @given(bp=BLUEPRINTS, seed=st.integers(0, 2**16), data=st.data())
 def test_selectors_never_crash_and_return_existing_names(bp, seed, data):
     model, x = build(bp, seed)
-    gm = fxsketch.capture(model, x)
+    gm = _capture(model, x)
     records = fxsketch.find_layers(gm)
     names = [r.name for r in records]
     order = {r.name: r.graph_order for r in records}
@@ -320,7 +333,7 @@ def _plans(draw, records):
 @given(bp=BLUEPRINTS, seed=st.integers(0, 2**16), data=st.data())
 def test_rewriting_twice_with_the_same_plan_is_bit_identical(bp, seed, data, tmp_path_factory):
     model, x = build(bp, seed)
-    records = fxsketch.find_layers(fxsketch.capture(model, x))
+    records = fxsketch.find_layers(_capture(model, x))
     plan = data.draw(_plans(records), label="plan")
     calibrate = data.draw(st.booleans(), label="calibrate") or any(
         e["method"] == "whitened_svd" for e in plan.values())
@@ -339,3 +352,4 @@ def test_rewriting_twice_with_the_same_plan_is_bit_identical(bp, seed, data, tmp
     hypothesis.event(f"plan: {len(plan)} layer(s), calibrated={calibrate}")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "rewrite changed the user's model"
+
