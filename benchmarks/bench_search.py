@@ -88,6 +88,7 @@ from fxsketch.measure import LayerTimer  # noqa: E402
 from fxsketch.replacements import FactorCache  # noqa: E402
 from fxsketch.rewrite import apply_plan  # noqa: E402
 from fxsketch.spec import load_spec  # noqa: E402
+from fxsketch.units import resolve_units  # noqa: E402
 from _common import CpuWatch  # noqa: E402
 
 ACC_S = 1.0  # what sleep_accuracy sleeps
@@ -305,7 +306,7 @@ def overhead_run(model, inputs, spec, objective: str, n_trials: int, seed: int) 
 
 def rewrite_replay(gm, records: dict, spec, n_trials: int, reps: int, seed: int) -> dict:
     """apply_plan for n_trials whole-model plans on one FactorCache; trial 1 vs 2..N."""
-    units = search.resolve_units(list(records.values()), load_spec(spec), other_modules(gm, list(records.values())))
+    units = resolve_units(list(records.values()), load_spec(spec), other_modules(gm, list(records.values())))
     rng = random.Random(seed)
     plans = []
     for _ in range(n_trials):

@@ -29,6 +29,7 @@ from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.records import LayerRecord, fetch
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
 from fxsketch.spec import load_spec
+from fxsketch.units import resolve_units
 
 __all__ = ["allocate", "Budget", "Choice"]
 
@@ -170,8 +171,6 @@ def allocate(
     Returns:
         `{qualified_name: {"method": ..., "low_rank": R}}`; layers best left dense are omitted.
     """
-    from fxsketch.search import resolve_units
-
     batches = list(iterate_batches(calibration_data))
     if not batches:
         raise ValueError("calibration_data is empty: pass an iterable of input batches")

@@ -13,7 +13,6 @@ factors are a snapshot: the backend is for inference; train the rewritten module
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any

@@ -16,6 +16,8 @@ from torch import nn
 
 from fxsketch.measure import plan_cost
 from fxsketch import study_format as keys
+from fxsketch.metrics import TrialFailed, call_metric
+from fxsketch.units import invalid_reason, suggest_entry, warm_params
 from fxsketch.workers import optimize_study
 
 __all__ = ["JOINT_KEY", "ParetoPoint", "run_joint", "best_joint", "pareto_points"]
@@ -43,12 +45,10 @@ class ParetoPoint:
 
 
 def _suggest_plan(ctx, units, trial) -> tuple[dict, dict, str]:
-    from fxsketch.search import suggest_entry, invalid_reason
-
     plan, flat, reason = {}, {}, ""
     for unit in units:
         entry = suggest_entry(unit, trial, ctx.default_method, ctx.records)
-        reason = reason or invalid_reason(ctx, unit, entry)
+        reason = reason or invalid_reason(ctx.records, unit, entry)
         flat.update({f"{unit.key}.{k}": v for k, v in entry.items()})
         plan.update({name: entry for name in unit.layers})
     return {k: v for k, v in plan.items() if v["method"] != "dense"}, flat, reason
@@ -75,8 +75,6 @@ def _joint_trial(ctx, units, trial: optuna.Trial, multi: bool):
 
 def evaluate_plan(ctx, trial: optuna.Trial, plan: dict, flat: dict, reason: str = "", multi: bool = False):
     """Evaluate a whole-model `plan` as joint trial `trial` (pruned when `reason` or a budget says so)."""
-    from fxsketch.search import TrialFailed, call_metric
-
     trial.set_user_attr(keys.UNIT, JOINT_KEY)
     trial.set_user_attr(keys.ENTRY, flat)
     trial.set_user_attr(keys.PLAN, plan)
@@ -112,21 +110,13 @@ def evaluate_plan(ctx, trial: optuna.Trial, plan: dict, flat: dict, reason: str 
 
 def _enqueue_warm(ctx, study, units) -> None:
     for plan in ctx.warm:
-        params = {}
-        for unit in units:
-            entry = plan.get(unit.layers[0])
-            if entry is not None and "low_rank" in unit.space and unit.space["low_rank"].contains(entry["low_rank"]):
-                params[f"{unit.key}:low_rank"] = entry["low_rank"]
-                if "method" in unit.space:
-                    params[f"{unit.key}:method"] = entry["method"]
+        params = {k: v for unit in units for k, v in warm_params(unit, plan.get(unit.layers[0])).items()}
         if params:
             study.enqueue_trial(params, skip_if_exists=True)
 
 
 def run_joint(ctx, study, units, n_trials, timeout, callbacks, multi: bool) -> None:
     """Run `n_trials` joint trials (more, on a resumed study)."""
-    from fxsketch.search import TrialFailed
-
     if ctx.warm:
         _enqueue_warm(ctx, study, units)
     optimize_study(study, lambda trial: _joint_trial(ctx, units, trial, multi), n_trials, timeout, (TrialFailed,),

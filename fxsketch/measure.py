@@ -16,6 +16,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsketch.capture import input_of
+from fxsketch.kernels import lowrank_conv2d, lowrank_linear
+from fxsketch.nn import LowRankConv2d, LowRankLinear
 from fxsketch.records import LayerRecord, fetch
 from fxsketch.replacements import dense_cost, get_kind
 
@@ -361,8 +364,6 @@ class LayerTimer:
 
 def _input_meta(node: torch.fx.Node) -> tuple[tuple[int, ...], torch.dtype] | None:
     """(shape, dtype) of the activations a layer node reads, from the capture's shape propagation."""
-    from fxsketch.capture import input_of
-
     try:
         x = input_of(node)
     except Exception:
@@ -383,9 +384,6 @@ def _dense_call(record: LayerRecord, matrix: torch.Tensor, bias: torch.Tensor | 
 
 def _replacement_call(module: nn.Module) -> Callable:
     """How the rewritten graph calls `module` (plain low-rank layers as a direct op call)."""
-    from fxsketch.kernels import lowrank_conv2d, lowrank_linear
-    from fxsketch.nn import LowRankConv2d, LowRankLinear
-
     if type(module) is LowRankLinear:
         return lambda x: lowrank_linear(x, module.B, module.A, module.bias)
     if type(module) is LowRankConv2d:

@@ -15,6 +15,7 @@ import torch.fx
 from fxsketch import study_format as keys
 from fxsketch.measure import Speedup, layer_cost
 from fxsketch.records import LayerRecord
+from fxsketch.report import write_report
 
 __all__ = ["Result", "trials_frame"]
 
@@ -155,8 +156,6 @@ class Result:
 
     def report(self, path: str | os.PathLike) -> str:
         """Write the optimization report (HTML with the `plot` extra, else PNG); returns its path."""
-        from fxsketch.report import write_report
-
         return str(write_report(self, path))
 
     def save_plan(self, path: str | os.PathLike) -> None:

@@ -11,7 +11,6 @@ whole-model plan unless the combined per-unit bests beat it.
 from __future__ import annotations
 
 import copy
-import itertools
 import functools
 import json
 import logging
@@ -25,14 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+import pandas as pd
 import torch
 from torch import nn
 
-from fxsketch.allocate import ALLOCATABLE, Budget, allocate_units, layer_errors, target_error_units
+from fxsketch.allocate import (ALLOCATABLE, Budget, allocate_units, layer_errors, target_error_units, unit_choices,
+                               unit_weights)
 from fxsketch.calibrate import calibrate, iterate_batches
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.measure import LayerTimer, Speedup, measure_speedup, plan_cost, speed_bound
-from fxsketch.joint import JOINT_KEY, best_joint, pareto_points, run_joint
+from fxsketch.deploy import save
+from fxsketch.joint import JOINT_KEY, best_joint, evaluate_plan, pareto_points, run_joint
 from fxsketch.records import LayerRecord, fetch
 from fxsketch.workers import check_sendable, fresh_journal, open_storage, optimize_study, resolve_callable, run_workers
 from fxsketch.recover import distill
@@ -41,211 +43,17 @@ from fxsketch import study_format as keys
 from fxsketch.result import Result, trials_frame
 from fxsketch.rewrite import apply_plan
 from fxsketch.select import match_layers
-from fxsketch.spec import Categorical, LayerConfig, ParamSpec, TuningConfigs, load_spec
+from fxsketch.spec import load_spec
+from fxsketch.metrics import TrialFailed, call_metric
+from fxsketch.units import (DEFAULT_METHOD, Unit, invalid_reason, resolve_units, space_size, suggest_entry,
+                            unit_methods, warm_params)
 
-__all__ = ["optimize", "resolve_units", "Unit"]
+__all__ = ["optimize", "SearchInterrupted"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "svd"
 OBJECTIVES = ("latency", "flops")
 STRATEGIES = ("layerwise", "joint")
-
-
-@dataclass
-class Unit:
-    """Layers tuned together with one set of values, and the space those values come from."""
-
-    key: str
-    layers: list[str]
-    space: dict[str, ParamSpec]
-    copy_weights: bool = True
-    method: str = DEFAULT_METHOD  # searched when the space names no method
-    define_by_run: Callable[[Any, LayerRecord], dict[str, Any]] | None = None  # replaces `space`
-
-
-class TrialFailed(Exception):
-    """The user's accuracy or speed function failed on a trial; the trial is recorded as failed."""
-
-
-def resolve_units(
-    records: Sequence[LayerRecord],
-    configs: TuningConfigs,
-    others: Mapping[str, str] | None = None,
-    default_method: str = DEFAULT_METHOD,
-) -> list[Unit]:
-    """Resolve each LayerConfig's selector and parameter space into tuning units.
-
-    Raises:
-        ValueError: a selector matches nothing, two configs select the same layer, or a space names
-            an unknown method or a parameter none of its methods take.
-    """
-    by_name = {r.name: r for r in records}
-    owner: dict[str, int] = {}
-    units: list[Unit] = []
-    for index, cfg in enumerate(configs):
-        names = match_layers(records, cfg.layer_names, other_modules=others)
-        for name in names:
-            if name in owner:
-                raise ValueError(f"layer {name!r} is selected by config {owner[name]} and config {index}: "
-                                 "narrow one of the selectors so each layer is tuned once")
-            owner[name] = index
-        chosen = [by_name[n] for n in names if _supported(by_name[n], cfg, default_method)]
-        groups = [[r] for r in chosen] if cfg.separate else _joint_groups(chosen, cfg)
-        for group in groups:
-            if callable(cfg.params):
-                key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
-                units.append(Unit(key, [r.name for r in group], {}, cfg.copy_weights, default_method, cfg.params))
-                continue
-            space = _unit_space(cfg, group, default_method)
-            problem = _space_problem(space, group, default_method) if space is not None else ""
-            if problem:
-                raise ValueError(f"config {index}: {problem}")
-            if space is None:
-                log.warning("skipping %s: no configuration is cheaper than the dense layer",
-                            ", ".join(r.name for r in group))
-                continue
-            key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
-            units.append(Unit(key, [r.name for r in group], space, cfg.copy_weights, default_method))
-    return units
-
-
-def _space_problem(space: dict[str, ParamSpec], records: list[LayerRecord], default_method: str) -> str:
-    """Why no value of `space` can be built for some layer ("" when every layer has one)."""
-    spec = space.get("method")
-    methods = list(spec.choices) if spec is not None else [default_method]
-    for record in records:
-        reasons, open_ended = [], False
-        for method in methods:
-            kind = get_kind(method)
-            grid = {p: space[p].values() if p in space else [kind.defaults.get(p)] for p in kind.param_names}
-            if any(v is None for v in grid.values()):
-                open_ended = True
-                continue
-            problems = [kind.invalid(record, dict(zip(grid, combo)))
-                        for combo in itertools.islice(itertools.product(*grid.values()), 10_000)]
-            if not all(problems):
-                break
-            reasons.append(f"{method}: {problems[0]}")
-        else:
-            if reasons and not open_ended:
-                return f"no value of the space can be built for {record.name} ({'; '.join(reasons)})"
-    return ""
-
-
-def _supported(record: LayerRecord, cfg: LayerConfig, default_method: str) -> bool:
-    if record.unsupported:
-        log.warning("keeping %s dense: %s", record.name, record.unsupported)
-        return False
-    return True
-
-
-def _joint_groups(records: list[LayerRecord], cfg: LayerConfig) -> list[list[LayerRecord]]:
-    """One group for explicit params; with "auto", one group per (type, shape), as the seeds do."""
-    if not records:
-        return []
-    if cfg.params != "auto":
-        return [records]
-    groups: dict[tuple, list[LayerRecord]] = {}
-    for r in records:
-        groups.setdefault((r.op_type, r.weight_shape), []).append(r)
-    return list(groups.values())
-
-
-def _unit_space(cfg: LayerConfig, group: list[LayerRecord], default_method: str) -> dict[str, ParamSpec] | None:
-    # The most constrained layer of a joint group decides the automatic ranges, so every value
-    # drawn is valid and efficient for all of them.
-    ref = min(group, key=lambda r: r.out_features * r.in_features / (r.out_features + r.in_features))
-    if cfg.params == "auto":
-        return get_kind(default_method).auto_space(ref)
-    space = dict(cfg.params)
-    methods = _methods(space, default_method)
-    allowed = {"method"}.union(*(get_kind(m).param_names for m in methods))
-    unknown = sorted(set(space) - allowed)
-    if unknown:
-        owners = {p: [k for k, kind in _kinds().items() if p in kind.param_names] for p in unknown}
-        raise ValueError(
-            f"params {unknown} are not parameters of {methods} (a config without 'method' searches "
-            f"{default_method!r}); they belong to: {owners}. Add a 'method' entry naming those methods."
-        )
-    for m in methods:
-        kind = get_kind(m)
-        missing = [p for p in kind.param_names if p not in space and p not in kind.defaults]
-        if missing:
-            auto = kind.auto_space(ref)
-            if auto is None:
-                return None
-            space.update({p: auto[p] for p in missing})
-    return space
-
-
-def _kinds():
-    from fxsketch.replacements import KINDS
-
-    return KINDS
-
-
-def _methods(space: Mapping[str, ParamSpec], default_method: str) -> list[str]:
-    spec = space.get("method")
-    if spec is None:
-        return [default_method]
-    if not isinstance(spec, Categorical):
-        raise ValueError(f"'method' must be a list of method names (Categorical), got {spec!r}")
-    for m in spec.choices:
-        get_kind(m)  # raises with the known methods listed
-    return list(spec.choices)
-
-
-class _PrefixedTrial:
-    """A trial whose parameter names carry the unit's prefix, for define-by-run spaces."""
-
-    def __init__(self, trial: optuna.Trial, prefix: str) -> None:
-        self._trial, self._prefix = trial, prefix
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._trial, name)
-        if name.startswith("suggest_"):
-            return lambda param, *args, **kwargs: attr(f"{self._prefix}:{param}", *args, **kwargs)
-        return attr
-
-
-def suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str, records=None) -> dict[str, Any]:
-    """Define-by-run: the method first, then only the parameters that method takes."""
-    if unit.define_by_run is not None:
-        entry = dict(unit.define_by_run(_PrefixedTrial(trial, unit.key), records[unit.layers[0]]))
-        entry.setdefault("method", default_method)
-        kind = get_kind(entry["method"])
-        unknown = set(entry) - {"method"} - set(kind.param_names)
-        if unknown:
-            raise ValueError(f"the params callable of {unit.key} returned {sorted(unknown)}, which method "
-                             f"{kind.name!r} does not take (it takes {list(kind.param_names)})")
-        return {"method": kind.name, **{p: entry.get(p, kind.defaults.get(p)) for p in kind.param_names}}
-    space = unit.space
-    method = space["method"].suggest(trial, f"{unit.key}:method") if "method" in space else default_method
-    kind = get_kind(method)
-    entry: dict[str, Any] = {"method": method}
-    for p in kind.param_names:
-        entry[p] = space[p].suggest(trial, f"{unit.key}:{p}") if p in space else kind.defaults[p]
-    return entry
-
-
-def call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str) -> float:
-    """`fn(module)` as a finite float; anything else (an exception, running out of memory, None,
-    NaN, inf, a non-number) fails the trial with the reason."""
-    try:
-        raw = fn(module)
-    except optuna.TrialPruned:  # an accuracy function that reports steps may prune its trial
-        raise
-    except Exception as exc:  # MemoryError and torch.OutOfMemoryError included
-        raise TrialFailed(f"{what} raised {type(exc).__name__}: {exc}") from exc
-    if isinstance(raw, torch.Tensor) and raw.numel() == 1:
-        raw = raw.item()
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        raise TrialFailed(f"{what} returned {raw!r} ({type(raw).__name__}), not a number")
-    value = float(raw)
-    if not math.isfinite(value):
-        raise TrialFailed(f"{what} returned {'NaN' if math.isnan(value) else value}")
-    return value
 
 
 @dataclass
@@ -372,24 +180,10 @@ class _Context:
 
 
 def _prune_reason(ctx: _Context, unit: Unit, entry: dict[str, Any]) -> str:
-    problem = invalid_reason(ctx, unit, entry)
+    problem = invalid_reason(ctx.records, unit, entry)
     if problem:
         return problem
     return _over_budget(ctx, unit, get_kind(entry["method"]), {k: v for k, v in entry.items() if k != "method"})
-
-
-def invalid_reason(ctx: _Context, unit: Unit, entry: dict[str, Any]) -> str:
-    """Why `entry` cannot or should not be built for the unit's layers ("" when it can)."""
-    kind = get_kind(entry["method"])
-    params = {k: v for k, v in entry.items() if k != "method"}
-    for name in unit.layers:
-        record = ctx.records[name]
-        problem = kind.invalid(record, params)
-        if problem:
-            return f"{name}: {problem}"
-        if kind.name != "dense" and kind.cost(record, params).flops_per_token >= dense_cost(record).flops_per_token:
-            return f"{name}: {kind.name} {params} is not cheaper than the dense layer"
-    return ""
 
 
 def _over_budget(ctx: _Context, unit: Unit, kind, params: dict[str, Any]) -> str:
@@ -451,20 +245,6 @@ def _evaluate(ctx: _Context, unit: Unit, entry: dict[str, Any], trial: optuna.Tr
         trial.set_user_attr(keys.NOTE, str(exc))
         log.warning("trial %d (%s) failed: %s", trial.number, unit.key, exc)
         raise
-
-
-def _space_size(unit: Unit, default_method: str) -> float:
-    """How many distinct value sets a unit's space holds (inf for continuous or define-by-run ones)."""
-    if unit.define_by_run is not None:
-        return math.inf
-    total = 0.0
-    for m in _methods(unit.space, default_method):
-        size = 1.0
-        for p in get_kind(m).param_names:
-            values = unit.space[p].values() if p in unit.space else [None]
-            size *= math.inf if values is None else len(values)
-        total += size
-    return total
 
 
 def _ran(trial: optuna.trial.FrozenTrial) -> bool:
@@ -734,8 +514,6 @@ def optimize(
 
 
 def _keep_best(result: Result, folder: Path, inputs: tuple) -> None:
-    from fxsketch.deploy import save
-
     result.save_plan(folder / "best_plan.json")
     try:
         save(result.graph_module, folder / "best_model.pt2", inputs)
@@ -854,8 +632,6 @@ def _unit_sensitivity(ctx: _Context, units: list[Unit], sensitivity: Any, batche
     usable = _allocatable(units)
     if not usable:
         return None
-    from fxsketch.allocate import unit_choices, unit_weights
-
     weights = ctx.weights(usable)
     options = [unit_choices(u, ctx.records, ctx.cache, weights) for u in usable]
     factors = unit_weights(usable, options, ctx.records, ctx.cache, sensitivity, ctx.gm, list(batches), share=0.5)
@@ -888,7 +664,7 @@ WARM_TRIALS = 6  # the most whole-model warm-start trials before the per-unit se
 
 
 def _allocatable(units: list[Unit]) -> list[Unit]:
-    return [u for u in units if "low_rank" in u.space and _methods(u.space, u.method)[0] in ALLOCATABLE
+    return [u for u in units if "low_rank" in u.space and unit_methods(u.space, u.method)[0] in ALLOCATABLE
             and ("method" not in u.space or u.space["method"].first() in ALLOCATABLE)]
 
 
@@ -954,8 +730,6 @@ def _warm_joint(ctx: _Context, study: optuna.Study, units: list[Unit], n_trials:
 
 def _joint_runner(ctx: _Context, study: optuna.Study, units: list[Unit], callbacks):
     """`run(plan, note) -> score`: one whole-model trial of `plan` (a repeated plan reuses its result)."""
-    from fxsketch.joint import evaluate_plan
-
     def run(plan: dict, note: str) -> float:
         hit = ctx.recall((JOINT_KEY, json.dumps(plan, sort_keys=True)), plan)
         if hit is not None:
@@ -986,7 +760,7 @@ def _cheaper_step(ctx: _Context, usable: list[Unit], plan: dict, weights, reject
         current = plan.get(unit.layers[0])
         lower = [r for r in sorted(unit.space["low_rank"].values())
                  if (current is None or r < current["low_rank"])
-                 and not invalid_reason(ctx, unit, {"method": method, "low_rank": r})]
+                 and not invalid_reason(ctx.records, unit, {"method": method, "low_rank": r})]
         if not lower:
             continue
         entry = {"method": method, "low_rank": lower[-1]}
@@ -1013,20 +787,14 @@ def _cheaper_step(ctx: _Context, usable: list[Unit], plan: dict, weights, reject
 
 
 def _enqueue_warm(ctx: _Context, study: optuna.Study, unit: Unit) -> None:
-    seen = set()
     for plan in ctx.warm:
-        entry = plan.get(unit.layers[0])
-        if entry is None or entry["low_rank"] in seen or not unit.space["low_rank"].contains(entry["low_rank"]):
-            continue
-        seen.add(entry["low_rank"])
-        params = {f"{unit.key}:low_rank": entry["low_rank"]}
-        if "method" in unit.space:
-            params[f"{unit.key}:method"] = entry["method"]
-        study.enqueue_trial(params, skip_if_exists=True)
+        params = warm_params(unit, plan.get(unit.layers[0]))
+        if params:
+            study.enqueue_trial(params, skip_if_exists=True)
 
 
 def _search_unit(ctx, study, unit, n_trials, timeout, callbacks) -> None:
-    size = _space_size(unit, ctx.default_method)
+    size = space_size(unit, ctx.default_method)
     if ctx.warm and "low_rank" in unit.space:
         _enqueue_warm(ctx, study, unit)
 
@@ -1181,11 +949,9 @@ def _chosen_plan(ctx, study, units, strategy, pareto) -> tuple[dict, dict[str, f
     return {k: v for k, v in plan.items() if v["method"] != "dense"}, accuracies
 
 
-def sensitivity_table(ctx: _Context, units: list[Unit]) -> "pd.DataFrame":
+def sensitivity_table(ctx: _Context, units: list[Unit]) -> pd.DataFrame:
     """Per tuned layer: the relative output error of its factorization at a few ranks, and the
     smallest rank keeping it under 1% / 5% / 10% (from the cached decompositions, no evaluation)."""
-    import pandas as pd
-
 
     method = "whitened_svd" if ctx.cache.stats else "svd"
     rows = []

@@ -214,7 +214,7 @@ def test_measured_weights_are_loss_per_relative_error():
     model, gm, spec = _two_layer_setup()
     from fxsketch.allocate import _weights, unit_choices
     from fxsketch.capture import other_modules
-    from fxsketch.search import resolve_units
+    from fxsketch.units import resolve_units
     from fxsketch.spec import load_spec
 
     records = fxsketch.find_layers(gm)

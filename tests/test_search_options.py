@@ -66,7 +66,8 @@ def test_measured_allocation_sensitivity_is_probed_once_and_reused(monkeypatch):
         weights.append(sensitivity)
         return allocate_units(*args, sensitivity=sensitivity, **kw)
 
-    monkeypatch.setattr(alloc, "unit_weights", counting_probe)
+    monkeypatch.setattr(alloc, "unit_weights", counting_probe)  # called by the allocator
+    monkeypatch.setattr("fxsketch.search.unit_weights", counting_probe)  # and by the search
     monkeypatch.setattr("fxsketch.search.allocate_units", recording_allocate)
     result = _run(_model(), allocation_sensitivity="output")
     assert result.plan and _first_warm_plan(result)

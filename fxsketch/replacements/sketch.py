@@ -14,7 +14,7 @@ from fxsketch.replacements.base import (
 )
 from fxsketch.replacements.refit import refit_sketch
 from fxsketch.replacements.registry import register_kind
-from fxsketch.spec import Categorical, Int
+from fxsketch.spec import Categorical
 
 
 def layer_seed(name: str) -> int:

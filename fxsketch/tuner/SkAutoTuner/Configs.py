@@ -27,7 +27,7 @@ from torch import nn
 from fxsketch.capture import capture, find_layers
 from fxsketch.records import MATCHABLE_TYPES, LayerRecord
 from fxsketch.replacements import KINDS, get_kind
-from fxsketch.search import resolve_units
+from fxsketch.units import resolve_units
 from fxsketch.select import match_layers
 from fxsketch.spec import Categorical, Float, Int, LayerConfig, ParamSpec, TuningConfigs, load_spec
 
