@@ -106,8 +106,8 @@ def gpt2_case() -> Case:
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=512, n_embd=256, n_layer=4, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0,
-                                  use_cache=False, attn_implementation="eager")
+    cfg = transformers.GPT2Config(vocab_size=512, n_embd=256, n_layer=4, n_head=4, n_positions=128, bos_token_id=0,
+                                  eos_token_id=0, use_cache=False, attn_implementation="eager")
     model = transformers.GPT2Model(cfg).eval()
     x = (torch.randint(0, 512, (8, 128)),)
     spec = LayerConfig({"type": "Linear"}, params="auto")

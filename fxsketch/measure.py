@@ -117,13 +117,14 @@ def time_rounds(fns: Sequence[Callable], inputs: tuple, *, tolerance: float = TO
 
     Every function is first warmed up (until its calls stop getting faster). A round then calls
     the functions in turn, about 10 ms of calls each (their order alternating round by round), and
-    keeps each one's mean time per call: the steady-state speed a caller gets. A round during which this process's threads waited for a CPU (Linux
-    scheduler statistics) is set aside: on a machine shared with busy processes, multi-threaded
-    ops stall unevenly and the times say nothing about the model. Rounds go on until, after
-    `min_rounds` undisturbed ones, the interquartile range of the first two functions' time ratio
-    (of the first one's time, for one function) lies within ±`tolerance` of its median, or
-    `cap_s` seconds pass (never before `min_rounds` rounds); then, with too few undisturbed
-    rounds, all rounds are used and the figure is not stable. CUDA work is synchronized before each clock read.
+    keeps each one's mean time per call: the steady-state speed a caller gets. A round during which
+    this process's threads waited for a CPU (Linux scheduler statistics) is set aside: on a machine
+    shared with busy processes, multi-threaded ops stall unevenly and the times say nothing about
+    the model. Rounds go on until, after `min_rounds` undisturbed ones, the interquartile range of
+    the first two functions' time ratio (of the first one's time, for one function) lies within
+    ±`tolerance` of its median, or `cap_s` seconds pass (never before `min_rounds` rounds); then,
+    with too few undisturbed rounds, all rounds are used and the figure is not stable. CUDA work is
+    synchronized before each clock read.
     """
     cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -145,7 +145,9 @@ class Result:
 
     def _latency_line(self) -> str:
         if self.measured_speedup is None:
-            return "not measured (see the note)" if self.plan else "1.00x: nothing replaced, the model is the dense graph"
+            if self.plan:
+                return "not measured (see the note)"
+            return "1.00x: nothing replaced, the model is the dense graph"
         line = self.measured_speedup.describe() + ", whole model on the example inputs"
         if self.speedup_estimate is not None:
             line += f"; the trials' per-layer estimate: {self.speedup_estimate:.2f}x"

@@ -686,7 +686,8 @@ def _warm_joint(ctx: _Context, study: optuna.Study, units: list[Unit], n_trials:
 
     usable = [u for u in _allocatable(units) if u.space["low_rank"].values()]
     limit = min(WARM_TRIALS, n_trials // 3)
-    if not usable or limit < 1 or any(t.user_attrs.get(keys.UNIT) == JOINT_KEY for t in study.get_trials(deepcopy=False)):
+    if not usable or limit < 1 or any(t.user_attrs.get(keys.UNIT) == JOINT_KEY
+                                      for t in study.get_trials(deepcopy=False)):
         return
     weights = ctx.weights(usable)
     dense_usable = sum(dense_cost(ctx.records[n]).flops_per_token * ctx.records[n].tokens for u in usable for n in u.layers)
