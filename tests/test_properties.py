@@ -353,3 +353,25 @@ def test_rewriting_twice_with_the_same_plan_is_bit_identical(bp, seed, data, tmp
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "rewrite changed the user's model"
 
+
+
+def test_a_sketch_on_a_layer_whose_calibration_inputs_are_all_zero_stays_finite():
+    """Found by the property above: `second.1` reads a dead ReLU (all zeros on the calibration
+    batches); its calibrated sketch was NaN. It keeps its zero-shot sketch instead."""
+    side = {"out": 1, "bias": False, "functional": False}
+    bp = {"kind": "residual", "conv": False, "in": 3, "head": side, "branch": 0,
+          "blocks": [{"hidden": 1, "k": 1, "first": side, "second": {**side, "bias": True}},
+                     {"hidden": 1, "k": 1, "first": side, "second": side}]}
+    plan = {"first.0": {"method": "svd", "low_rank": 1}, "first.1": {"method": "svd", "low_rank": 1},
+            "second.1": {"method": "sketch", "num_terms": 1, "low_rank": 1},
+            "head_w": {"method": "whitened_svd", "low_rank": 1}}
+    model, x = build(bp, 0)
+    calibration = [x, x.flip(0) * 0.5]
+    gm = fxsketch.capture(model, x)
+    stats = fxsketch.calibrate(gm, calibration, fxsketch.find_layers(gm))
+    assert float(stats["second.1"].second_moment.abs().sum()) == 0  # the case: nothing reached the layer
+    first = fxsketch.rewrite(model, plan, x, calibration_data=calibration)
+    second = fxsketch.rewrite(model, plan, x, calibration_data=calibration)
+    for name, value in first.state_dict().items():
+        assert torch.isfinite(value).all(), name
+        assert torch.equal(value, second.state_dict()[name]), name
