@@ -14,34 +14,18 @@ from pathlib import Path
 
 import optuna
 import torch
-from torch import nn
 
 import fxsketch
 from fxsketch import Categorical, LayerConfig
 
+from test_search import X, _agreement  # the suite's rank-6 MLP and its agreement accuracy
+from test_search import _mlp as _model
+
 FIXTURE = Path(__file__).parent / "fixtures" / "study_v0.1.json"
-X = torch.randn(128, 32, generator=torch.Generator().manual_seed(1))
 SPEC = LayerConfig({"type": "Linear", "range": [0, 2]}, params={"low_rank": Categorical([2, 4, 8, 16])})
 
 
-def _model() -> nn.Module:
-    """An MLP whose weights are rank 6 plus noise: low ranks fail, moderate ranks pass."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            out, inp = layer.weight.shape
-            layer.weight.copy_(torch.randn(out, 6) @ torch.randn(6, inp) / inp**0.5 + 0.02 * torch.randn(out, inp))
-    return model
-
-
-def _agreement(model: nn.Module):
-    with torch.no_grad():
-        ref = model(X).argmax(1)
-    return lambda m: (m(X).argmax(1) == ref).float().mean().item()
-
-
-def _search(model: nn.Module, storage: str, n_trials: int, resume: bool) -> fxsketch.Result:
+def _search(model: torch.nn.Module, storage: str, n_trials: int, resume: bool) -> fxsketch.Result:
     calibration = [(X[i:i + 32],) for i in range(0, 128, 32)]
     return fxsketch.optimize(model, SPEC, example_inputs=X, accuracy_fn=_agreement(model), accuracy_threshold=0.9,
                              objective="flops", n_trials=n_trials, seed=0, storage=storage, study_name="old",
