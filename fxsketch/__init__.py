@@ -17,18 +17,20 @@ import torch
 from fxsketch import kernels  # noqa: F401  (registers the fxsketch:: ops)
 from fxsketch.allocate import allocate
 from fxsketch.backend import backend
-from fxsketch.calibrate import LayerStats, calibrate, sequential_stats
-from fxsketch.capture import CaptureError, capture, find_layers
+from fxsketch.calibrate import LayerStats, calibrate
+from fxsketch.capture import CaptureError, capture, find_layers, other_modules
 from fxsketch.deploy import ArtifactError, load, package, save
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import KINDS, get_kind, register_kind
 from fxsketch.recover import distill, masked_mse, rewrite_sequential
-from fxsketch.rewrite import load_plan, rewrite
+from fxsketch.options import CalibrationOptions, SearchOptions, StudyOptions
+from fxsketch.plan import load_plan
+from fxsketch.rewrite import rewrite
 from fxsketch.select import match_layers
+from fxsketch.sequential import sequential_stats
 from fxsketch.spec import Categorical, Float, Int, LayerConfig, ParamSpec, TuningConfigs, load_spec
-
-__version__ = "0.1.0"
+from fxsketch.version import __version__  # noqa: F401  (fxsketch.__version__)
 
 _SEARCH = {"optimize": "fxsketch.search", "Result": "fxsketch.result"}  # loaded on first use
 
@@ -53,15 +55,13 @@ def select(model: torch.nn.Module, selector: Any, example_inputs: Any = None) ->
     Raises:
         ValueError: the selector matches nothing (the message names the closest layers).
     """
-    from fxsketch.capture import other_modules
-
     gm = capture(model, example_inputs)
     records = find_layers(gm)
     return match_layers(records, selector, other_modules=other_modules(gm, records))
 
 
 __all__ = [
-    "ArtifactError", "CaptureError", "Categorical", "Float", "Int", "KINDS", "LayerConfig", "LayerRecord",
+    "ArtifactError", "CalibrationOptions", "CaptureError", "SearchOptions", "StudyOptions", "Categorical", "Float", "Int", "KINDS", "LayerConfig", "LayerRecord",
     "LowRankConv2d", "LowRankLinear", "ParamSpec", "SKConv2d", "SKLinear", "TuningConfigs",
     "LayerStats", "Result", "allocate", "backend", "calibrate", "capture", "distill", "masked_mse",
     "rewrite_sequential", "sequential_stats", "find_layers", "optimize", "package", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",

@@ -24,43 +24,21 @@ import torch
 
 from torch import nn
 
-from fxsketch.calibrate import calibrate, iterate_batches
+from fxsketch.calibrate import calibrate, iterate_batches, mask_fn
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
+from fxsketch.plan import Budget, plan_cost
 from fxsketch.records import LayerRecord, fetch
-from fxsketch.replacements import FactorCache, dense_cost, get_kind
+from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.spec import load_spec
 from fxsketch.units import resolve_units
+from fxsketch.recover import float_tensors
+from fxsketch.rewrite import apply_plan
 
 __all__ = ["allocate", "Budget", "Choice"]
 
 log = logging.getLogger(__name__)
 
 ALLOCATABLE = ("svd", "whitened_svd")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Hard limits on the selected layers: FLOPs and parameters, absolute or as a fraction of dense.
-
-    A float in (0, 1] is a fraction of the selected layers' dense cost; an int is absolute.
-    """
-
-    flops: float | int | None = None
-    params: float | int | None = None
-
-    def limits(self, dense_flops: int, dense_params: int) -> tuple[float, float]:
-        return (_limit(self.flops, dense_flops, "the FLOP budget (budget=/max_flops=)"),
-                _limit(self.params, dense_params, "the parameter budget (max_params=)"))
-
-
-def _limit(value: float | int | None, dense: int, what: str) -> float:
-    if value is None:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a positive fraction (<= 1) or an absolute count, got {value!r}")
-    if not value > 0:  # also refuses NaN
-        raise ValueError(f"{what} must be a positive fraction (<= 1) or an absolute count, got {value!r}")
-    return float(value) * dense if isinstance(value, float) and value <= 1 else float(value)
 
 
 @dataclass(frozen=True)
@@ -102,13 +80,8 @@ def unit_choices(unit, records: dict[str, LayerRecord], cache: FactorCache, weig
 
 
 def _cost(records, layers, entry) -> tuple[int, int]:
-    flops = params = 0
-    for name in layers:
-        r = records[name]
-        cost = dense_cost(r) if entry is None else get_kind(entry["method"]).cost(r, entry)
-        flops += cost.flops_per_token * r.tokens
-        params += cost.params
-    return flops, params
+    cost = plan_cost([records[n] for n in layers], {} if entry is None else {n: entry for n in layers})
+    return cost.flops, cost.params
 
 
 def solve(options: Sequence[Sequence[Choice]], max_flops: float, max_params: float) -> list[Choice]:
@@ -256,8 +229,6 @@ def unit_weights(units, options, records, cache, sensitivity: Any, gm=None, batc
     else:
         raise ValueError(f'sensitivity must be None, "output", an accuracy function (module -> float, higher is '
                          f"better) or a mapping {{layer: weight}}, got {sensitivity!r}")
-    from fxsketch.rewrite import apply_plan
-
     base = _number(score(gm), "the dense model")
     raw = []
     for unit, opts in zip(units, options):
@@ -292,8 +263,6 @@ PROBE_BATCHES = 4  # calibration batches a sensitivity="output" probe runs (even
 def _output_score(gm: torch.fx.GraphModule, batches: Sequence[Any]) -> Callable[[nn.Module], float]:
     """score(module) = −(relative squared error of its floating outputs against `gm`'s), over
     `batches`, real-token rows only when the model takes an attention mask."""
-    from fxsketch.calibrate import mask_fn
-    from fxsketch.recover import float_tensors
 
     find_mask = mask_fn(gm, "auto")
     if len(batches) > PROBE_BATCHES:  # evenly spaced: calibration batches may be sorted by length

@@ -21,9 +21,11 @@ import torch
 import torch.fx
 
 from fxsketch.capture import module_type_of, call_arguments, functional_record, is_functional_layer
+from fxsketch.nn import OP_TENSORS, LowRankConv2d, LowRankLinear, op_call
+from fxsketch.plan import build_entry, normalize_plan
 from fxsketch.records import LayerRecord
-from fxsketch.replacements import FactorCache, get_kind
-from fxsketch.rewrite import private_path, normalize_plan
+from fxsketch.replacements import FactorCache
+from fxsketch.rewrite import emit, private_path
 
 __all__ = ["backend", "compile_backend", "qualified_name"]
 
@@ -151,36 +153,42 @@ def _tensor(gm, node, values):
 
 
 def _replace(gm, name, layers, entry, cache) -> bool:
-    kind = get_kind(entry["method"])
+    """Build `entry` for layer `name` from the weights Dynamo handed over and route its nodes
+    through it; False when it stays dense. The factors are registered as constants of `gm`."""
     record, weight, bias = layers[0]
-    reason = kind.unsupported(record)
-    if reason:
-        log.warning("keeping %s dense: %s", name, reason)
-        return False
-    params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
-    problem = kind.invalid(record, params)
-    if problem:
-        raise ValueError(f"plan entry {name!r}: {problem}")
-    weight = weight.T if record.transposed else weight
     with torch.no_grad():
-        module = kind.build(record, weight.detach(), None if bias is None else bias.detach(), params, cache)
+        module = build_entry(gm, record, entry, cache, weight=weight.detach(),
+                             bias=None if bias is None else bias.detach())
         if module is None:
             return False
-        B, A = module.collapsed_factors() if hasattr(module, "collapsed_factors") else (module.B, module.A)
+        module = _as_single_op(module, record)
     base = private_path(gm, name)
-    constants = {"B": B.detach().reshape(B.shape[0], *record.weight_shape[1:]), "A": A.detach().contiguous(),
-                 "bias": None if module.bias is None else module.bias.detach()}
-    for key, value in constants.items():
+    for key in OP_TENSORS:
+        value = getattr(module, key)
         if value is not None:
-            _register_constant(gm, f"{base}_{key}", value)
+            _register_constant(gm, f"{base}_{key}", value.detach())
     for record, _, _ in layers:
         for node in record.nodes:
             with gm.graph.inserting_before(node):
-                call = _op_call(gm.graph, base, record, constants, call_arguments(node)["input"])
+                call = emit(gm.graph, call_arguments(node)["input"], module,
+                            lambda t: gm.graph.get_attr(f"{base}_{t}"), dispatcher=True)
             call.meta = dict(node.meta)
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
     return True
+
+
+def _as_single_op(module: torch.nn.Module, record: LayerRecord) -> torch.nn.Module:
+    """A plain low-rank layer computing what `module` computes (a sketch collapses to its factors),
+    so that the compiled graph holds one fxsketch op per layer."""
+    if op_call(module) is not None:
+        return module
+    B, A = module.collapsed_factors()
+    if record.op_type == "Linear":
+        return LowRankLinear.from_factors(B, A, module.bias)
+    g = record.conv
+    return LowRankConv2d.from_factors(B.reshape(B.shape[0], *record.weight_shape[1:]), A, module.bias,
+                                      tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]))
 
 
 def _register_constant(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> None:
@@ -191,13 +199,3 @@ def _register_constant(gm: torch.fx.GraphModule, name: str, value: torch.Tensor)
         from torch._dynamo.source import ConstantSource
 
         sources[name] = ConstantSource(name)
-
-
-def _op_call(graph, base, record, constants, x):
-    B, A = graph.get_attr(f"{base}_B"), graph.get_attr(f"{base}_A")
-    bias = graph.get_attr(f"{base}_bias") if constants["bias"] is not None else None
-    if record.op_type == "Linear":
-        return graph.call_function(torch.ops.fxsketch.lowrank_linear.default, (x, B, A, bias))
-    g = record.conv
-    return graph.call_function(torch.ops.fxsketch.lowrank_conv2d.default,
-                               (x, B, A, bias, list(g["stride"]), list(g["padding"]), list(g["dilation"])))

@@ -5,7 +5,7 @@ their mean, accumulated in float64 over the batches; activations themselves are 
 Padding positions are left out: for models with an `attention_mask` input (HF transformers), rows
 whose mask is 0 are not counted (`mask=`).
 
-`sequential_stats` is the error-compensating variant: each planned layer's statistics are taken on
+`fxsketch.sequential.sequential_stats` is the error-compensating variant: each planned layer's statistics are taken on
 the inputs the already-replaced earlier layers produce, together with their cross moment with the
 original model's inputs, so each replacement is fitted to undo the error upstream of it.
 """
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fxsketch.capture import as_inputs, describe_inputs, find_layers, input_of
 from fxsketch.records import LayerRecord
 
-__all__ = ["LayerStats", "calibrate", "sequential_stats"]
+__all__ = ["LayerStats", "calibrate", "iterate_batches", "mask_fn", "layer_rows", "check_width", "empty_stats", "batch_inputs"]
 
 
 @dataclass
@@ -90,20 +90,20 @@ class _Recorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         record = self.targets.get(n)
         if record is not None:
-            rows = _layer_rows(record, self.env[input_of(n)], self.mask)
-            _check_width(record, rows, self.stats[record.name])
+            rows = layer_rows(record, self.env[input_of(n)], self.mask)
+            check_width(record, rows, self.stats[record.name])
             self.stats[record.name].add(rows)
         return super().run_node(n)
 
 
-def _check_width(record: LayerRecord, rows: torch.Tensor, stats: LayerStats) -> None:
+def check_width(record: LayerRecord, rows: torch.Tensor, stats: LayerStats) -> None:
     width = stats.gram.shape[0]
     if rows.shape[-1] != width:
         raise ValueError(f"layer {record.name} {record.weight_shape} takes inputs with {width} features, "
                          f"but this calibration batch gives it {rows.shape[-1]}")
 
 
-def _layer_rows(record: LayerRecord, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def layer_rows(record: LayerRecord, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The rows the layer's GEMM multiplies: x itself for Linear, im2col patches for Conv2d.
 
     With a token `mask` (N, L) and a Linear input of shape (N, L, features), only the rows whose
@@ -173,14 +173,14 @@ def calibrate(
     batches = iterate_batches(batches)
     records = records if records is not None else find_layers(gm)
     records = [r for r in records if not r.unsupported]  # never factored: nothing to record
-    stats = {r.name: _empty(r) for r in records}
+    stats = {r.name: empty_stats(r) for r in records}
     targets = {node: r for r in records for node in r.nodes}
     recorder = _Recorder(gm, targets, stats)
     find_mask = mask_fn(gm, mask)
     seen = 0
     with torch.no_grad():
         for batch in batches:
-            inputs = _inputs(batch, seen)
+            inputs = batch_inputs(batch, seen)
             recorder.mask = find_mask(inputs) if find_mask else None
             try:
                 recorder.run(*inputs)
@@ -193,7 +193,7 @@ def calibrate(
     return {name: s for name, s in stats.items() if s.count}
 
 
-def _empty(record: LayerRecord) -> LayerStats:
+def empty_stats(record: LayerRecord) -> LayerStats:
     return LayerStats(torch.zeros(record.in_features, record.in_features, dtype=torch.float64))
 
 
@@ -208,96 +208,8 @@ def iterate_batches(batches: Any) -> Iterator[Any]:
                         f"positional inputs), got {type(batches).__name__}") from None
 
 
-def _inputs(batch: Any, index: int) -> tuple:
+def batch_inputs(batch: Any, index: int) -> tuple:
     if batch is None:
         raise ValueError(f"calibration batch {index} is None: each batch is a tensor or a tuple of the "
                          "model's positional inputs")
     return as_inputs(batch)
-
-
-def sequential_stats(
-    gm: torch.fx.GraphModule,
-    batches: Iterable[Any],
-    plan: Mapping[str, Mapping[str, Any]],
-    records: list[LayerRecord] | None = None,
-    *,
-    mask: Any = "auto",
-    refit: bool = True,
-) -> dict[str, LayerStats]:
-    """Error-compensating calibration statistics for `plan` (one pass over `batches`).
-
-    The original model (x) and the model being replaced (x̃) run side by side over all batches, one
-    graph node at a time. At each planned layer, in graph order, the layer's statistics are
-    accumulated from x̃ (what it receives once every earlier planned layer is replaced) and x (what
-    the original model gives it): E[x̃ᵀx̃], E[xᵀx̃] and both means. Its replacement is then built
-    from them (`FactorCache(stats, refit=refit)`, exactly as `apply_plan` will build it) and
-    produces x̃ for the layers after it. Building the plan with a `FactorCache` of these statistics
-    fits every layer to the original layer's outputs *given the inputs it will really see*:
-    min E‖W x − Ŵ x̃‖², which undoes part of the error made upstream (whitened_svd solves it in
-    closed form: Ŵ = SVD_R(W P L⁻ᵀ) L⁻¹ with P = E[x x̃ᵀ], E[x̃ x̃ᵀ] = L Lᵀ).
-
-    All batches' live activations are held at once (twice), so pass a calibration set that fits
-    in memory. A layer used at several graph nodes is fitted at the first one.
-
-    Returns:
-        `{qualified_name: LayerStats}` for the planned layers (with `cross` and `ref_total`) and
-        plain statistics for every other layer that received rows.
-    """
-    from fxsketch.replacements import FactorCache
-    from fxsketch.rewrite import find_record, build_entry, check_entry
-
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"sequential_stats takes a captured GraphModule, got {type(gm).__name__}")
-    all_inputs = [_inputs(b, i) for i, b in enumerate(iterate_batches(batches))]
-    if not all_inputs:
-        raise ValueError("calibration_data is empty: pass an iterable of input batches (tensors or tuples)")
-    records = records if records is not None else find_layers(gm)
-    by_name = {r.name: r for r in records}
-    planned = {find_record(by_name, name, gm).name: {"method": "svd", **entry} for name, entry in plan.items()
-               if entry.get("method", "svd") != "dense"}
-    records = [r for r in records if not r.unsupported]
-    for r in records:  # the whole plan is checked before the pass
-        if r.name in planned:
-            check_entry(r, planned[r.name])
-    by_node = {node: r for r in records for node in r.nodes}
-    stats = {r.name: _empty(r) for r in records}
-    cache = FactorCache(stats, refit=refit)
-    built: dict[str, Any] = {}
-    find_mask = mask_fn(gm, mask)
-    masks = [find_mask(inputs) if find_mask else None for inputs in all_inputs]
-
-    def runner(inputs: tuple) -> torch.fx.Interpreter:
-        interp = torch.fx.Interpreter(gm)
-        interp.env = {}
-        interp.args_iter = iter(gm.graph.process_inputs(*inputs))
-        return interp
-
-    teachers = [runner(inputs) for inputs in all_inputs]
-    students = [runner(inputs) for inputs in all_inputs]
-    with torch.no_grad():
-        for node in gm.graph.nodes:
-            record = by_node.get(node)
-            if node.op == "output":
-                break
-            if record is not None and record.name in planned:
-                layer = stats[record.name]
-                if record.name not in built:
-                    for t, s, m in zip(teachers, students, masks):
-                        rows = _layer_rows(record, s.env[input_of(node)], m)
-                        _check_width(record, rows, layer)
-                        layer.add(rows, _layer_rows(record, t.env[input_of(node)], m))
-                    built[record.name] = build_entry(gm, record, planned[record.name], cache)
-                module = built[record.name]
-                for t, s in zip(teachers, students):
-                    t.env[node] = t.run_node(node)
-                    s.env[node] = module(s.env[input_of(node)]) if module is not None else s.run_node(node)
-            else:
-                for t, s, m in zip(teachers, students, masks):
-                    if record is not None:  # a layer left dense: plain statistics of the original
-                        stats[record.name].add(_layer_rows(record, t.env[input_of(node)], m))
-                    t.env[node] = t.run_node(node)
-                    s.env[node] = s.run_node(node)
-            for interp in (*teachers, *students):
-                for dead in interp.user_to_last_uses.get(node, []):
-                    interp.env.pop(dead, None)
-    return {name: s for name, s in stats.items() if s.count}

@@ -10,11 +10,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.tree import Tree
 
+import fxsketch
 from fxsketch import study_format as keys
+from fxsketch.capture import other_modules
+from fxsketch.demo import make_demo_task
+from fxsketch.plan import layer_cost
+from fxsketch.select import match_layers
 
 app = typer.Typer(help="fxsketch: faster, smaller PyTorch models by rewriting their FX graphs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -78,8 +85,6 @@ def _load_target(target: str) -> tuple[Any, Any]:
         made = load_object(target)()
     if isinstance(made, tuple) and len(made) == 2:
         return made
-    import torch
-
     if isinstance(made, torch.nn.Module):
         return made, None
     console.print(f"[red]{target} must return (model, example_inputs), got {type(made).__name__}[/red]")
@@ -120,11 +125,6 @@ def inspect(
     spec: Optional[Path] = typer.Option(None, help="A spec file (.json/.yaml); marks the layers it selects."),
 ) -> None:
     """Print the module tree with each matchable layer's name, type, shape and cost."""
-    import fxsketch
-    from fxsketch.capture import other_modules
-    from fxsketch.measure import layer_cost
-    from fxsketch.select import match_layers
-
     model, example_inputs = _load_target(target)
     with _user_code("capturing the model"):
         gm = fxsketch.capture(model, example_inputs)
@@ -191,10 +191,6 @@ def optimize(
                                                "(e.g. 0.5) or an absolute count."),
 ) -> None:
     """Search for the fastest plan that keeps accuracy above the threshold."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    import fxsketch
-
     model, example_inputs = _load_target(target)
     if example_inputs is None:
         console.print(f"[red]{target} must return (model, example_inputs) for optimize[/red]")
@@ -209,10 +205,12 @@ def optimize(
         with _user_code("optimize"), _interrupt_before_any_trial(storage):
             result = fxsketch.optimize(
                 model, spec, example_inputs=example_inputs, accuracy_fn=accuracy_fn, accuracy_threshold=threshold,
-                objective=objective, n_trials=trials, storage=storage, study_name=study_name,
-                load_if_exists=storage is not None, seed=seed, n_workers=workers,
-                calibration_data=calibration_data, **budgets,
-                callbacks=[_progress_callback(progress, task)] if workers == 1 else [])
+                n_trials=trials, calibration_data=calibration_data,
+                search=fxsketch.SearchOptions(
+                    objective=objective, seed=seed, **budgets,
+                    callbacks=(_progress_callback(progress, task),) if workers == 1 else ()),
+                study=fxsketch.StudyOptions(storage=storage, study_name=study_name,
+                                            load_if_exists=storage is not None, n_workers=workers))
     typer.echo(result.summary())
     _write_outputs(result, example_inputs, out, plan_out, report)
     if result.interrupted:
@@ -235,8 +233,6 @@ def _interrupt_before_any_trial(storage: Optional[str], resumable: bool = True):
 
 
 def _write_outputs(result, example_inputs, out, plan_out, report) -> None:
-    import fxsketch
-
     if plan_out is not None:
         result.save_plan(plan_out)
         console.print(f"plan written to {plan_out}")
@@ -256,8 +252,6 @@ def apply(
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP + " Needed by whitened_svd entries."),
 ) -> None:
     """Apply a plan without searching and save the rewritten model."""
-    import fxsketch
-
     model, example_inputs = _load_target(target)
     if example_inputs is None:
         console.print(f"[red]{target} must return (model, example_inputs) for apply[/red]")
@@ -281,9 +275,6 @@ def demo(
                                    "factorizations, refits and an allocation warm start."),
 ) -> None:
     """Train a small MLP on the bundled digits data, optimize it, and save the result."""
-    import fxsketch
-    from fxsketch.demo import make_demo_task
-
     console.print("[bold]fxsketch demo[/bold]: MLP 64→1024→1024→10 on scikit-learn digits")
     task = make_demo_task(seed=seed)
     dense = task.accuracy(task.model)
@@ -294,8 +285,8 @@ def demo(
     spec = fxsketch.LayerConfig(layer_names={"type": "Linear"}, params=params)
     with _user_code("the demo"), _interrupt_before_any_trial(None, resumable=False):
         result = fxsketch.optimize(task.model, spec, example_inputs=task.example_inputs, accuracy_fn=task.accuracy,
-                                   accuracy_threshold=threshold, objective=objective, n_trials=trials, seed=seed,
-                                   verbose=True, default_method=method,
+                                   accuracy_threshold=threshold, n_trials=trials, verbose=True,
+                                   search=fxsketch.SearchOptions(objective=objective, seed=seed, default_method=method),
                                    calibration_data=task.calibration if calibrate else None)
     typer.echo("")
     typer.echo(result.summary())

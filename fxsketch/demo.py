@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DemoTask", "make_demo_task", "run_demo"]
+__all__ = ["DemoTask", "make_demo_task"]
 
 
 @dataclass

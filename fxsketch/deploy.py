@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from fxsketch.capture import as_inputs, describe_inputs
+from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
+from fxsketch.version import __version__
 
 __all__ = ["save", "load", "package", "read_metadata", "ArtifactError"]
 
@@ -47,8 +49,6 @@ def save(
     Returns:
         The exported program that was written.
     """
-    from fxsketch import __version__
-
     _check_save_arguments(module, path)
     inputs = as_inputs(example_inputs)
     program = _export(module, inputs, dynamic_batch, dynamic_other_dims)
@@ -122,8 +122,6 @@ def package(
     The fxsketch ops are decomposed into their ATen bodies first, so the package is self-contained;
     the plan and version travel in the package metadata (`loader.get_metadata()`).
     """
-    from fxsketch import __version__
-    from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
 
     _check_save_arguments(module, path)
     program = _export(module, as_inputs(example_inputs), dynamic_batch, dynamic_other_dims)

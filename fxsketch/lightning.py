@@ -36,7 +36,9 @@ import optuna
 import torch
 from torch import nn
 
+from fxsketch.spec import read_config_file
 from fxsketch.study_format import running_trial
+from fxsketch.tuner import OptunaSearch
 
 __all__ = ["LightningAccuracy", "LightningMetricError", "merge_config"]
 
@@ -94,8 +96,6 @@ def _as_trial(obj: Any) -> optuna.trial.Trial | None:
     """An Optuna trial, or the pending trial of an `fxsketch.tuner.OptunaSearch` (None between trials)."""
     if obj is None or isinstance(obj, optuna.trial.Trial):
         return obj
-    from fxsketch.tuner import OptunaSearch
-
     if isinstance(obj, OptunaSearch):
         return obj._trial
     raise TypeError(f"trial must be an optuna.trial.Trial or an fxsketch.tuner.OptunaSearch, got {type(obj).__name__}")
@@ -484,8 +484,6 @@ def _checkpoint_info(pl, acc: LightningAccuracy, trial):
 
 def _read_base_config(config: Any) -> dict[str, Any]:
     if isinstance(config, (str, os.PathLike)):
-        from fxsketch.spec import read_config_file
-
         config = read_config_file(Path(config), what="base config")
     if config is None:
         config = {}

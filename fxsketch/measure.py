@@ -17,13 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsketch.capture import input_of
-from fxsketch.kernels import lowrank_conv2d, lowrank_linear
-from fxsketch.nn import LowRankConv2d, LowRankLinear
+from fxsketch.nn import direct_call
+from fxsketch.plan import Entry, is_dense, speed_bound
 from fxsketch.records import LayerRecord, fetch
-from fxsketch.replacements import dense_cost, get_kind
 
-__all__ = ["Rounds", "Speedup", "compare_latency", "measure_latency", "measure_speedup", "time_rounds", "speed_bound",
-           "plan_cost", "layer_cost", "LayerTimer"]
+__all__ = ["Rounds", "Speedup", "compare_latency", "measure_latency", "measure_speedup", "time_rounds", "LayerTimer"]
 
 TOLERANCE = 0.05  # a figure is stable once its interquartile range lies within ±5% of its median
 BUSY = 0.05  # a round is disturbed when the process's threads waited for a CPU this share of its time
@@ -245,45 +243,6 @@ def compare_latency(modules: list[nn.Module], inputs: tuple, *, cap_s: float = 2
     return [rounds.median(i) for i in range(len(modules))]
 
 
-def layer_cost(record: LayerRecord, entry: Mapping[str, Any] | None):
-    """The cost of `record` under a plan entry (dense when the entry is None or not applicable)."""
-    if entry is None or record.unsupported:
-        return dense_cost(record)
-    kind = get_kind(entry["method"])
-    params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
-    return kind.cost(record, params)
-
-
-def plan_cost(records: list[LayerRecord], plan: Mapping[str, Mapping[str, Any]]) -> tuple[int, int]:
-    """(parameters, FLOPs per forward on the example inputs) over every matchable layer."""
-    params = flops = 0
-    for record in records:
-        cost = layer_cost(record, plan.get(record.name))
-        params += cost.params
-        flops += cost.flops_per_token * record.tokens
-    return params, flops
-
-
-def speed_bound(records: Sequence[LayerRecord], plan: Mapping[str, Mapping[str, Any]]) -> float:
-    """The most `plan` can speed up the layers it replaces: the larger of their FLOP ratio and their
-    byte ratio (weights plus the activations each layer reads and writes, low-rank layers also
-    their rank-wide intermediate). A whole-model speedup above it beats physics, not the model."""
-    dense_flops = flops = dense_bytes = moved = 0
-    for record in records:
-        entry = plan.get(record.name)
-        if entry is None or record.unsupported or entry.get("method", "dense") == "dense":
-            continue
-        before, after = layer_cost(record, None), layer_cost(record, entry)
-        dense_flops += before.flops_per_token * record.tokens
-        flops += after.flops_per_token * record.tokens
-        io = record.tokens * (record.in_features + record.out_features)
-        dense_bytes += before.params + io
-        moved += after.params + io + 2 * record.tokens * (after.rank or 0)
-    if not flops or not moved:
-        return 1.0
-    return max(dense_flops / flops, dense_bytes / moved, 1.0)
-
-
 class LayerTimer:
     """Speedups of plans estimated from per-layer timings, for the search's trials.
 
@@ -315,7 +274,7 @@ class LayerTimer:
         alone, e.g. its input shape is unknown; time the whole model instead)."""
         saved = 0.0
         for name, entry in plan.items():
-            if entry.get("method", "dense") == "dense":
+            if is_dense(entry):
                 continue
             one = self.saving(name, entry)
             if one is None:
@@ -329,10 +288,10 @@ class LayerTimer:
         """Seconds per forward that `entry` saves on layer `name` (negative: it is slower than the
         dense layer; None: it cannot be timed alone)."""
         record = self.records.get(name)
-        if record is None or record.unsupported or entry.get("method", "dense") == "dense":
+        if record is None or record.unsupported or is_dense(entry):
             return 0.0
-        kind = get_kind(entry["method"])
-        params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
+        resolved = Entry.of(entry, name)
+        kind, params = resolved.kind, resolved.params
         shapes = [_input_meta(n) for n in record.nodes]
         if not shapes or any(m is None for m in shapes):
             return None
@@ -353,7 +312,7 @@ class LayerTimer:
             return None
         if module is None:
             return 0.0
-        replacement = _replacement_call(module.to(weight.device).eval())
+        replacement = direct_call(module.to(weight.device).eval())
         saved = 0.0
         for shape, dtype in shapes:
             x = torch.randn(shape, dtype=dtype, device=weight.device)
@@ -381,13 +340,3 @@ def _dense_call(record: LayerRecord, matrix: torch.Tensor, bias: torch.Tensor | 
         return lambda x: F.linear(x, matrix, bias)
     g = record.conv
     return lambda x: F.conv2d(x, matrix, bias, g["stride"], g["padding"], g["dilation"], g.get("groups", 1))
-
-
-def _replacement_call(module: nn.Module) -> Callable:
-    """How the rewritten graph calls `module` (plain low-rank layers as a direct op call)."""
-    if type(module) is LowRankLinear:
-        return lambda x: lowrank_linear(x, module.B, module.A, module.bias)
-    if type(module) is LowRankConv2d:
-        return lambda x: lowrank_conv2d(x, module.B, module.A, module.bias, module.stride, module.padding,
-                                        module.dilation)
-    return module

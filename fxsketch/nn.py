@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from fxsketch.kernels import lowrank_conv2d, lowrank_linear
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "SKLinear", "SKConv2d"]
+__all__ = ["LowRankLinear", "LowRankConv2d", "SKLinear", "SKConv2d", "OP_TENSORS", "op_call", "direct_call"]
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -248,3 +250,28 @@ class SKConv2d(_Sketched):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"num_terms={self.num_terms}, low_rank={self.low_rank}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}")
+
+
+OP_TENSORS = ("B", "A", "bias")  # the tensors a plain low-rank layer passes its op, in order
+
+
+def op_call(module: nn.Module) -> tuple[Callable, Any, tuple] | None:
+    """(op, its dispatcher overload, static arguments) when `module` is exactly one fxsketch op on
+    its `OP_TENSORS` (the plain low-rank layers); None for layers with their own forward logic."""
+    if type(module) is LowRankLinear:
+        return lowrank_linear, torch.ops.fxsketch.lowrank_linear.default, ()
+    if type(module) is LowRankConv2d:
+        geometry = (list(module.stride), list(module.padding), list(module.dilation))
+        return lowrank_conv2d, torch.ops.fxsketch.lowrank_conv2d.default, geometry
+    return None
+
+
+def direct_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` as the rewritten graph calls it: a plain low-rank layer as its op, skipping the
+    module call (what a timer of the rewritten graph's layers must time)."""
+    call = op_call(module)
+    if call is None:
+        return module
+    op, _, static = call
+    tensors = [getattr(module, name) for name in OP_TENSORS]
+    return lambda x: op(x, *tensors, *static)

@@ -12,6 +12,7 @@ from torch import nn
 
 from fxsketch.capture import as_inputs
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
+from fxsketch.rewrite import rewrite
 
 __all__ = ["distill", "factor_parameters", "masked_mse", "relative_mse", "rewrite_sequential", "with_taps"]
 
@@ -129,7 +130,7 @@ def rewrite_sequential(
     """`fxsketch.rewrite` with error-compensating calibration: a closed-form recovery, no training.
 
     Every planned layer, in graph order, is fitted to the *original* layer's outputs from the
-    inputs it receives once the layers before it are replaced (`fxsketch.calibrate.sequential_stats`):
+    inputs it receives once the layers before it are replaced (`fxsketch.sequential.sequential_stats`):
     min E‖W x − Ŵ x̃‖² over the kind's factors, with the bias set to match the mean output. Each
     replacement thus undoes part of the error made upstream of it. Costs about two forward passes
     of the calibration data, held in memory at once.
@@ -141,8 +142,6 @@ def rewrite_sequential(
         example_inputs: inputs for capture and the output-shape check (default: the first batch).
         mask: which token rows count ("auto": the `attention_mask` input, if any; see `calibrate`).
     """
-    from fxsketch.rewrite import rewrite
-
     batches = list(calibration_data)
     if not batches:
         raise ValueError("calibration_data is empty: pass an iterable of input batches")

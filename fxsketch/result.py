@@ -13,9 +13,11 @@ import pandas as pd
 import torch.fx
 
 from fxsketch import study_format as keys
-from fxsketch.measure import Speedup, layer_cost
+from fxsketch.measure import Speedup
+from fxsketch.plan import layer_cost
 from fxsketch.records import LayerRecord
 from fxsketch.report import write_report
+from fxsketch.version import __version__
 
 __all__ = ["Result", "trials_frame"]
 
@@ -162,8 +164,6 @@ class Result:
 
     def save_plan(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON (`{"plan": {...}}` beside metadata); `fxsketch.load_plan` reads it."""
-        from fxsketch import __version__
-
         data = {
             "fxsketch_version": __version__,
             "plan": self.plan,

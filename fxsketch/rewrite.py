@@ -3,74 +3,27 @@
 from __future__ import annotations
 
 import copy
-import difflib
-import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
+from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, input_of
-from fxsketch.kernels import lowrank_conv2d, lowrank_linear
-from fxsketch.nn import LowRankConv2d, LowRankLinear
+from fxsketch.nn import OP_TENSORS, op_call
+from fxsketch.plan import Plan, build_entry, find_record, normalize_plan
 from fxsketch.records import LayerRecord, fetch
-from fxsketch.replacements import FactorCache, get_kind
+from fxsketch.replacements import FactorCache
+from fxsketch.sequential import sequential_stats
 
-__all__ = ["rewrite", "apply_plan", "normalize_plan", "load_plan"]
+__all__ = ["rewrite", "apply_plan", "emit", "private_path", "check_same_output_shapes"]
 
 log = logging.getLogger(__name__)
-
-Plan = dict[str, dict[str, Any]]
-
-
-def load_plan(path: str | os.PathLike) -> Plan:
-    """Read a plan JSON file: the plan dict itself, or `{"plan": {...}, <metadata>}`."""
-    if not isinstance(path, (str, os.PathLike)):  # an int would be opened as a file descriptor
-        raise TypeError(f"load_plan takes the path of a plan JSON file (str or os.PathLike), got {type(path).__name__}")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"plan file {os.fspath(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise IsADirectoryError(f"plan file {os.fspath(path)!r} is a directory, not a plan JSON file") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        hint = (" (it is a zip archive: a .pt2 artifact keeps its plan in fxsketch.deploy.read_metadata(path)['plan'])"
-                if raw[:2] == b"PK" else "")
-        raise ValueError(f"plan file {os.fspath(path)!r} is not valid JSON ({exc}){hint}; "
-                         "write it again with Result.save_plan or fix it by hand") from None
-    return normalize_plan(data)
-
-
-def normalize_plan(plan: Mapping[str, Any] | str | os.PathLike) -> Plan:
-    """Check a plan's shape and return a plain dict copy of it."""
-    if isinstance(plan, (str, os.PathLike)):
-        return load_plan(plan)
-    if not isinstance(plan, Mapping):
-        raise TypeError(f"a plan is a dict {{qualified_name: {{'method': ..., **params}}}} or a path, got {type(plan).__name__}")
-    if "plan" in plan and isinstance(plan["plan"], Mapping):
-        plan = plan["plan"]
-    if isinstance(plan.get("layers"), list):
-        raise ValueError("this is a tuning spec ({'layers': [...]}), not a plan: pass it to optimize/load_spec; "
-                         "a plan is {qualified_name: {'method': ..., **params}}")
-    out: Plan = {}
-    for name, entry in plan.items():
-        if not isinstance(entry, Mapping) or "method" not in entry:
-            raise ValueError(f"plan entry {name!r} must be a dict with a 'method' key, got {entry!r}")
-        kind = get_kind(entry["method"])  # an unknown method is reported here, before any capture
-        unknown = sorted(map(str, set(entry) - {"method"} - set(kind.param_names)))
-        if unknown:
-            raise ValueError(f"plan entry {name!r}: {unknown} are not parameters of method {kind.name!r} "
-                             f"(it takes {list(kind.param_names) or 'none'})")
-        out[str(name)] = dict(entry)
-    return out
 
 
 def rewrite(
@@ -95,7 +48,7 @@ def rewrite(
         refit: with calibration data, refit trainable factors to the layers' outputs.
         sequential: with calibration data, fit each layer, in graph order, to the original
             layer's outputs from the inputs it receives once the layers before it are replaced
-            (`fxsketch.calibrate.sequential_stats`: error-compensating, about two forward passes
+            (`fxsketch.sequential.sequential_stats`: error-compensating, about two forward passes
             of the calibration data, held in memory at once).
         mask: which token rows of the calibration data count ("auto": the `attention_mask`
             input, if any; see `fxsketch.calibrate`).
@@ -114,8 +67,6 @@ def rewrite(
         raise ValueError("sequential=True fits the factors to the original weights: it cannot go with "
                          "copy_weights=False (fresh random factors)")
     if calibration_data is not None:
-        from fxsketch.calibrate import calibrate, sequential_stats
-
         stats = (sequential_stats(gm, list(calibration_data), plan, list(records.values()), mask=mask, refit=refit)
                  if sequential else calibrate(gm, calibration_data, list(records.values()), mask=mask))
     new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit), copy_weights=copy_weights)
@@ -166,40 +117,6 @@ def apply_plan(
     return new
 
 
-def check_entry(record: LayerRecord, entry: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
-    """(kind, parameters) of plan `entry` for `record`, or None when the kind cannot replace this
-    layer (it stays dense, with a warning). Raises ValueError for parameters the kind does not take
-    or values it refuses."""
-    kind = get_kind(entry["method"])
-    params = {**kind.defaults, **{k: v for k, v in entry.items() if k != "method"}}
-    unknown = set(params) - set(kind.param_names)
-    if unknown:
-        raise ValueError(f"plan entry {record.name!r}: {sorted(unknown)} are not parameters of method "
-                         f"{kind.name!r} (it takes {list(kind.param_names) or 'none'})")
-    reason = kind.unsupported(record)
-    if reason:
-        log.warning("keeping %s dense: %s", record.name, reason)
-        return None
-    problem = kind.invalid(record, params)
-    if problem:
-        raise ValueError(f"plan entry {record.name!r}: {problem}")
-    return kind, params
-
-
-def build_entry(gm: nn.Module, record: LayerRecord, entry: Mapping[str, Any], cache: FactorCache,
-                copy_weights: bool = True) -> nn.Module | None:
-    """The replacement module of plan `entry` for `record`, from `gm`'s weights (None: the layer
-    stays as it is; see `check_entry`)."""
-    checked = check_entry(record, entry)
-    if checked is None:
-        return None
-    kind, params = checked
-    weight = fetch(gm, record.weight_target)
-    weight = weight.T if record.transposed else weight
-    bias = fetch(gm, record.bias_target) if record.bias_target else None
-    return kind.build(record, weight, bias, params, cache, copy_weights=copy_weights)
-
-
 def _copy_graph_module(gm: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.fx.GraphModule:
     """`copy.deepcopy(gm, memo)` whose code is not generated yet: the caller edits the graph and
     recompiles once (generating a large exported graph's code twice is a third of a trial's build).
@@ -229,27 +146,6 @@ def _copy_graph_module(gm: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.
     return new
 
 
-def find_record(records: Mapping[str, LayerRecord], name: str, gm: nn.Module | None = None) -> LayerRecord:
-    if name in records:
-        return records[name]
-    close = difflib.get_close_matches(name, list(records), n=5)
-    if close:
-        hint = f"closest: {', '.join(close)}"
-    elif records:
-        hint = f"available: {', '.join(list(records)[:10])}"
-    else:
-        hint = "the model has no Linear/Conv2d layer fxsketch can rewrite"
-    try:
-        module = gm.get_submodule(name) if gm is not None else None
-    except AttributeError:
-        module = None
-    if module is not None:  # e.g. a quantized Linear: a module of that name exists but is not matchable
-        cls = type(module)
-        hint = (f"it is a {cls.__module__}.{cls.__qualname__}; fxsketch rewrites float torch.nn.Linear/Conv2d "
-                f"layers and functional linear/conv2d calls; {hint}")
-    raise ValueError(f"plan names layer {name!r}, which is not a Linear/Conv2d layer of this model ({hint})")
-
-
 def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node], module: nn.Module) -> None:
     """Put `module` into `gm` and route the record's nodes through it."""
     if all(n.op == "call_module" for n in nodes):
@@ -259,7 +155,7 @@ def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx
     _set_submodule(gm, path, module)
     for node in nodes:
         with gm.graph.inserting_before(node):
-            call = _emit_call(gm.graph, path, module, input_of(node))
+            call = emit(gm.graph, input_of(node), module, lambda t: gm.graph.get_attr(f"{path}.{t}"), path)
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
@@ -269,22 +165,24 @@ def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx
                 gm.graph.erase_node(a)
 
 
-def _emit_call(graph: torch.fx.Graph, path: str, module: nn.Module, x: torch.fx.Node) -> torch.fx.Node:
-    """The node computing `module(x)`.
+def emit(graph: torch.fx.Graph, x: torch.fx.Node, module: nn.Module, attr: Callable[[str], torch.fx.Node],
+         path: str | None = None, dispatcher: bool = False) -> torch.fx.Node:
+    """The node computing `module(x)`: the rewrite's, the compile backend's and the timers' one way
+    of calling a replacement.
 
-    Plain low-rank layers become a direct call of the fxsketch op on the module's parameters (the
-    module stays at `path` as their owner), which saves a module call per layer; layers with their
-    own forward logic (the sketch kinds) stay `call_module`.
+    A plain low-rank layer becomes one call of its fxsketch op on its tensors, read through
+    `attr(tensor name)` (its module stays at `path` as their owner, which saves a module call per
+    layer); with `dispatcher` the call names the op's overload itself (graphs handed to a compiler).
+    Layers with their own forward logic (the sketch kinds) stay `call_module(path)`.
     """
-    if type(module) is LowRankLinear:
-        params = [graph.get_attr(f"{path}.{p}") for p in ("B", "A")]
-        bias = graph.get_attr(f"{path}.bias") if module.bias is not None else None
-        return graph.call_function(lowrank_linear, (x, *params, bias))
-    if type(module) is LowRankConv2d:
-        params = [graph.get_attr(f"{path}.{p}") for p in ("B", "A")]
-        bias = graph.get_attr(f"{path}.bias") if module.bias is not None else None
-        return graph.call_function(lowrank_conv2d, (x, *params, bias, module.stride, module.padding, module.dilation))
-    return graph.call_module(path, (x,))
+    call = op_call(module)
+    if call is None:
+        if path is None:
+            raise ValueError(f"{type(module).__name__} is not a single fxsketch op: it needs a module path")
+        return graph.call_module(path, (x,))
+    op, overload, static = call
+    tensors = [attr(name) if getattr(module, name) is not None else None for name in OP_TENSORS]
+    return graph.call_function(overload if dispatcher else op, (x, *tensors, *static))
 
 
 def _owner_is_replaceable(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node]) -> bool:

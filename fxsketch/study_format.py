@@ -12,10 +12,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["UNIT", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "SCORE", "NOTE", "WARM",
+__all__ = ["UNIT", "WHOLE_MODEL", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "SCORE", "NOTE", "WARM",
            "running_trial", "trial_running"]
 
-UNIT = "fxsketch.unit"  # the tuning unit's key (a layer, a group, or the whole-model key)
+UNIT = "fxsketch.unit"  # the tuning unit's key (a layer, a group, or WHOLE_MODEL)
+WHOLE_MODEL = "*"  # the UNIT of a whole-model (joint or warm-start) trial
 ENTRY = "fxsketch.entry"  # the unit's values: {"method": ..., **params}
 PLAN = "fxsketch.plan"  # a whole-model trial's plan
 ACCURACY = "fxsketch.accuracy"

@@ -1,24 +1,26 @@
 """Scale-out: several worker processes on one shared Optuna study.
 
-Workers on other machines simply run `fxsketch.optimize(..., storage=URL, study_name=S,
-load_if_exists=True)` against one RDB storage (PostgreSQL). `optimize(..., n_workers=N)` does the
-same on one machine: it spawns N processes on a shared journal file (or the given storage), waits,
-and finishes the search in the calling process.
+Workers on other machines simply run `fxsketch.optimize(..., study=StudyOptions(storage=URL,
+study_name=S, load_if_exists=True))` against one RDB storage (PostgreSQL). With `n_workers=N` the
+search does the same on one machine (`fxsketch.search.parallel`): it spawns N processes on a shared
+journal file (or the given storage), waits, and finishes in the calling process. This module holds
+the parts that know nothing of the search: storages, spawning, and a race-proof `study.optimize`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import os
 import pickle
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
 from fxsketch.study_format import trial_running
 
@@ -45,8 +47,6 @@ def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
                         f"optuna.storages.BaseStorage, got {type(storage).__name__}")
     try:
         if storage.startswith(JOURNAL):
-            from optuna.storages.journal import JournalFileBackend
-
             return optuna.storages.JournalStorage(JournalFileBackend(storage[len(JOURNAL) - 1:]))
         if heartbeat_interval:
             return optuna.storages.RDBStorage(
@@ -113,45 +113,20 @@ def resolve_callable(ref: Any) -> Any:
     """A callable given as 'package.module:name' (or a callable, returned as is)."""
     if not isinstance(ref, str):
         return ref
-    import importlib
-
     module, _, name = ref.partition(":")
     if not module or not name:
         raise ValueError(f"{ref!r} is not 'package.module:function'")
     return getattr(importlib.import_module(module), name)
 
 
-def run_workers(n_workers: int, n_trials: int, storage: Any, study_name: str | None, kwargs: dict[str, Any],
-                seed: int | None) -> tuple[Any, str]:
-    """Run `n_trials` over `n_workers` spawned processes on one study; returns (storage, study_name)."""
-    storage = storage if storage is not None else fresh_journal()
-    study_name = study_name or f"fxsketch-{uuid.uuid4().hex[:8]}"
-    shares = [n_trials // n_workers + (1 if i < n_trials % n_workers else 0) for i in range(n_workers)]
+def run_workers(target: Callable[..., None], jobs: list[tuple]) -> None:
+    """Run `target(*job)` for every job in its own spawned process and wait for all of them; a
+    process that fails is reported, and the trials it finished are kept in the study."""
     context = multiprocessing.get_context("spawn")
-    processes = []
-    for i, share in enumerate(shares):
-        if not share:
-            continue
-        job = dict(kwargs, n_trials=share, storage=storage, study_name=study_name, load_if_exists=True,
-                   seed=None if seed is None else seed + i, n_workers=1, worker=i,
-                   threads=max(1, (os.cpu_count() or 1) // n_workers))
-        processes.append(context.Process(target=_worker_main, args=(job,), name=f"fxsketch-worker-{i}"))
+    processes = [context.Process(target=target, args=job, name=f"fxsketch-worker-{i}") for i, job in enumerate(jobs)]
     for p in processes:
         p.start()
     for p in processes:
         p.join()
         if p.exitcode:
             log.warning("%s exited with code %s; its finished trials are kept", p.name, p.exitcode)
-    return storage, study_name
-
-
-def _worker_main(job: dict[str, Any]) -> None:
-    import torch
-
-    from fxsketch.search import optimize
-
-    torch.set_num_threads(job.pop("threads"))
-    index = job.pop("worker")
-    job["accuracy_fn"] = resolve_callable(job["accuracy_fn"])
-    job["speed_fn"] = resolve_callable(job.get("speed_fn"))
-    optimize(**job, _worker=index)

@@ -12,7 +12,8 @@ from torch import nn
 
 import fxsketch
 from fxsketch.allocate import unit_weights
-from fxsketch.calibrate import calibrate, sequential_stats
+from fxsketch.calibrate import calibrate
+from fxsketch.sequential import sequential_stats
 from fxsketch.recover import masked_mse, rewrite_sequential, with_taps
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan

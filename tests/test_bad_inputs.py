@@ -618,7 +618,7 @@ CASES: list[Case] = [
     Case("optimize-max-flops-str", "optimize", lambda f: optimize(max_flops="half"), TypeError,
          r"must be a positive fraction.*got 'half'"),
     Case("optimize-recover-steps-negative", "optimize", lambda f: optimize(recover_steps=-1, calibration_data=[X]),
-         ValueError, r"steps must be >= 1, got -1"),
+         ValueError, r"recover_steps must be an int >= 0, got -1"),
     Case("optimize-dynamic-quantized", "optimize",
          lambda f: optimize(model=dynamic_quantized(), spec=LayerConfig({"type": "Linear"}, params="auto")),
          ValueError, r"fc1 \(Linear\), fc2 \(Linear\) are not supported"),

@@ -9,7 +9,7 @@ from torch import nn
 
 import fxsketch
 from fxsketch.calibrate import calibrate
-from fxsketch.measure import plan_cost
+from fxsketch.plan import plan_cost
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan
 
@@ -121,14 +121,14 @@ def test_allocation_meets_the_budget_and_beats_uniform_ranks():
     spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params={"low_rank": fxsketch.Int(1, 24)})
     plan = fxsketch.allocate(model, spec, [CALIB], budget=0.3, example_inputs=CALIB[:8])
     selected = [records["0"], records["2"]]
-    dense_flops = plan_cost(selected, {})[1]
-    assert plan_cost(selected, plan)[1] <= 0.3 * dense_flops
+    dense_flops = plan_cost(selected, {}).flops
+    assert plan_cost(selected, plan).flops <= 0.3 * dense_flops
     stats = calibrate(gm, [CALIB])
     allocated = _rel_error(apply_plan(gm, records, plan, FactorCache(stats)), model)
     # a uniform whitened plan of no fewer FLOPs
     for rank in range(1, 25):
         uniform = {n: {"method": "whitened_svd", "low_rank": rank} for n in ("0", "2")}
-        if plan_cost(selected, uniform)[1] > plan_cost(selected, plan)[1]:
+        if plan_cost(selected, uniform).flops > plan_cost(selected, plan).flops:
             break
         best_uniform = uniform
     assert allocated <= _rel_error(apply_plan(gm, records, best_uniform, FactorCache(stats)), model) + 1e-9
@@ -195,9 +195,9 @@ def test_budgets_prune_unevaluated_trials_with_the_reason():
     assert len(evaluated) == 1 + (result.trials["state"] == "COMPLETE").sum() - result.trials["note"].str.contains(
         "reused").sum() + len(result.validation)
     records = {r.name: r for r in fxsketch.find_layers(fxsketch.capture(model, CALIB[:8]))}
-    dense_params = plan_cost([records["0"], records["2"]], {})[0]
+    dense_params = plan_cost([records["0"], records["2"]], {}).params
     assert result.plan
-    assert plan_cost([records["0"], records["2"]], result.plan)[0] <= 0.25 * dense_params
+    assert plan_cost([records["0"], records["2"]], result.plan).params <= 0.25 * dense_params
 
 
 def test_distill_lowers_the_loss_and_only_trains_the_factors():

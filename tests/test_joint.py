@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import fxsketch
-from fxsketch.measure import plan_cost
+from fxsketch.plan import plan_cost
 from test_calibrate import CALIB, _agreement, _model
 
 SPEC = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
@@ -30,7 +30,7 @@ def test_joint_trials_are_whole_plans_under_a_whole_model_budget():
     assert set(result.trials["layer"]) == {"*"}
     assert {"0.low_rank", "2.low_rank"} <= set(result.trials.columns)
     selected = _selected(model)
-    assert plan_cost(selected, result.plan)[1] <= 0.5 * plan_cost(selected, {})[1]
+    assert plan_cost(selected, result.plan).flops <= 0.5 * plan_cost(selected, {}).flops
     done = result.trials[result.trials["state"] == "COMPLETE"]
     best = done[done["accuracy"] >= 0.7]["score"].max()
     assert result.flops_ratio == pytest.approx(best, rel=0.2)  # the ratio over all layers, the last one dense

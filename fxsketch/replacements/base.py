@@ -168,7 +168,7 @@ class FactorCache:
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W*, C): the weight to approximate and the input second moment that weighs its error.
 
-        Plain statistics give (W, E[xxᵀ]). Sequential statistics (`fxsketch.calibrate.sequential_stats`,
+        Plain statistics give (W, E[xxᵀ]). Sequential statistics (`fxsketch.sequential.sequential_stats`,
         inputs x̃ that differ from the original model's x) give W* = W P C̃⁻¹ with P = E[x x̃ᵀ] and
         C = C̃ = E[x̃ x̃ᵀ]: for every Ŵ, E‖W x − Ŵ x̃‖² = E‖(W* − Ŵ) x̃‖² + const, so each kind's own
         fit to (W*, C) is its fit to the original layer's outputs. `centered` uses covariances

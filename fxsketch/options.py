@@ -1,0 +1,202 @@
+"""The search's option groups: plain frozen objects `optimize` takes beside its dozen keywords.
+
+    fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=acc, accuracy_threshold=0.9,
+                      search=SearchOptions(objective="flops", max_flops=0.5),
+                      study=StudyOptions(storage="sqlite:///study.db", study_name="bert"))
+
+Each group is validated when it is made, so a wrong value fails at the line that wrote it. The
+same objects are what worker processes receive. Keywords that moved here from `optimize` still
+work there, with a DeprecationWarning naming the group (`LEGACY_KEYWORDS`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["SearchOptions", "CalibrationOptions", "StudyOptions", "LEGACY_KEYWORDS", "OBJECTIVES", "STRATEGIES"]
+
+OBJECTIVES = ("latency", "flops")
+STRATEGIES = ("layerwise", "joint")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How the search runs.
+
+    Args:
+        objective: "latency" (speedup against dense in this process: trials use per-layer timings,
+            the returned plan is timed on the whole model) or "flops" (the exact cost model).
+        strategy: "layerwise" tunes each unit with the others dense, then combines and validates;
+            "joint" makes every trial a whole-model plan.
+        objectives: ("accuracy", "speed") searches both (joint) and returns the Pareto front.
+        sampler, pruner: Optuna objects, passed straight through (default: seeded TPE).
+        seed: seeds the default sampler (workers get seed + their index).
+        callbacks: Optuna callbacks `(study, trial) -> None` called after each trial.
+        default_method: the kind searched when a config names no `method` (default:
+            "whitened_svd" with calibration data, else "svd").
+        max_flops, max_params: budgets for the selected layers, a fraction of their dense cost
+            (float ≤ 1) or absolute (int); a trial over budget is pruned before evaluation.
+        warm_start: with calibration data, start from the rank allocation's plans.
+        allocation_sensitivity: how the warm start's allocations weigh each unit's output error
+            (None, "output", an accuracy function or a mapping; see `fxsketch.allocate`).
+    """
+
+    objective: str = "latency"
+    strategy: str = "layerwise"
+    objectives: tuple[str, ...] | None = None
+    sampler: optuna.samplers.BaseSampler | None = None
+    pruner: optuna.pruners.BasePruner | None = None
+    seed: int | None = None
+    callbacks: tuple[Callable, ...] = ()
+    default_method: str | None = None
+    max_flops: float | int | None = None
+    max_params: float | int | None = None
+    warm_start: bool = True
+    allocation_sensitivity: Any = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.objectives is not None:
+            if isinstance(self.objectives, str) or sorted(self.objectives) != ["accuracy", "speed"]:
+                raise ValueError(f"objectives must be ('accuracy', 'speed'), got {self.objectives!r}")
+            object.__setattr__(self, "objectives", tuple(self.objectives))
+        if self.seed is not None and not _is_count(self.seed):
+            raise TypeError(f"seed must be None or an int, got {self.seed!r}")
+        callbacks = tuple(self.callbacks)
+        bad = [c for c in callbacks if not callable(c)]
+        if bad:
+            raise TypeError(f"callbacks must be callables (study, trial) -> None, got {bad[0]!r}")
+        object.__setattr__(self, "callbacks", callbacks)
+        if self.default_method is not None and not isinstance(self.default_method, str):
+            raise TypeError(f"default_method must be a replacement kind's name, got {self.default_method!r}")
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}")
+
+    @property
+    def multi(self) -> bool:
+        """Both accuracy and speed are objectives (a Pareto front is returned)."""
+        return self.objectives is not None
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What the calibration data is used for beyond statistics.
+
+    Args:
+        refit: refit each replacement's trainable factors to the layer's outputs (least squares).
+        recover_steps, recover_lr: distill each candidate (and the final model) for this many Adam
+            steps on the calibration data against the original model before judging it.
+        recover_loss_fn: the distillation loss `(outputs, targets, inputs) -> scalar tensor`
+            (default relative MSE; `fxsketch.recover.masked_mse()` leaves padding out).
+    """
+
+    refit: bool = True
+    recover_steps: int = 0
+    recover_lr: float = 1e-3
+    recover_loss_fn: Callable[[Any, Any, tuple], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.refit, bool):
+            raise TypeError(f"refit must be True or False, got {self.refit!r}")
+        if not _is_count(self.recover_steps) or self.recover_steps < 0:
+            raise ValueError(f"recover_steps must be an int >= 0, got {self.recover_steps!r}")
+        if (isinstance(self.recover_lr, bool) or not isinstance(self.recover_lr, numbers.Real)
+                or not math.isfinite(self.recover_lr) or self.recover_lr <= 0):
+            raise ValueError(f"recover_lr must be a positive number, got {self.recover_lr!r}")
+        if self.recover_loss_fn is not None and not callable(self.recover_loss_fn):
+            raise TypeError(f"recover_loss_fn must be a callable (outputs, targets, inputs) -> loss, "
+                            f"got {type(self.recover_loss_fn).__name__}")
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """Where the trials are kept and who runs them.
+
+    Args:
+        storage: an Optuna storage URL ('sqlite:///study.db', 'postgresql+psycopg://...',
+            'journal:///path/study.log') or storage object; None keeps the study in memory.
+        study_name: the study's name in the storage.
+        load_if_exists: resume the named study when it exists.
+        n_workers: run the trials in this many processes on one shared storage (a journal file by
+            default); `accuracy_fn` and `speed_fn` must then be picklable or 'package.module:function'.
+        heartbeat_interval: seconds between worker heartbeats on an RDB storage: a trial of a
+            worker that died is failed and retried once by another worker.
+        cache_dir: keep the per-layer decompositions in this directory across runs and workers.
+    """
+
+    storage: str | optuna.storages.BaseStorage | None = None
+    study_name: str | None = None
+    load_if_exists: bool = False
+    n_workers: int = 1
+    heartbeat_interval: int | None = None
+    cache_dir: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_count(self.n_workers) or self.n_workers < 1:
+            raise ValueError(f"n_workers must be a positive integer, got {self.n_workers!r}")
+        if self.study_name is not None and not isinstance(self.study_name, str):
+            raise TypeError(f"study_name must be None or a string, got {self.study_name!r}")
+        if not isinstance(self.load_if_exists, bool):
+            raise TypeError(f"load_if_exists must be True or False, got {self.load_if_exists!r}")
+        if self.heartbeat_interval is not None and (not _is_count(self.heartbeat_interval)
+                                                    or self.heartbeat_interval < 1):
+            raise ValueError(f"heartbeat_interval must be None or a positive number of seconds, "
+                             f"got {self.heartbeat_interval!r}")
+
+
+GROUPS = {"search": SearchOptions, "calibration": CalibrationOptions, "study": StudyOptions}
+LEGACY_KEYWORDS = {f.name: group for group, cls in GROUPS.items() for f in fields(cls)}
+
+
+def merge_legacy(given: Mapping[str, Any], legacy: Mapping[str, Any]) -> dict[str, Any]:
+    """The option groups with `optimize`'s old keywords (`legacy`) folded in.
+
+    `given` maps group names to what the caller passed (an object or None). A keyword also set
+    on its group's object is refused: it is not clear which one the caller meant.
+    Raises TypeError for a keyword `optimize` never took."""
+    unknown = sorted(set(legacy) - set(LEGACY_KEYWORDS))
+    if unknown:
+        raise TypeError(f"optimize() got unexpected keyword argument(s) {unknown}: its keywords are model, spec, "
+                        f"example_inputs, accuracy_fn, accuracy_threshold, speed_fn, n_trials, timeout, "
+                        f"calibration_data, experiment_dir, verbose, and the option groups search=SearchOptions(...), "
+                        f"calibration=CalibrationOptions(...), study=StudyOptions(...)")
+    out = {}
+    for group, cls in GROUPS.items():
+        obj = given.get(group)
+        if obj is not None and not isinstance(obj, cls):
+            raise TypeError(f"{group}= must be a fxsketch.{cls.__name__}, got {type(obj).__name__}")
+        moved = {k: v for k, v in legacy.items() if LEGACY_KEYWORDS[k] == group}
+        if obj is not None and moved:
+            raise TypeError(f"{sorted(moved)} given both as keyword(s) and in {group}=: set them in "
+                            f"{cls.__name__}(...) only")
+        if moved:
+            fix = ", ".join(f"{k}=..." for k in moved)
+            _deprecated(f"optimize({', '.join(moved)}=...) is deprecated: pass {group}={cls.__name__}({fix})")
+            obj = cls(**{k: _frozen(v) for k, v in moved.items()})
+        out[group] = obj if obj is not None else cls()
+    return out
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _deprecated(message: str) -> None:
+    """A DeprecationWarning pointing at the caller of `optimize`."""
+    warnings.warn(message, DeprecationWarning, stacklevel=4)

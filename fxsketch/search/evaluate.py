@@ -1,0 +1,102 @@
+"""One trial protocol for every strategy: check the plan, reuse an earlier result or evaluate it,
+and record what happened in the trial's attributes (`fxsketch.study_format`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import optuna
+
+from fxsketch import study_format as keys
+from fxsketch.metrics import TrialFailed, call_metric
+from fxsketch.plan import plan_cost
+from fxsketch.search.context import TrialContext
+
+__all__ = ["evaluate", "over_budget", "seed_memo", "ran", "print_trial", "plan_key"]
+
+log = logging.getLogger(__name__)
+
+
+def plan_key(values: Any) -> str:
+    """The canonical text of a unit's values or a plan: equal values, equal keys."""
+    return json.dumps(values, sort_keys=True)
+
+
+def over_budget(ctx: TrialContext, plan: dict[str, dict[str, Any]], layers: list[str], what: str = "") -> str:
+    """Why `plan` over `layers` breaks the budget ("" when it keeps it). Layers that are a share of
+    the selection's dense cost get that share of the budget: if every unit keeps it, the plan does."""
+    records = [ctx.records[n] for n in layers]
+    selected = [ctx.records[n] for n in ctx.selected]
+    return ctx.budget.excess(plan_cost(records, plan), plan_cost(records, {}), plan_cost(selected, {}), what)
+
+
+def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, Any]], *, unit: str, values: Any,
+             reason: str = "", copy_weights: bool = True) -> tuple[float, float] | float:
+    """Run `trial` on `plan`, the values `values` of tuning unit `unit` (a layer, a group, or the
+    whole model): pruned when `reason` says so, the result of an earlier trial with the same values
+    reused, else the plan built and measured. Returns (accuracy, speed) for a multi-objective
+    search, else the score."""
+    trial.set_user_attr(keys.UNIT, unit)
+    key = (unit, plan_key(values))
+    ctx.seen.setdefault(unit, set()).add(key[1])  # a pruned draw counts too: the space runs out
+    if reason:
+        trial.set_user_attr(keys.NOTE, f"pruned before evaluation: {reason}")
+        raise optuna.TrialPruned(reason)
+    hit = ctx.recall(key, plan, copy_weights)
+    if hit is not None:
+        accuracy, speed, first = hit
+        what = "plan" if unit == keys.WHOLE_MODEL else "values"
+        trial.set_user_attr(keys.NOTE, f"same {what} as trial {first}: result reused")
+    else:
+        module = ctx.build(plan, copy_weights=copy_weights)
+        try:
+            accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+            speed = ctx.speed(module, plan, accuracy)
+        except TrialFailed as exc:
+            trial.set_user_attr(keys.NOTE, str(exc))
+            log.warning("trial %d (%s) failed: %s", trial.number, unit, exc)
+            raise
+        ctx.memo[key] = (accuracy, speed, trial.number)
+    trial.set_user_attr(keys.ACCURACY, accuracy)
+    trial.set_user_attr(keys.SPEED, speed)
+    trial.set_user_attr(keys.SPEED_SOURCE, ctx.speed_label(speed))
+    if ctx.threshold is not None:
+        trial.set_constraint("accuracy", ctx.threshold - accuracy)  # ≤ 0 is feasible
+    if ctx.multi:
+        return accuracy, speed
+    score = ctx.score(accuracy, speed)
+    trial.set_user_attr(keys.SCORE, score)
+    return score
+
+
+def ran(trial: optuna.trial.FrozenTrial) -> bool:
+    """The trial was evaluated (or failed while evaluating), not pruned or lost."""
+    return trial.state != optuna.trial.TrialState.FAIL or keys.NOTE in trial.user_attrs
+
+
+def seed_memo(ctx: TrialContext, study: optuna.Study) -> None:
+    """A resumed study's finished configurations are remembered, so none is evaluated twice."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = t.user_attrs
+        if keys.ACCURACY not in attrs or keys.UNIT not in attrs:
+            continue
+        entry = attrs.get(keys.PLAN) if attrs[keys.UNIT] == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)
+        values = plan_key(entry)
+        ctx.memo.setdefault((attrs[keys.UNIT], values), (attrs[keys.ACCURACY], attrs[keys.SPEED], t.number))
+        ctx.seen.setdefault(attrs[keys.UNIT], set()).add(values)
+
+
+def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """An Optuna callback printing one line per finished trial (`verbose=True`)."""
+    attrs = trial.user_attrs
+    entry = ", ".join(f"{k}={v}" for k, v in attrs.get(keys.ENTRY, {}).items())
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        score = f" score={attrs[keys.SCORE]:.4f}" if keys.SCORE in attrs else ""
+        source = attrs.get(keys.SPEED_SOURCE)
+        print(f"trial {trial.number:3d} {attrs.get(keys.UNIT)} [{entry}] accuracy={attrs[keys.ACCURACY]:.4f} "
+              f"speed={attrs[keys.SPEED]:.3f}{f' ({source})' if source else ''}{score}")
+    else:
+        print(f"trial {trial.number:3d} {attrs.get(keys.UNIT)} [{entry}] {trial.state.name.lower()}: "
+              f"{attrs.get(keys.NOTE, '')}")

@@ -1,0 +1,95 @@
+"""Running a search in this process: the trial context from a job, the study, the strategy.
+
+`optimize` and each worker process do the same three steps: `prepare` the context (capture,
+units, calibration, warm start), `open_study`, `run_strategy`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import optuna
+from torch import nn
+
+from fxsketch.calibrate import calibrate
+from fxsketch.capture import capture, find_layers, other_modules
+from fxsketch.plan import Budget, plan_cost
+from fxsketch.replacements import FactorCache, get_kind
+from fxsketch.search.context import SearchJob, TrialContext
+from fxsketch.search.evaluate import print_trial, seed_memo
+from fxsketch.search.joint import run_joint
+from fxsketch.search.layerwise import run_layerwise
+from fxsketch.search.warm import unit_sensitivity, warm_start_plans
+from fxsketch.select import match_layers
+from fxsketch.spec import load_spec
+from fxsketch.units import DEFAULT_METHOD, resolve_units
+from fxsketch.workers import open_storage, resolve_callable
+
+__all__ = ["prepare", "open_study", "run_strategy"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> TrialContext:
+    """The trial context of `job` on `model`: captured, its units resolved, calibrated, with the
+    warm start's plans. `worker` is the index of a worker process (None: the calling process,
+    which alone keeps a copy of the user's model to time the result against)."""
+    batches, options = job.batches, job.search
+    default_method = options.default_method or ("whitened_svd" if batches else DEFAULT_METHOD)
+    get_kind(default_method)
+    configs = load_spec(job.spec)
+    gm = capture(model, job.inputs)
+    records = find_layers(gm)
+    others = other_modules(gm, records)
+    units = resolve_units(records, configs, others, default_method)
+    if not units:
+        selected = {n for c in configs for n in match_layers(records, c.layer_names, other_modules=others)}
+        why = [f"{r.name} ({r.module_type}): {r.unsupported or 'no configuration is cheaper than the dense layer'}"
+               for r in records if r.name in selected]
+        raise ValueError("nothing to tune: " + "; ".join(why))
+    stats = calibrate(gm, batches, records) if batches else None
+    cache = FactorCache(stats, refit=job.calibration.refit, cache_dir=job.study.cache_dir)
+    by_name = {r.name: r for r in records}
+    selected = plan_cost([by_name[n] for u in units for n in u.layers], {})
+    ctx = TrialContext(job, gm, by_name, {u.key: u for u in units}, resolve_callable(job.accuracy_fn),
+                       resolve_callable(job.speed_fn), cache, default_method,
+                       Budget(options.max_flops, options.max_params), plan_cost(records, {}).flops,
+                       (selected.flops, selected.params))
+    if worker is None:  # the returned model is timed against the model the user has, not its captured graph
+        ctx.baseline = copy.deepcopy(model)
+    ctx.check_weights()  # records the weights' versions before any evaluation
+    if batches and options.warm_start:
+        ctx.sensitivity = unit_sensitivity(ctx, units, options.allocation_sensitivity, batches)
+        ctx.warm = warm_start_plans(ctx, units)
+        ctx.warm_joint = not worker  # of parallel workers, the first runs the whole-model warm start
+    return ctx
+
+
+def open_study(job: SearchJob, storage: object = None) -> optuna.Study:
+    """The job's study (created, or loaded with `load_if_exists`), in `storage` (an opened storage;
+    default: the job's)."""
+    options = job.search
+    storage = storage if storage is not None else open_storage(job.study.storage, job.study.heartbeat_interval)
+    study_name = job.study.study_name
+    sampler = options.sampler if options.sampler is not None else optuna.samplers.TPESampler(seed=options.seed)
+    directions = ["maximize", "maximize"] if options.multi else ["maximize"]
+    try:
+        return optuna.create_study(storage=storage, study_name=study_name, load_if_exists=job.study.load_if_exists,
+                                   directions=directions, sampler=sampler, pruner=options.pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise ValueError(f"study {study_name!r} already exists in {job.study.storage!r}: pass load_if_exists=True "
+                         "to resume it, or choose another study_name") from None
+
+
+def run_strategy(ctx: TrialContext, study: optuna.Study) -> None:
+    """Run this process's `n_trials` of the job's strategy on `study` (after remembering what a
+    resumed study already evaluated)."""
+    job = ctx.job
+    seed_memo(ctx, study)
+    callbacks = [*([print_trial] if job.verbose else []), *job.search.callbacks]
+    units = list(ctx.units.values())
+    if job.strategy == "joint":
+        run_joint(ctx, study, units, job.n_trials, job.timeout, callbacks)
+    else:
+        run_layerwise(ctx, study, units, job.n_trials, job.timeout, callbacks)

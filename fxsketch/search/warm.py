@@ -1,0 +1,193 @@
+"""The warm start: plans from the rank allocation to try before (or instead of) searching.
+
+With calibration data every tuned layer's error-versus-rank curve is known from its cached
+decomposition, so `fxsketch.allocate` proposes whole-model plans at a FLOP budget for free. The
+layerwise search first runs a few of them as whole-model trials (`warm_joint`); both strategies
+start their Optuna studies from them (`warm_start_plans`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from fxsketch import study_format as keys
+from fxsketch.allocate import ALLOCATABLE, allocate_units, layer_errors, target_error_units, unit_choices, unit_weights
+from fxsketch.metrics import TrialFailed
+from fxsketch.plan import Budget, plan_cost
+from fxsketch.search.context import TrialContext
+from fxsketch.search.evaluate import plan_key
+from fxsketch.search.joint import evaluate_plan, flat_values
+from fxsketch.units import Unit, invalid_reason, unit_methods
+from fxsketch.workers import optimize_study
+
+__all__ = ["unit_sensitivity", "warm_start_plans", "warm_joint", "WARM_TRIALS"]
+
+log = logging.getLogger(__name__)
+
+
+def unit_sensitivity(ctx: TrialContext, units: list[Unit], sensitivity: Any, batches) -> dict[str, float] | None:
+    """`allocation_sensitivity` as per-layer weights: a measured one ("output", an accuracy
+    function) is probed once here, at half the FLOPs, so later allocations cost no evaluation."""
+    if sensitivity is None or isinstance(sensitivity, Mapping):
+        return None if sensitivity is None else dict(sensitivity)
+    usable = _allocatable(units)
+    if not usable:
+        return None
+    weights = ctx.weights(usable)
+    options = [unit_choices(u, ctx.records, ctx.cache, weights) for u in usable]
+    factors = unit_weights(usable, options, ctx.records, ctx.cache, sensitivity, ctx.gm, list(batches), share=0.5)
+    return {name: w / len(u.layers) for u, w in zip(usable, factors) for name in u.layers}
+
+
+def warm_start_plans(ctx: TrialContext, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:
+    """Plans to try first: each layer's cheapest rank under 1% and 5% output error, then the
+    allocations at 25% and 50% of the FLOPs (with a FLOP budget: the allocations under it)."""
+    usable = _allocatable(units)
+    if not usable:
+        return []
+
+    weights = ctx.weights(usable)
+    plans = [target_error_units(usable, ctx.records, ctx.cache, weights, tol) for tol in (0.01, 0.05)]
+    budgets = [Budget(f, ctx.budget.params) for f in (0.25, 0.5)]
+    if ctx.budget.flops is not None:
+        budgets.insert(0, ctx.budget)
+        plans = []  # with a FLOP budget, start from plans that respect it
+    for budget in budgets:
+        try:
+            plans.append(allocate_units(usable, ctx.records, ctx.cache, weights, budget,
+                                        sensitivity=ctx.sensitivity))
+        except ValueError as exc:
+            log.info("no warm start at %s: %s", budget, exc)
+    return plans
+
+
+WARM_TRIALS = 6  # the most whole-model warm-start trials before the per-unit search (a third of n_trials)
+
+
+def _allocatable(units: list[Unit]) -> list[Unit]:
+    return [u for u in units if "low_rank" in u.space and unit_methods(u.space, u.method)[0] in ALLOCATABLE
+            and ("method" not in u.space or u.space["method"].first() in ALLOCATABLE)]
+
+
+def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_trials: int, callbacks) -> None:
+    """The layerwise search's warm start, in whole-model trials.
+
+    1. The allocation (`fxsketch.allocate` on the cached decompositions) at a FLOP budget found by
+       bisection: a feasible plan moves the budget down, an infeasible one up (at most a third of
+       `n_trials`, and `WARM_TRIALS`), so the search holds a feasible, cheap plan at once.
+    2. Descent from the best feasible plan: each trial moves one unit one value cheaper (from
+       dense: to its largest rank that saves FLOPs), the unit whose step adds the least predicted
+       output error per FLOP saved first; a feasible step is kept, a unit whose step fails is not
+       moved again. It stops when no unit can move, or after half the trials left: the per-unit
+       search (which starts from the warm-start ranks of each unit) gets the rest.
+
+    `fxsketch.search.finish` returns the best of these plans unless the per-unit bests, combined and backed off,
+    are faster. Skipped when the study already holds whole-model trials (a resumed study, a call on
+    another machine), and in every `n_workers` process but the first."""
+
+    usable = [u for u in _allocatable(units) if u.space["low_rank"].values()]
+    limit = min(WARM_TRIALS, n_trials // 3)
+    if not usable or limit < 1 or any(t.user_attrs.get(keys.UNIT) == keys.WHOLE_MODEL
+                                      for t in study.get_trials(deepcopy=False)):
+        return
+    weights = ctx.weights(usable)
+    dense_usable = plan_cost([ctx.records[n] for u in usable for n in u.layers], {}).flops
+    max_flops = ctx.budget.limits(*ctx.selected_dense)[0]
+    upper = min(1.0, (max_flops - (ctx.selected_dense[0] - dense_usable)) / max(dense_usable, 1))
+    if upper <= 0:
+        return
+    trial = _joint_runner(ctx, study, units, callbacks)
+    lo, hi, budget, used, best = 0.0, upper, min(0.5, upper), 0, None
+    for _ in range(4 * limit):  # plans repeat at nearby budgets: those cost no trial
+        if used >= limit or hi - lo < 0.01:
+            break
+        try:
+            plan = allocate_units(usable, ctx.records, ctx.cache, weights, Budget(budget, ctx.budget.params),
+                                  sensitivity=ctx.sensitivity)
+        except ValueError:  # below the cheapest plan
+            plan = {}
+        fresh = plan and (keys.WHOLE_MODEL, plan_key(plan)) not in ctx.memo
+        score = trial(plan, f"warm start: the allocation at {budget:.1%} of the tuned layers' FLOPs") if plan else -math.inf
+        used += bool(fresh)
+        if math.isfinite(score) and (best is None or score > best[1]):
+            best = (plan, score)
+        lo, hi = (lo, budget) if math.isfinite(score) else (budget, hi)
+        budget = (lo + hi) / 2
+    if best is None:
+        return
+    plan, rejected, stop = best[0], set(), used + (n_trials - used) // 2
+    while used < stop:
+        step = _cheaper_step(ctx, usable, plan, weights, rejected)
+        if step is None:
+            break
+        unit, entry = step
+        candidate = {**plan, **{n: dict(entry) for n in unit.layers}}
+        score = trial(candidate, f"warm start: descent, {unit.key} to {entry}")
+        used += 1
+        if math.isfinite(score):
+            plan = candidate
+        else:
+            rejected.add(unit.key)
+
+
+def _joint_runner(ctx: TrialContext, study: optuna.Study, units: list[Unit], callbacks):
+    """`run(plan, note) -> score`: one whole-model trial of `plan` (a repeated plan reuses its result)."""
+    def run(plan: dict, note: str) -> float:
+        hit = ctx.recall((keys.WHOLE_MODEL, plan_key(plan)), plan)
+        if hit is not None:
+            return ctx.score(*hit[:2])
+        flat = flat_values(units, plan)
+        out = {"score": -math.inf}
+
+        def objective(trial):
+            ctx.started += 1
+            trial.set_user_attr(keys.WARM, note)
+            out["score"] = evaluate_plan(ctx, trial, plan, flat)
+            return out["score"]
+
+        optimize_study(study, objective, 1, None, (TrialFailed,), list(callbacks))
+        return out["score"]
+
+    return run
+
+
+def _cheaper_step(ctx: TrialContext, usable: list[Unit], plan: dict, weights, rejected: set) -> tuple | None:
+    """The unit (not in `rejected`) and entry of the next cheaper value whose predicted output error
+    grows least per FLOP saved (from the cached decompositions); None when no unit can move."""
+    best = None
+    for unit in usable:
+        if unit.key in rejected:
+            continue
+        method = unit.space["method"].first() if "method" in unit.space else unit.method
+        current = plan.get(unit.layers[0])
+        lower = [r for r in sorted(unit.space["low_rank"].values())
+                 if (current is None or r < current["low_rank"])
+                 and not invalid_reason(ctx.records, unit, {"method": method, "low_rank": r})]
+        if not lower:
+            continue
+        entry = {"method": method, "low_rank": lower[-1]}
+
+        def cost_error(e):
+            records = [ctx.records[n] for n in unit.layers]
+            if e is None:
+                return plan_cost(records, {}).flops, 0.0
+            flops = plan_cost(records, {n: e for n in unit.layers}).flops
+            error = sum(layer_errors(ctx.cache, ctx.records[n], e["method"], weights[n], [e["low_rank"]])[0]
+                        for n in unit.layers)
+            return flops, error
+
+        try:
+            (f0, e0), (f1, e1) = cost_error(current), cost_error(entry)
+        except ValueError:  # e.g. no statistics for a layer: no error curve to rank it by
+            continue
+        if f1 >= f0:
+            continue
+        ratio = max(e1 - e0, 0.0) / (f0 - f1)
+        if best is None or ratio < best[0]:
+            best = (ratio, unit, entry)
+    return None if best is None else best[1:]
