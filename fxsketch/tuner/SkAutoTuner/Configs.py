@@ -14,6 +14,7 @@ add the seed API's rules:
   "extra" parameters, sampled and handed to the evaluation functions.
 """
 
+# ruff: noqa: N999  (the module name is the seed API's import path)
 from __future__ import annotations
 
 import difflib
@@ -29,7 +30,15 @@ from fxsketch.capture import capture, find_layers
 from fxsketch.records import MATCHABLE_TYPES, LayerRecord
 from fxsketch.replacements import KINDS, get_kind
 from fxsketch.select import match_layers
-from fxsketch.spec import Categorical, Float, Int, LayerConfig, ParamSpec, TuningConfigs, load_spec
+from fxsketch.spec import (
+    Categorical,
+    Float,
+    Int,
+    LayerConfig,
+    ParamSpec,
+    TuningConfigs,
+    load_spec,
+)
 from fxsketch.units import Unit, resolve_units, unit_methods
 
 __all__ = ["Categorical", "Float", "Int", "LayerConfig", "LayerNameResolver", "ParamsResolver", "TuningConfigs"]
@@ -206,7 +215,7 @@ class ParamsResolver:
         out: list[list[Unit]] = []
         for index, config in enumerate(configs):
             if callable(config.params):
-                raise ValueError(
+                raise ValueError(  # noqa: TRY004  (the seed API raises ValueError for a bad config)
                     f"config {index} has a define-by-run params function: SKAutoTuner searches explicit "
                     "parameter spaces (lists, Categorical/Int/Float, tuples, Optuna distributions), one "
                     "SearchAlgorithm per layer; run a define-by-run spec with fxsketch.optimize(model, spec, ...)")

@@ -6,6 +6,7 @@
 interface, so its samplers, pruners and storages are Optuna's own objects.
 """
 
+# ruff: noqa: N999  (the module name is the seed API's import path)
 from __future__ import annotations
 
 import json

@@ -27,7 +27,12 @@ from torch import nn
 from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.rewrite import apply_plan
 from fxsketch.spec import TuningConfigs, load_spec
-from fxsketch.tuner.SkAutoTuner.Configs import LayerNameResolver, ParamsResolver, algorithm_space, units_to_configs
+from fxsketch.tuner.SkAutoTuner.Configs import (
+    LayerNameResolver,
+    ParamsResolver,
+    algorithm_space,
+    units_to_configs,
+)
 from fxsketch.tuner.SkAutoTuner.results import dump_results, read_results
 from fxsketch.tuner.SkAutoTuner.Searching import OptunaSearch
 from fxsketch.units import Unit, invalid_reason
@@ -346,11 +351,9 @@ class SKAutoTuner:
             raise ValueError(f"{what} returned NaN")
         return value
 
-    def _direction(self) -> str:
-        return getattr(self.search_algorithm, "direction", "maximize")
-
     def _worst(self) -> float:
-        return math.inf if self._direction() == "minimize" else -math.inf
+        """The score of a failed, pruned or infeasible trial in the algorithm's direction."""
+        return math.inf if getattr(self.search_algorithm, "direction", "maximize") == "minimize" else -math.inf
 
     def _score(self, accuracy: float, speed: float) -> float:
         if self.accuracy_threshold is None or self.optimization_eval_func is None:
