@@ -14,12 +14,15 @@ import logging
 import math
 import zlib
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from fxsketch.spec import Categorical, ParamSpec, as_param_spec
+
+if TYPE_CHECKING:  # pandas is optional: only annotations name it
+    import pandas as pd
 
 __all__ = ["OptunaSearch", "SearchAlgorithm"]
 
@@ -242,7 +245,7 @@ class OptunaSearch(SearchAlgorithm):
             raise RuntimeError("no study yet: run SKAutoTuner.tune() (or initialize()) first")
         return self._study
 
-    def get_trials_dataframe(self):
+    def get_trials_dataframe(self) -> pd.DataFrame:
         """All trials of every study this search ran, with a `study` column (needs pandas)."""
         try:
             import pandas as pd

@@ -17,7 +17,7 @@ import os
 import statistics
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch.fx
@@ -36,6 +36,9 @@ from fxsketch.tuner.SkAutoTuner.Configs import (
 from fxsketch.tuner.SkAutoTuner.results import dump_results, read_results
 from fxsketch.tuner.SkAutoTuner.Searching import OptunaSearch
 from fxsketch.units import Unit, invalid_reason
+
+if TYPE_CHECKING:  # pandas is optional: only annotations name it
+    import pandas as pd
 
 __all__ = ["SKAutoTuner"]
 
@@ -187,7 +190,7 @@ class SKAutoTuner:
         """The best parameters of each tuned layer (group members share their group's values)."""
         return {name: dict(params) for name, params in self._best_params.items()}
 
-    def get_results_dataframe(self):
+    def get_results_dataframe(self) -> pd.DataFrame:
         """Every trial as a pandas DataFrame: `layer_name`, one column per parameter, `score`,
         `accuracy`, `speed` (then `trial`, `state`, `note`).
 
