@@ -18,13 +18,13 @@ from fxsketch.tuner.SkAutoTuner.Searching import OptunaSearch, SearchAlgorithm
 from fxsketch.tuner.SkAutoTuner.Visualizer import ModelVisualizer
 
 __all__ = [
-    "SKAutoTuner",
-    "LayerConfig",
-    "TuningConfigs",
     "Categorical",
-    "Int",
     "Float",
-    "SearchAlgorithm",
-    "OptunaSearch",
+    "Int",
+    "LayerConfig",
     "ModelVisualizer",
+    "OptunaSearch",
+    "SKAutoTuner",
+    "SearchAlgorithm",
+    "TuningConfigs",
 ]

@@ -1,9 +1,10 @@
 """Panther's `SkAutoTuner.Configs`: the spec types (fxsketch's own) and the two resolvers.
 
 `LayerNameResolver` turns a `layer_names` selector into qualified layer names of one model;
-`ParamsResolver` turns each `LayerConfig` into tuning units with explicit search spaces
+`ParamsResolver` turns each `LayerConfig` into `fxsketch.units.Unit`s with explicit search spaces
 (`params="auto"` expanded from the layer dimensions). Both sit on fxsketch's capture, selector
-and replacement-kind machinery; they only add the seed API's rules:
+(`fxsketch.select.match_layers`) and unit (`fxsketch.units.resolve_units`) machinery; they only
+add the seed API's rules:
 
 * a list entry is an exact qualified name (`"fc1"` never selects `fc10`);
 * a string is a regex searched in the name (a substring when it is not a valid regex);
@@ -13,13 +14,14 @@ and replacement-kind machinery; they only add the seed API's rules:
   "extra" parameters, sampled and handed to the evaluation functions.
 """
 
+# ruff: noqa: N999  (the module name is the seed API's import path)
 from __future__ import annotations
 
 import difflib
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -27,14 +29,19 @@ from torch import nn
 from fxsketch.capture import capture, find_layers
 from fxsketch.records import MATCHABLE_TYPES, LayerRecord
 from fxsketch.replacements import KINDS, get_kind
-from fxsketch.units import resolve_units
 from fxsketch.select import match_layers
-from fxsketch.spec import Categorical, Float, Int, LayerConfig, ParamSpec, TuningConfigs, load_spec
+from fxsketch.spec import (
+    Categorical,
+    Float,
+    Int,
+    LayerConfig,
+    ParamSpec,
+    TuningConfigs,
+    load_spec,
+)
+from fxsketch.units import Unit, resolve_units, unit_methods
 
-__all__ = [
-    "Categorical", "Int", "Float", "LayerConfig", "TuningConfigs",
-    "LayerNameResolver", "ParamsResolver", "TuningUnit",
-]
+__all__ = ["Categorical", "Float", "Int", "LayerConfig", "LayerNameResolver", "ParamsResolver", "TuningConfigs"]
 
 _NOT_IN_GRAPH = 1 << 40  # graph order of selectable modules that have no matchable graph node
 
@@ -150,33 +157,12 @@ def _closest(name: str, names: list[str]) -> str:
     return "available: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
 
 
-@dataclass
-class TuningUnit:
-    """Layers searched together (one layer with `separate=True`) and their search space.
-
-    Attributes:
-        key: the layer name, or `"a+b+c"` for a `separate=False` group; names the unit's study.
-        layers: the qualified names of its layers.
-        space: parameter name -> ParamSpec, replacement parameters and extra ones together.
-        extras: the names in `space` that no replacement kind takes (passed to eval functions).
-        copy_weights: build replacements from the original weights (False: random init).
-        auto: the space came from `params="auto"` (inefficient draws are pruned, not evaluated).
-        config_index: which LayerConfig the unit came from.
-        methods: the replacement kinds the unit searches.
-    """
-
-    key: str
-    layers: list[str]
-    space: dict[str, ParamSpec]
-    extras: list[str] = field(default_factory=list)
-    copy_weights: bool = True
-    auto: bool = False
-    config_index: int = 0
-    methods: list[str] = field(default_factory=list)
-
-
 class ParamsResolver:
-    """Resolves LayerConfigs into tuning units with explicit spaces (`"auto"` expanded).
+    """Resolves LayerConfigs into `fxsketch.units.Unit`s with explicit spaces (`"auto"` expanded).
+
+    The spaces come from `fxsketch.units.resolve_units`; this class adds the seed API's rules on
+    top: selection through `LayerNameResolver`, unsupported layers kept dense with one warning,
+    extra parameters kept in the space, and a group's key `"a+b+c"` (its study name).
 
     Args:
         layers: the LayerNameResolver of the model being tuned.
@@ -191,12 +177,8 @@ class ParamsResolver:
 
     def methods(self, config: LayerConfig) -> list[str]:
         """The replacement kinds a config searches."""
-        spec = config.params.get("method") if isinstance(config.params, Mapping) else None
-        if spec is None:
-            return [self.default_method]
-        if not isinstance(spec, Categorical):
-            raise ValueError(f"'method' must be a list of method names (Categorical), got {spec!r}")
-        return [get_kind(m).name for m in spec.choices]
+        params = config.params if isinstance(config.params, Mapping) else {}
+        return unit_methods(params, self.default_method)
 
     def extra_params(self, config: LayerConfig) -> list[str]:
         """The names in `config.params` that none of its replacement kinds takes."""
@@ -212,19 +194,28 @@ class ParamsResolver:
             names += [p for p in get_kind(m).param_names if p not in names]
         return names
 
-    def units(self, configs: Any) -> list[TuningUnit]:
-        """Every tuning unit of `configs`, in config order; warns once about unsupported layers.
+    def units(self, configs: Any) -> list[Unit]:
+        """Every tuning unit of `configs`, in config order; warns once about unsupported layers."""
+        return [unit for units in self.config_units(configs) for unit in units]
+
+    def resolve(self, configs: Any) -> TuningConfigs:
+        """`configs` with explicit layer-name lists and explicit spaces, one config per space."""
+        return units_to_configs(self.config_units(configs))
+
+    def config_units(self, configs: Any) -> list[list[Unit]]:
+        """The tuning units of each config (an empty list when it selects only unsupported layers).
 
         Raises:
-            ValueError: a selector matches nothing, or two configs select the same layer.
+            ValueError: a selector matches nothing, two configs select the same layer, or a config
+                has a define-by-run params function.
         """
         configs = load_spec(configs)
         owner: dict[str, int] = {}
         unsupported: list[str] = []
-        units: list[TuningUnit] = []
+        out: list[list[Unit]] = []
         for index, config in enumerate(configs):
             if callable(config.params):
-                raise ValueError(
+                raise ValueError(  # noqa: TRY004  (the seed API raises ValueError for a bad config)
                     f"config {index} has a define-by-run params function: SKAutoTuner searches explicit "
                     "parameter spaces (lists, Categorical/Int/Float, tuples, Optuna distributions), one "
                     "SearchAlgorithm per layer; run a define-by-run spec with fxsketch.optimize(model, spec, ...)")
@@ -236,28 +227,20 @@ class ParamsResolver:
                 owner[name] = index
             supported = [n for n in names if self.layers.is_supported(n)]
             unsupported += [n for n in names if n not in supported]
-            if supported:
-                units += self._config_units(config, index, supported)
+            out.append(self._units_of(config, supported) if supported else [])
         if unsupported:
             self._warn_unsupported(unsupported)
-        return units
+        return out
 
-    def resolve(self, configs: Any) -> TuningConfigs:
-        """`configs` with explicit layer-name lists and explicit spaces, one config per space."""
-        return units_to_configs(self.units(configs))
-
-    def _config_units(self, config: LayerConfig, index: int, names: list[str]) -> list[TuningUnit]:
+    def _units_of(self, config: LayerConfig, names: list[str]) -> list[Unit]:
+        """`resolve_units` over the selected names, with the seed's keys and extras in the space."""
         extras = self.extra_params(config)
         params = config.params if isinstance(config.params, str) else {
             k: v for k, v in config.params.items() if k not in extras}
         explicit = LayerConfig(list(names), params, config.separate, config.copy_weights)
-        units = []
-        for unit in resolve_units(self.layers.records, TuningConfigs([explicit]), None, self.default_method):
-            space = {**unit.space, **{p: config.params[p] for p in extras}}
-            key = unit.layers[0] if config.separate else "+".join(unit.layers)
-            units.append(TuningUnit(key, list(unit.layers), space, extras, config.copy_weights,
-                                    config.params == "auto", index, self.methods(config)))
-        return units
+        return [replace(unit, key=unit.layers[0] if config.separate else "+".join(unit.layers),
+                        space={**unit.space, **{p: config.params[p] for p in extras}})
+                for unit in resolve_units(self.layers.records, TuningConfigs([explicit]), None, self.default_method)]
 
     def _warn_unsupported(self, names: list[str]) -> None:
         described = ", ".join(self._describe_unsupported(n) for n in names)
@@ -272,31 +255,23 @@ class ParamsResolver:
         return f"{name} ({record.module_type}{reason})"
 
 
-def units_to_configs(units: Sequence[TuningUnit]) -> TuningConfigs:
-    """LayerConfigs equivalent to `units`: separate units sharing a space are listed together."""
+def units_to_configs(per_config: Sequence[Sequence[Unit]]) -> TuningConfigs:
+    """LayerConfigs equivalent to each config's units: separate units sharing a space are listed together."""
     configs: list[LayerConfig] = []
-    last: tuple | None = None
-    for unit in units:
-        separate = len(unit.layers) == 1 and unit.key == unit.layers[0]
-        signature = (unit.config_index, separate, unit.copy_weights, _space_key(unit.space))
-        if separate and signature == last:
-            prev = configs[-1]
-            configs[-1] = LayerConfig([*prev.layer_names, unit.key], prev.params, True, prev.copy_weights)
-            continue
-        configs.append(LayerConfig(list(unit.layers), dict(unit.space), separate, unit.copy_weights))
-        last = signature if separate else None
+    for units in per_config:
+        last: tuple | None = None
+        for unit in units:
+            separate = unit.layers == [unit.key]
+            signature = tuple((name, repr(spec)) for name, spec in unit.space.items())
+            if separate and signature == last:
+                prev = configs[-1]
+                configs[-1] = LayerConfig([*prev.layer_names, unit.key], prev.params, True, prev.copy_weights)
+                continue
+            configs.append(LayerConfig(list(unit.layers), dict(unit.space), separate, unit.copy_weights))
+            last = signature if separate else None
     return TuningConfigs(configs)
-
-
-def _space_key(space: Mapping[str, ParamSpec]) -> tuple:
-    return tuple((name, repr(spec)) for name, spec in space.items())
 
 
 def algorithm_space(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
     """The space as a search algorithm receives it: Categorical as a plain list, Int/Float as is."""
     return {name: list(spec.choices) if isinstance(spec, Categorical) else spec for name, spec in space.items()}
-
-
-def first_values(space: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    """The first value of every spec (the first choice; the low bound of a range)."""
-    return {name: spec.first() for name, spec in space.items()}

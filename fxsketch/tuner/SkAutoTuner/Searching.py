@@ -6,6 +6,7 @@
 interface, so its samplers, pruners and storages are Optuna's own objects.
 """
 
+# ruff: noqa: N999  (the module name is the seed API's import path)
 from __future__ import annotations
 
 import json
@@ -13,14 +14,17 @@ import logging
 import math
 import zlib
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
-from fxsketch.spec import Categorical, ParamSpec
+from fxsketch.spec import Categorical, ParamSpec, as_param_spec
 
-__all__ = ["SearchAlgorithm", "OptunaSearch"]
+if TYPE_CHECKING:  # pandas is optional: only annotations name it
+    import pandas as pd
+
+__all__ = ["OptunaSearch", "SearchAlgorithm"]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ class OptunaSearch(SearchAlgorithm):
         self.pruner = pruner
         self.studies: dict[str, optuna.Study] = {}
         self._study: optuna.Study | None = None
-        self._space: dict[str, Any] = {}
+        self._space: dict[str, ParamSpec] = {}
         self._trial: optuna.Trial | None = None
         self._storage_obj: optuna.storages.BaseStorage | None = None
 
@@ -159,7 +163,7 @@ class OptunaSearch(SearchAlgorithm):
             return None
         self._abandon_pending()
         self._trial = study.ask()
-        return {name: _suggest(self._trial, name, spec) for name, spec in self._space.items()}
+        return {name: spec.suggest(self._trial, name) for name, spec in self._space.items()}
 
     def update(self, params: dict[str, Any], score: float) -> None:
         """Tell the study the score of the pending trial."""
@@ -241,7 +245,7 @@ class OptunaSearch(SearchAlgorithm):
             raise RuntimeError("no study yet: run SKAutoTuner.tune() (or initialize()) first")
         return self._study
 
-    def get_trials_dataframe(self):
+    def get_trials_dataframe(self) -> pd.DataFrame:
         """All trials of every study this search ran, with a `study` column (needs pandas)."""
         try:
             import pandas as pd
@@ -329,26 +333,14 @@ class OptunaSearch(SearchAlgorithm):
         return pick(done, key=lambda t: t.value)
 
 
-def _check_space_entry(name: str, spec: Any) -> Any:
+def _check_space_entry(name: str, spec: Any) -> ParamSpec:
+    """A space entry as a ParamSpec: a list is a Categorical, an Optuna distribution its spec."""
     if isinstance(spec, (list, tuple)):
         return Categorical(spec)
     if isinstance(spec, (ParamSpec, optuna.distributions.BaseDistribution)):
-        return spec
+        return as_param_spec(spec)
     raise TypeError(f"search space entry {name!r} must be a list of choices, a Categorical/Int/Float or an "
                     f"Optuna distribution, got {spec!r}")
-
-
-def _suggest(trial: optuna.Trial, name: str, spec: Any) -> Any:
-    if isinstance(spec, ParamSpec):
-        return spec.suggest(trial, name)
-    d = spec  # an Optuna distribution given directly
-    if isinstance(d, optuna.distributions.IntDistribution):
-        return trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
-    if isinstance(d, optuna.distributions.FloatDistribution):
-        return trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
-    if isinstance(d, optuna.distributions.CategoricalDistribution):
-        return trial.suggest_categorical(name, list(d.choices))
-    raise TypeError(f"unsupported Optuna distribution {d!r} for {name!r}")
 
 
 def _json_number(value: float | None) -> float | str | None:

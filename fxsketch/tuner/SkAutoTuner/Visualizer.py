@@ -1,5 +1,6 @@
 """Panther's `ModelVisualizer`: print a model's module tree to find the names selectors use."""
 
+# ruff: noqa: N999  (the module name is the seed API's import path)
 from __future__ import annotations
 
 from torch import nn

@@ -15,19 +15,18 @@ import types
 from typing import Any
 
 from fxsketch.spec import LayerConfig, TuningConfigs
+from fxsketch.tuner.legacy import LegacyAutoTuner
 from fxsketch.tuner.SkAutoTuner import Configs, Searching, Visualizer  # noqa: F401  (documented submodules)
 from fxsketch.tuner.SkAutoTuner.autotuner import SKAutoTuner
 
-__all__ = ["SKAutoTuner", "TuningConfigs", "LayerConfig"]
+__all__ = ["LayerConfig", "SKAutoTuner", "TuningConfigs"]
 
 
 class _CallablePackage(types.ModuleType):
     """A module type whose instances can be called: `SkAutoTuner(parameter_bounds=..., ...)`."""
 
-    def __call__(self, *args: Any, **kwargs: Any):
+    def __call__(self, *args: Any, **kwargs: Any) -> LegacyAutoTuner:
         """Build the legacy bounds-based tuner (see `fxsketch.tuner.legacy.LegacyAutoTuner`)."""
-        from fxsketch.tuner.legacy import LegacyAutoTuner
-
         return LegacyAutoTuner(*args, **kwargs)
 
 

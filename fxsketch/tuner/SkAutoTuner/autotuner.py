@@ -1,8 +1,9 @@
-"""Panther's `SKAutoTuner`, running on fxsketch.
+"""Panther's `SKAutoTuner`, running on fxsketch: an adapter from the seed API to fxsketch's units.
 
-Each layer (or `separate=False` group) is its own search through the search algorithm. A trial's
-model is the captured graph with that layer rewritten by `fxsketch.rewrite.apply_plan` (the other
-layers dense), so every trial runs on the fxsketch ops. The user's model is never modified: the
+Each layer (or `separate=False` group) is an `fxsketch.units.Unit` searched by the search
+algorithm; `SKAutoTuner._search` is the whole trial loop (ask, build the plan entry, evaluate,
+tell). A trial's model is the captured graph with that unit rewritten by
+`fxsketch.rewrite.apply_plan` (the other layers dense), so every trial runs on the fxsketch ops. The user's model is never modified: the
 methods that return a model return a new `torch.fx.GraphModule` in which each replaced layer sits
 under its original qualified name.
 """
@@ -16,22 +17,28 @@ import os
 import statistics
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch.fx
 from optuna.trial import TrialState
 from torch import nn
 
-from fxsketch.replacements import FactorCache, dense_cost, get_kind
+from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.rewrite import apply_plan
 from fxsketch.spec import TuningConfigs, load_spec
 from fxsketch.tuner.SkAutoTuner.Configs import (
-    LayerNameResolver, ParamsResolver, TuningUnit, algorithm_space, first_values, units_to_configs,
+    LayerNameResolver,
+    ParamsResolver,
+    algorithm_space,
+    units_to_configs,
 )
 from fxsketch.tuner.SkAutoTuner.results import dump_results, read_results
 from fxsketch.tuner.SkAutoTuner.Searching import OptunaSearch
+from fxsketch.units import Unit, invalid_reason
+
+if TYPE_CHECKING:  # pandas is optional: only annotations name it
+    import pandas as pd
 
 __all__ = ["SKAutoTuner"]
 
@@ -40,17 +47,6 @@ log = logging.getLogger(__name__)
 _REQUIRED_METHODS = ("initialize", "get_next_params", "update", "get_best_params", "get_best_score",
                      "reset", "is_finished")
 _NO_RESOURCE = object()
-
-
-@dataclass
-class _Outcome:
-    """What one trial produced."""
-
-    state: str
-    accuracy: float = math.nan
-    speed: float = math.nan
-    score: float = math.nan
-    note: str = ""
 
 
 class SKAutoTuner:
@@ -134,10 +130,12 @@ class SKAutoTuner:
         Results and best parameters found so far are kept; tuning again replaces those of the
         layers it tunes.
         """
-        units = self._params.units(load_spec(configs))
-        self._check_extras(units)
-        self._units = units
-        self._configs = units_to_configs(units)
+        spec = load_spec(configs)
+        per_config = self._params.config_units(spec)
+        self._check_extras(spec, per_config)
+        self._units = [unit for units in per_config for unit in units]
+        self._auto = {u.key for config, units in zip(spec, per_config) if config.params == "auto" for u in units}
+        self._configs = units_to_configs(per_config)
 
     # ------------------------------------------------------------------ tuning
 
@@ -147,7 +145,7 @@ class SKAutoTuner:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             for unit in self._units:
-                self._tune_unit(unit)
+                self._search(unit)
             self._tuned = True
         finally:
             optuna.logging.set_verbosity(verbosity)
@@ -168,7 +166,8 @@ class SKAutoTuner:
         if not self._best_params:
             warnings.warn("no layer had a feasible trial: the returned model is a dense copy", UserWarning,
                           stacklevel=2)
-        plan = {name: self._entry_from_best(name, params) for name, params in self._best_params.items()}
+        plan = {name: plan_entry(params, self.default_method, f"the best parameters of {name}")
+                for name, params in self._best_params.items()}
         return self._apply(plan, self._copy_weights)
 
     def replace_without_tuning(self) -> torch.fx.GraphModule:
@@ -180,7 +179,7 @@ class SKAutoTuner:
         plan: dict[str, dict[str, Any]] = {}
         copy_weights: dict[str, bool] = {}
         for unit in self._units:
-            entry = self._entry(unit, first_values(unit.space))
+            entry = self._entry(unit, {name: spec.first() for name, spec in unit.space.items()})
             for name in unit.layers:
                 plan[name], copy_weights[name] = entry, unit.copy_weights
         return self._apply(plan, copy_weights)
@@ -191,7 +190,7 @@ class SKAutoTuner:
         """The best parameters of each tuned layer (group members share their group's values)."""
         return {name: dict(params) for name, params in self._best_params.items()}
 
-    def get_results_dataframe(self):
+    def get_results_dataframe(self) -> pd.DataFrame:
         """Every trial as a pandas DataFrame: `layer_name`, one column per parameter, `score`,
         `accuracy`, `speed` (then `trial`, `state`, `note`).
 
@@ -239,9 +238,10 @@ class SKAutoTuner:
         self._results = data["results"]
         self._tuned = True
 
-    # ------------------------------------------------------------------ one layer's search
+    # ------------------------------------------------------------------ one unit's search
 
-    def _tune_unit(self, unit: TuningUnit) -> None:
+    def _search(self, unit: Unit) -> None:
+        """The trial loop: ask the algorithm for values, evaluate their plan entry, tell the score."""
         alg = self.search_algorithm
         alg.reset()
         space = algorithm_space(unit.space)
@@ -250,38 +250,38 @@ class SKAutoTuner:
         else:
             alg.initialize(space)
         rows: list[dict[str, Any]] = []
-        while not alg.is_finished():
-            params = alg.get_next_params()
-            if params is None:
-                break
-            rows.append(self._run_trial(unit, dict(params), len(rows)))
+        while not alg.is_finished() and (params := alg.get_next_params()) is not None:
+            try:
+                row = self._trial(unit, dict(params), len(rows))
+            except BaseException:  # an interrupt: the pending Optuna trial must not count as finished
+                if isinstance(alg, OptunaSearch):
+                    alg.end_trial(TrialState.FAIL, interrupted=True)
+                raise
+            _tell(alg, row, self._worst())
+            rows.append(row)
+            self._results.append(row)
+            if self.verbose:
+                print(_trial_line(row))
         self._record_best(unit, rows)
 
-    def _run_trial(self, unit: TuningUnit, params: dict[str, Any], number: int) -> dict[str, Any]:
-        try:
-            outcome = self._evaluate(unit, params)
-        except optuna.TrialPruned as exc:
-            outcome = _Outcome("PRUNED", note=str(exc) or "pruned by the pruner")
-        except Exception as exc:  # a failing trial is recorded and the search goes on
-            outcome = _Outcome("FAIL", note=f"{type(exc).__name__}: {exc}")
-            log.warning("trial %d of %s failed: %s", number, unit.key, outcome.note)
-        except BaseException:
-            if isinstance(self.search_algorithm, OptunaSearch):
-                self.search_algorithm.end_trial(TrialState.FAIL, interrupted=True)
-            raise
-        self._tell(unit, params, outcome)
+    def _trial(self, unit: Unit, params: dict[str, Any], number: int) -> dict[str, Any]:
+        """One trial's results row; a failing or pruned trial is recorded, not raised."""
         row = {"layer_name": unit.key, "layers": list(unit.layers), "trial": number, "params": params,
-               "accuracy": outcome.accuracy, "speed": outcome.speed, "score": outcome.score,
-               "state": outcome.state, "note": outcome.note}
-        self._results.append(row)
-        if self.verbose:
-            print(_trial_line(row))
+               "accuracy": math.nan, "speed": math.nan, "score": math.nan, "state": "COMPLETE", "note": ""}
+        try:
+            row.update(self._evaluate(unit, params))
+        except optuna.TrialPruned as exc:
+            row.update(state="PRUNED", note=str(exc) or "pruned by the pruner")
+        except Exception as exc:  # noqa: BLE001  (a failing trial is recorded and the search goes on)
+            row.update(state="FAIL", note=f"{type(exc).__name__}: {exc}")
+            log.warning("trial %d of %s failed: %s", number, unit.key, row["note"])
         return row
 
-    def _evaluate(self, unit: TuningUnit, params: dict[str, Any]) -> _Outcome:
+    def _evaluate(self, unit: Unit, params: dict[str, Any]) -> dict[str, float]:
+        """Build the unit's candidate from `params` and score it (averaged over num_runs_per_param)."""
         entry = self._entry(unit, params)
-        if unit.auto:
-            reason = self._inefficient(unit, entry)
+        if unit.key in self._auto:
+            reason = invalid_reason(self._records, unit, entry)
             if reason:
                 raise optuna.TrialPruned(reason)
         module = self._apply({name: entry for name in unit.layers}, {name: unit.copy_weights for name in unit.layers})
@@ -294,25 +294,9 @@ class SKAutoTuner:
                                          "optimization_eval_func"))
         accuracy = statistics.fmean(accuracies)
         speed = statistics.fmean(speeds) if speeds else math.nan
-        return _Outcome("COMPLETE", accuracy, speed, self._score(accuracy, speed))
+        return {"accuracy": accuracy, "speed": speed, "score": self._score(accuracy, speed)}
 
-    def _tell(self, unit: TuningUnit, params: dict[str, Any], outcome: _Outcome) -> None:
-        alg = self.search_algorithm
-        if isinstance(alg, OptunaSearch):
-            alg.set_user_attr("fxsketch.layer", unit.key)
-            for key in ("accuracy", "speed"):
-                value = getattr(outcome, key)
-                alg.set_user_attr(f"fxsketch.{key}", None if math.isnan(value) else value)
-            if outcome.note:
-                alg.set_user_attr("fxsketch.note", outcome.note)
-            if outcome.state == "COMPLETE":
-                alg.update(params, outcome.score)
-            else:
-                alg.end_trial(TrialState[outcome.state])
-        else:
-            alg.update(params, outcome.score if outcome.state == "COMPLETE" else self._worst())
-
-    def _record_best(self, unit: TuningUnit, rows: list[dict[str, Any]]) -> None:
+    def _record_best(self, unit: Unit, rows: list[dict[str, Any]]) -> None:
         alg = self.search_algorithm
         best, score = alg.get_best_params(), alg.get_best_score()
         if best is None and rows and all(r["state"] == "FAIL" for r in rows):
@@ -333,34 +317,15 @@ class SKAutoTuner:
 
     # ------------------------------------------------------------------ helpers
 
-    def _entry(self, unit: TuningUnit, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The plan entry (method and replacement parameters) for a trial's values."""
+    def _entry(self, unit: Unit, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The plan entry for a trial's values, which must come from the unit's space."""
         unknown = [k for k in params if k not in unit.space]
         if unknown:
             raise ValueError(f"the search algorithm returned {unknown}, which are not in the space "
                              f"{list(unit.space)} of {unit.key}")
-        if "method" in params:
-            method = params["method"]
-        elif "method" in unit.space:
+        if "method" in unit.space and "method" not in params:
             raise ValueError(f"the search algorithm returned no 'method' for {unit.key}")
-        else:
-            method = self.default_method
-        kind = get_kind(method)
-        entry: dict[str, Any] = {"method": kind.name}
-        for p in kind.param_names:
-            if p not in params and p not in kind.defaults:
-                raise ValueError(f"the search algorithm returned no value for {p!r} ({unit.key}, method {kind.name})")
-            entry[p] = params[p] if p in params else kind.defaults[p]
-        return entry
-
-    def _entry_from_best(self, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        kind = get_kind(params.get("method", self.default_method))
-        entry: dict[str, Any] = {"method": kind.name}
-        for p in kind.param_names:
-            if p not in params and p not in kind.defaults:
-                raise ValueError(f"best parameters of {name} lack {p!r} (method {kind.name})")
-            entry[p] = params.get(p, kind.defaults.get(p))
-        return entry
+        return plan_entry(params, unit.method, f"the search algorithm's values for {unit.key}")
 
     def _apply(self, plan: dict[str, dict[str, Any]], copy_weights: Mapping[str, bool]) -> torch.fx.GraphModule:
         """Rewrite the captured graph with `plan`; layers with copy_weights=False get a fresh init."""
@@ -371,15 +336,6 @@ class SKAutoTuner:
             module = apply_plan(module, self._records, fresh, self._cache, copy_weights=False)
         module.meta["fxsketch_plan"] = {n: dict(e) for n, e in plan.items()}
         return module
-
-    def _inefficient(self, unit: TuningUnit, entry: dict[str, Any]) -> str:
-        kind = get_kind(entry["method"])
-        params = {k: v for k, v in entry.items() if k != "method"}
-        for name in unit.layers:
-            record = self._records[name]
-            if kind.name != "dense" and kind.cost(record, params).flops_per_token >= dense_cost(record).flops_per_token:
-                return f"{name}: {kind.name} {params} is not cheaper than the dense layer"
-        return ""
 
     def _resource(self) -> Any:
         get_resource = getattr(self.search_algorithm, "get_resource", None)
@@ -398,11 +354,9 @@ class SKAutoTuner:
             raise ValueError(f"{what} returned NaN")
         return value
 
-    def _direction(self) -> str:
-        return getattr(self.search_algorithm, "direction", "maximize")
-
     def _worst(self) -> float:
-        return math.inf if self._direction() == "minimize" else -math.inf
+        """The score of a failed, pruned or infeasible trial in the algorithm's direction."""
+        return math.inf if getattr(self.search_algorithm, "direction", "maximize") == "minimize" else -math.inf
 
     def _score(self, accuracy: float, speed: float) -> float:
         if self.accuracy_threshold is None or self.optimization_eval_func is None:
@@ -418,16 +372,51 @@ class SKAutoTuner:
                           f"accuracy tuning needs both accuracy_threshold and optimization_eval_func.",
                           UserWarning, stacklevel=3)
 
-    def _check_extras(self, units: list[TuningUnit]) -> None:
-        takes_params = any("params" in kw for kw in self._keywords.values())
-        for unit in units:
-            if unit.extras and not takes_params:
-                accepted = sorted({p for m in unit.methods for p in get_kind(m).param_names})
+    def _check_extras(self, spec: TuningConfigs, per_config: list[list[Unit]]) -> None:
+        """Extra parameters are only sampled for an evaluation function that receives them."""
+        if any("params" in kw for kw in self._keywords.values()):
+            return
+        for index, (config, units) in enumerate(zip(spec, per_config)):
+            extras = self._params.extra_params(config)
+            if units and extras:
+                methods = self._params.methods(config)
+                accepted = sorted({p for m in methods for p in get_kind(m).param_names})
                 raise ValueError(
-                    f"parameter(s) {unit.extras} of config {unit.config_index} are not parameters of the "
-                    f"replacement kind(s) {unit.methods}, which take {accepted}. To co-tune them, give "
+                    f"parameter(s) {extras} of config {index} are not parameters of the "
+                    f"replacement kind(s) {methods}, which take {accepted}. To co-tune them, give "
                     "accuracy_eval_func or optimization_eval_func a `params` keyword argument: it receives "
                     "every sampled value of the trial.")
+
+
+def plan_entry(params: Mapping[str, Any], default_method: str, where: str) -> dict[str, Any]:
+    """The plan entry `params` stand for: the method (`default_method` when unnamed) and its
+    parameters, defaults filled in; extra parameters are left out, since no replacement takes them.
+
+    Raises:
+        ValueError: a parameter of the method has neither a value nor a default.
+    """
+    kind = get_kind(params.get("method", default_method))
+    missing = [p for p in kind.param_names if p not in params and p not in kind.defaults]
+    if missing:
+        raise ValueError(f"{where} lack {missing[0]!r} (method {kind.name})")
+    return {"method": kind.name, **{p: params.get(p, kind.defaults.get(p)) for p in kind.param_names}}
+
+
+def _tell(alg: Any, row: Mapping[str, Any], worst: float) -> None:
+    """Tell the algorithm a trial's score (`worst` for a failed or pruned trial); an OptunaSearch
+    also finishes the trial in its state and keeps the accuracy, speed and note on it."""
+    if not isinstance(alg, OptunaSearch):
+        alg.update(row["params"], row["score"] if row["state"] == "COMPLETE" else worst)
+        return
+    alg.set_user_attr("fxsketch.layer", row["layer_name"])
+    for key in ("accuracy", "speed"):
+        alg.set_user_attr(f"fxsketch.{key}", None if math.isnan(row[key]) else row[key])
+    if row["note"]:
+        alg.set_user_attr("fxsketch.note", row["note"])
+    if row["state"] == "COMPLETE":
+        alg.update(row["params"], row["score"])
+    else:
+        alg.end_trial(TrialState[row["state"]])
 
 
 def _deprecated_alias(canonical: Callable | None, misspelled: Callable | None) -> Callable | None:

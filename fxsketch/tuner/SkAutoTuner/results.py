@@ -5,6 +5,7 @@ The JSON file holds `best_params` (layer -> parameters), `best_scores` (layer or
 as the strings "inf", "-inf" and "nan", so the file is strict JSON.
 """
 
+# ruff: noqa: TRY004  (a malformed results file is a ValueError, whatever is wrong in it)
 from __future__ import annotations
 
 import json
@@ -76,8 +77,8 @@ def read_results(path: str | os.PathLike, trusted: bool = False) -> dict[str, An
 
 def _from_pickle(path: str, raw: bytes) -> dict[str, Any]:
     try:
-        data = pickle.loads(raw)  # noqa: S301  (the user declared the file trusted)
-    except Exception as exc:
+        data = pickle.loads(raw)  # the user declared the file trusted
+    except Exception as exc:  # noqa: BLE001  (unpickling can raise anything)
         raise ValueError(f"{path} could not be unpickled: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("best_params"), Mapping):
         raise ValueError(f"{path} holds no 'best_params' mapping: it is not a tuning results pickle")
