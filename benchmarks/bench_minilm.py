@@ -296,8 +296,8 @@ def run_search(model, gm, x, calibration, batches, args, timings) -> list[str]:
     with latency_threads(args):
         threads = torch.get_num_threads()
         result = fxsketch.optimize(model, type_spec(), example_inputs=x, accuracy_fn=search_accuracy(gm, batches),
-                                   accuracy_threshold=0.95, objective="latency", n_trials=args.search_trials,
-                                   seed=0, calibration_data=calibration)
+                                   accuracy_threshold=0.95, n_trials=args.search_trials,
+                                   calibration_data=calibration, search=fxsketch.SearchOptions(seed=0))
     others = watch.others_cores()
     timings["search"] = time.perf_counter() - t0
     trials = result.trials
@@ -330,8 +330,9 @@ def run_warm_start(model, gm, x, calibration, batches, quick, timings) -> list[s
         row = {"seed": seed}
         for label, n, warm in (("warm", short, True), ("cold", long, False)):
             result = fxsketch.optimize(model, type_spec(), example_inputs=x, accuracy_fn=accuracy,
-                                       accuracy_threshold=0.95, objective="flops", n_trials=n, seed=seed,
-                                       calibration_data=calibration, warm_start=warm)
+                                       accuracy_threshold=0.95, n_trials=n, calibration_data=calibration,
+                                       search=fxsketch.SearchOptions(objective="flops", seed=seed,
+                                                                     warm_start=warm))
             row[f"{label}_flops_ratio"] = result.flops_ratio
             row[f"{label}_fidelity"] = result.accuracy
             row[f"{label}_layers"] = len(result.plan)

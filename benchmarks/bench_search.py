@@ -16,7 +16,7 @@ once with objective="latency" and once with objective="flops" (seed 0). Overhead
 (wall − accuracy calls × 1 s) / N, where the accuracy calls are counted (dense model, evaluated
 trials, validation; a trial repeating earlier values reuses their result and makes no call). The
 call is instrumented without changing the library: for its duration the names `fxsketch.search`
-looks up (capture, apply_plan, measure_speedup, sensitivity_table, _search, _finish) and
+looks up (capture, apply_plan, measure_speedup, sensitivity_table, run_strategy, finish) and
 `LayerTimer.speedup` (the latency objective's per-layer trial timings) are wrapped with timers,
 which splits the wall time into set-up (capture), the trial loop (rewrite, latency measurement,
 Optuna and bookkeeping per trial) and the finish (validation, the final whole-model latency
@@ -81,7 +81,10 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fxsketch  # noqa: E402
-import fxsketch.search as search  # noqa: E402
+import fxsketch.search.api as search_api  # noqa: E402
+import fxsketch.search.context as search_context  # noqa: E402
+import fxsketch.search.finish as search_finish  # noqa: E402
+import fxsketch.search.run as search_run  # noqa: E402
 from fxsketch import Int, LayerConfig  # noqa: E402
 from fxsketch.capture import capture, find_layers, other_modules  # noqa: E402
 from fxsketch.measure import LayerTimer  # noqa: E402
@@ -197,9 +200,11 @@ def calibrate_work(target_s: float) -> tuple[int, float]:
 
 
 class Probe:
-    """Wraps the names fxsketch.search looks up at call time, recording (what, phase, seconds)."""
+    """Wraps the names the search's modules look up at call time, recording (what, phase, seconds)."""
 
-    WRAPPED = ("capture", "apply_plan", "measure_speedup", "sensitivity_table")
+    WRAPPED = (("capture", search_run), ("apply_plan", search_context), ("measure_speedup", search_context),
+               ("measure_speedup", search_finish), ("sensitivity_table", search_finish))
+    PHASES = (("loop", "run_strategy", search_api), ("finish", "finish", search_api))
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str, float]] = []
@@ -227,21 +232,21 @@ class Probe:
         return inner
 
     def __enter__(self) -> "Probe":
-        for name in (*self.WRAPPED, "_search", "_finish"):
-            self._saved[name] = getattr(search, name)
-        for name in self.WRAPPED:
-            setattr(search, name, self._timed(name, self._saved[name]))
+        for name, module in self.WRAPPED:
+            self._saved[(module, name)] = getattr(module, name)
+            setattr(module, name, self._timed(name, self._saved[(module, name)]))
+        for phase, name, module in self.PHASES:
+            self._saved[(module, name)] = getattr(module, name)
+            setattr(module, name, self._phase(phase, self._saved[(module, name)]))
         # the trials' latency estimates (objective "latency"): timed as latency measurement too
         self._speedup = LayerTimer.speedup
         LayerTimer.speedup = self._timed("measure_speedup", LayerTimer.speedup)
-        search._search = self._phase("loop", self._saved["_search"])
-        search._finish = self._phase("finish", self._saved["_finish"])
         _PHASE[0] = "setup"
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, fn in self._saved.items():
-            setattr(search, name, fn)
+        for (module, name), fn in self._saved.items():
+            setattr(module, name, fn)
         LayerTimer.speedup = self._speedup
         _PHASE[0] = "setup"
 
@@ -255,7 +260,8 @@ def overhead_run(model, inputs, spec, objective: str, n_trials: int, seed: int) 
     with Probe() as probe:
         t0 = time.perf_counter()
         result = fxsketch.optimize(model, spec, example_inputs=inputs, accuracy_fn=sleep_accuracy,
-                                   accuracy_threshold=0.5, objective=objective, n_trials=n_trials, seed=seed)
+                                   accuracy_threshold=0.5, n_trials=n_trials,
+                                   search=fxsketch.SearchOptions(objective=objective, seed=seed))
         wall = time.perf_counter() - t0
     trials = result.trials
     n = len(trials)
@@ -357,8 +363,9 @@ def workers_run(model, inputs, spec, accuracy_fn, n_workers: int, n_trials: int,
     self0, children0 = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     t0, clock0 = time.perf_counter(), time.time()
     result = fxsketch.optimize(model, spec, example_inputs=inputs, accuracy_fn=accuracy_fn,
-                               accuracy_threshold=0.0, objective=objective, n_trials=n_trials,
-                               n_workers=n_workers, seed=seed)
+                               accuracy_threshold=0.0, n_trials=n_trials,
+                               search=fxsketch.SearchOptions(objective=objective, seed=seed),
+                               study=fxsketch.StudyOptions(n_workers=n_workers))
     wall = time.perf_counter() - t0
     self1, children1 = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     cpu = lambda a, b: (b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime)  # noqa: E731

@@ -139,8 +139,8 @@ def run(case: Case, load: int, trials: int) -> dict:
     start = time.perf_counter()
     try:
         result = fxsketch.optimize(case.model, case.spec, example_inputs=case.inputs, accuracy_fn=case.accuracy,
-                                   accuracy_threshold=case.threshold, objective="latency", n_trials=trials,
-                                   seed=0, calibration_data=case.calibration)
+                                   accuracy_threshold=case.threshold, n_trials=trials,
+                                   calibration_data=case.calibration, search=fxsketch.SearchOptions(seed=0))
     finally:
         for p in spinners:
             p.terminate()

@@ -5,8 +5,8 @@
     acc = LightningAccuracy(lit_module, datamodule, attr="net", metric="val_loss", mode="min",
                             max_steps=30, val_check_interval=10, experiment_dir="runs/exp1")
     result = fxsketch.optimize(lit_module.net, spec, example_inputs=x, accuracy_fn=acc,
-                               accuracy_threshold=acc.threshold(0.35), pruner=optuna.pruners.MedianPruner(),
-                               experiment_dir="runs/exp1")
+                               accuracy_threshold=acc.threshold(0.35), experiment_dir="runs/exp1",
+                               search=fxsketch.SearchOptions(pruner=optuna.pruners.MedianPruner()))
 
 Each call puts the candidate model (the rewritten network fxsketch builds for a trial) into a
 copy of the user's LightningModule, optionally fine-tunes it briefly with `trainer.fit`, then runs
@@ -97,7 +97,7 @@ def _as_trial(obj: Any) -> optuna.trial.Trial | None:
     if obj is None or isinstance(obj, optuna.trial.Trial):
         return obj
     if isinstance(obj, OptunaSearch):
-        return obj._trial
+        return obj.pending_trial
     raise TypeError(f"trial must be an optuna.trial.Trial or an fxsketch.tuner.OptunaSearch, got {type(obj).__name__}")
 
 

@@ -77,7 +77,7 @@ class Result:
             ValueError: the search was not multi-objective, or no point reaches `min_accuracy`.
         """
         if not self.pareto:
-            raise ValueError("no Pareto front: run optimize(..., objectives=('accuracy', 'speed'))")
+            raise ValueError("no Pareto front: run optimize(..., search=SearchOptions(objectives=('accuracy', 'speed')))")
         fit = [p for p in self.pareto if p.accuracy >= min_accuracy]
         if not fit:
             best = max(p.accuracy for p in self.pareto)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fxsketch.records import LayerRecord
-from fxsketch.spec import Int, ParamSpec
+from fxsketch.space import Int, ParamSpec
 
 __all__ = ["Cost", "ReplacementKind", "FactorCache", "dense_cost", "lowrank_cost", "efficient_rank_limit"]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from fxsketch.spec import Categorical, ParamSpec, as_param_spec
+from fxsketch.space import Categorical, ParamSpec, as_param_spec
 
 if TYPE_CHECKING:  # pandas is optional: only annotations name it
     import pandas as pd
@@ -164,6 +164,11 @@ class OptunaSearch(SearchAlgorithm):
         self._abandon_pending()
         self._trial = study.ask()
         return {name: spec.suggest(self._trial, name) for name, spec in self._space.items()}
+
+    @property
+    def pending_trial(self) -> optuna.Trial | None:
+        """The trial asked for by `get_next_params` and not yet told (None between trials)."""
+        return self._trial
 
     def update(self, params: dict[str, Any], score: float) -> None:
         """Tell the study the score of the pending trial."""
