@@ -55,6 +55,10 @@ class Entry:
     def method(self) -> str:
         return self.kind.name
 
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as a plan writes it: `{"method": ..., **every parameter}`."""
+        return {"method": self.kind.name, **self.params}
+
     def cost(self, record: LayerRecord) -> Cost:
         return self.kind.cost(record, self.params)
 

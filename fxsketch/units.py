@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fxsketch.plan import Entry
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import KINDS, dense_cost, get_kind
 from fxsketch.select import match_layers
@@ -184,7 +185,7 @@ def suggest_entry(unit: Unit, trial: optuna.Trial, default_method: str, records=
         if unknown:
             raise ValueError(f"the params callable of {unit.key} returned {sorted(unknown)}, which method "
                              f"{kind.name!r} does not take (it takes {list(kind.param_names)})")
-        return {"method": kind.name, **{p: entry.get(p, kind.defaults.get(p)) for p in kind.param_names}}
+        return Entry.of(entry, unit.key).as_dict()
     space = unit.space
     method = space["method"].suggest(trial, f"{unit.key}:method") if "method" in space else default_method
     kind = get_kind(method)
@@ -210,15 +211,15 @@ def space_size(unit: Unit, default_method: str) -> float:
 
 def invalid_reason(records: Mapping[str, LayerRecord], unit: Unit, entry: Mapping[str, Any]) -> str:
     """Why `entry` cannot or should not be built for the unit's layers ("" when it can)."""
-    kind = get_kind(entry["method"])
-    params = {k: v for k, v in entry.items() if k != "method"}
+    resolved = Entry.of(entry, unit.key)
+    given = {k: v for k, v in entry.items() if k != "method"}
     for name in unit.layers:
         record = records[name]
-        problem = kind.invalid(record, params)
+        problem = resolved.kind.invalid(record, resolved.params)
         if problem:
             return f"{name}: {problem}"
-        if kind.name != "dense" and kind.cost(record, params).flops_per_token >= dense_cost(record).flops_per_token:
-            return f"{name}: {kind.name} {params} is not cheaper than the dense layer"
+        if resolved.method != "dense" and resolved.cost(record).flops_per_token >= dense_cost(record).flops_per_token:
+            return f"{name}: {resolved.method} {given} is not cheaper than the dense layer"
     return ""
 
 
