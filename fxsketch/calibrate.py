@@ -66,6 +66,8 @@ class LayerStats:
     def add(self, rows: torch.Tensor, ref: torch.Tensor | None = None) -> None:
         """Accumulate input rows (and, for sequential statistics, the original model's rows `ref`)."""
         rows = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
+        if self.gram.device != rows.device:  # statistics live on the layer's device
+            self.gram = self.gram.to(rows.device)
         self.gram.addmm_(rows.T, rows)
         self.count += rows.shape[0]
         total = rows.sum(0)

@@ -66,7 +66,7 @@ class LowRankLinear(nn.Module):
         cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
     ) -> "LowRankLinear":
         """Build from given factors (copied, so the caller's tensors are never shared)."""
-        with _no_init():
+        with _no_init(), torch.device(B.device):
             layer = cls(B.shape[1], A.shape[0], B.shape[0], bias=bias is not None).to(B.dtype)
         _copy_into(layer, B=B, A=A, bias=bias)
         return layer
@@ -114,7 +114,7 @@ class LowRankConv2d(nn.Module):
     ) -> "LowRankConv2d":
         """Build from B (rank, C, kh, kw) and A (out, rank); the tensors are copied."""
         rank, c, kh, kw = B.shape
-        with _no_init():
+        with _no_init(), torch.device(B.device):
             layer = cls(c, A.shape[0], rank, (kh, kw), stride, padding, dilation, bias is not None).to(B.dtype)
         _copy_into(layer, B=B, A=A, bias=bias)
         return layer
@@ -129,9 +129,10 @@ class LowRankConv2d(nn.Module):
         )
 
 
-def _scaled_signs(shape: tuple[int, ...], k: int, generator: torch.Generator) -> torch.Tensor:
-    signs = torch.randint(0, 2, shape, generator=generator).float().mul_(2).sub_(1)
-    return signs / math.sqrt(k)
+def _scaled_signs(shape: tuple[int, ...], k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Random ±1/√k entries, drawn on the CPU (the same values on every device), then moved."""
+    signs = torch.randint(0, 2, shape, generator=generator, device="cpu").float().mul_(2).sub_(1)
+    return (signs / math.sqrt(k)).to(device)
 
 
 class _Sketched(nn.Module):
@@ -146,10 +147,11 @@ class _Sketched(nn.Module):
         if num_terms < 1 or low_rank < 1:
             raise ValueError(f"num_terms and low_rank must be >= 1, got {num_terms} and {low_rank}")
         self.num_terms, self.low_rank = num_terms, low_rank
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)
         l, k = num_terms, low_rank
-        self.register_buffer("U1", _scaled_signs((l, k, out), k, g))
-        self.register_buffer("U2", _scaled_signs((l, d, k), k, g))
+        device = weight.device if weight is not None else torch.empty(0).device  # the default device
+        self.register_buffer("U1", _scaled_signs((l, k, out), k, g, device))
+        self.register_buffer("U2", _scaled_signs((l, d, k), k, g, device))
         if weight is None:
             weight = _uniform_(torch.empty(out, d), d)
         wide = torch.float64 if weight.dtype == torch.float64 else torch.float32

@@ -190,7 +190,7 @@ class FactorCache:
             # nothing upstream changed (P = C̃) and keeps W's action on directions the calibration
             # data barely covers (few rows for wide layers) instead of zeroing or amplifying them.
             ridge = self.CROSS_RIDGE * C.diagonal().mean().clamp_min(1e-12)
-            eye = ridge * torch.eye(C.shape[0], dtype=C.dtype)
+            eye = ridge * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
             W = torch.linalg.solve(C + eye, (W @ (P + eye)).T).T  # C̃ symmetric
         return W, C
 
@@ -259,7 +259,7 @@ class FactorCache:
                 self._whitened[slot] = stored
                 return stored
             ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
-            L = torch.linalg.cholesky(C + ridge * torch.eye(C.shape[0], dtype=C.dtype))
+            L = torch.linalg.cholesky(C + ridge * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
             U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
             M = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T  # Vᵀ L⁻¹
             self._whitened[slot] = (U, S, M)

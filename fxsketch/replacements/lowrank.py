@@ -47,7 +47,7 @@ class SVD(ReplacementKind):
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         rank = int(params["low_rank"])
         if not copy_weights:
-            return fresh_lowrank_module(record, rank, bias is not None).to(weight.dtype)
+            return fresh_lowrank_module(record, rank, bias is not None).to(weight.device, weight.dtype)
         W = weight.reshape(record.out_features, -1)
         U, S, Vh = cache.svd(record.name, W, rank)
         root = S.sqrt()
@@ -73,7 +73,7 @@ class WhitenedSVD(SVD):
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         rank = int(params["low_rank"])
         if not copy_weights:
-            return fresh_lowrank_module(record, rank, bias is not None).to(weight.dtype)
+            return fresh_lowrank_module(record, rank, bias is not None).to(weight.device, weight.dtype)
         W = weight.reshape(record.out_features, -1)
         centered = cache.centers(record.name, bias is not None)
         A, B = cache.whitened_factors(record.name, W, centered, weight.dtype)

@@ -14,7 +14,7 @@ __all__ = ["refit_outer", "refit_sketch"]
 def _solve_spd(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """M⁻¹ rhs for a symmetric positive semi-definite M, with a small ridge for singular cases."""
     ridge = 1e-10 * M.diagonal().abs().mean().clamp_min(1e-300)
-    return torch.linalg.solve(M + ridge * torch.eye(M.shape[0], dtype=M.dtype), rhs)
+    return torch.linalg.solve(M + ridge * torch.eye(M.shape[0], dtype=M.dtype, device=M.device), rhs)
 
 
 def refit_outer(W: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,11 @@ class Sketch(ReplacementKind):
             g = record.conv
             module = SKConv2d(c, record.out_features, (kh, kw), l, k, g["stride"], g["padding"],
                               g["dilation"], bias=bias is not None, weight=w, seed=layer_seed(record.name))
+        module = module.to(weight.device)  # the sketches are drawn on the CPU, the same on every device
         moment = cache.second_moment(record.name) if copy_weights and cache.refit else None
         # a layer whose inputs were all zero in calibration (e.g. after a dead ReLU) has nothing to
         # fit: it keeps its zero-shot sketch (whitening a zero second moment would give NaN)
-        if moment is not None and float(moment.diagonal().sum()) > 0:
+        if moment is not None and (moment.is_meta or float(moment.diagonal().sum()) > 0):  # meta: no values
             # Zero-shot sketches keep almost nothing of the layer. With calibration statistics the
             # fixed sketches become data-aware (the layer's leading output directions for U1, the
             # next whitened input directions for U2: the sketch can then represent the whitened
