@@ -132,8 +132,30 @@ def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     _register_library_types()
     auto = torch.export.Dim.AUTO
     dynamic = tuple({i: auto for i in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in inputs)
-    ep = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
-    return ep.module()
+    if _batch_of_one(inputs):
+        # export fixes a dimension of size 1 for good: trace at batch 2 (the same rows twice) so
+        # the graph serves every batch size, unless the model cannot take a batch of 2
+        try:
+            doubled = tuple(_repeat_batch(x) for x in inputs)
+            return torch.export.export(model, doubled, dynamic_shapes=dynamic, strict=False).module()
+        except Exception as exc:  # the model needs batch 1 (or that input is not a batch): keep it
+            log.debug("export at batch 2 failed (%s): exporting at batch 1", _first_line(exc))
+    gm = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False).module()
+    if _batch_of_one(inputs):
+        log.warning("the model was captured with torch.export at batch size 1 and cannot be traced at batch 2: the "
+                    "rewritten module only runs at batch 1 (give example_inputs with a batch of 2 or more to "
+                    "serve other batch sizes)")
+    return gm
+
+
+def _batch_of_one(inputs: tuple) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 for x in inputs)
+
+
+def _repeat_batch(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1:
+        return x.repeat(2, *([1] * (x.dim() - 1)))
+    return x
 
 
 def _register_library_types() -> None:
