@@ -19,6 +19,7 @@ from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
 from fxsketch.kernels.choose import choose
 
 BACKENDS = ("aten", "triton")
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what "auto" may send to the fused kernel
 
 _LIB = torch.library.Library("fxsketch", "DEF")
 _LIB.define("lowrank_linear(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
@@ -31,14 +32,16 @@ _LIB.define(
 def kernel_backend(x: torch.Tensor) -> str:
     """Which implementation runs for tensors like `x`: FXSKETCH_KERNEL=triton|aten forces one; unset
     picks ATen off CUDA and, on CUDA, the faster of the fused Triton kernel and the cuBLAS chain
-    for each shape ("auto", timed once per shape by `fxsketch.kernels.choose`)."""
+    for each shape ("auto", timed once per shape by `fxsketch.kernels.choose`). float64 stays on
+    ATen unless forced: the fused kernel's float64 dot does not compile under every Triton our
+    torch range pairs with (3.6 asserts), and float64 is no serving dtype."""
     forced = os.environ.get("FXSKETCH_KERNEL")
     if forced:
         forced = forced.strip().lower()
         if forced not in BACKENDS:
             raise ValueError(f"FXSKETCH_KERNEL={forced!r} is not one of {BACKENDS}: unset it or pick one")
         return forced
-    return "auto" if x.is_cuda and _triton_available() else "aten"
+    return "auto" if x.is_cuda and x.dtype in FUSED_DTYPES and _triton_available() else "aten"
 
 
 @functools.cache

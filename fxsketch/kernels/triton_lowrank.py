@@ -1,10 +1,12 @@
 """Fused low-rank GEMM in Triton: `y = (x · Bᵀ) · Aᵀ + bias` with the M×R intermediate on chip.
 
-One program owns a BM-row tile of x and a slice of N. For each BR-wide chunk of the rank it
-computes t = x_tile · B_chunkᵀ in float32 (float64 for float64 inputs) registers (phase 1, looping over K), casts it to the
-input dtype, and streams it against A (phase 2, looping over its N slice), so t is never written to
-global memory. With R ≤ BR there is one chunk and every output tile is written once, bias
-included; larger R adds later chunks onto the stored output. `N_SPLIT` programs share the N range
+One program owns a BM-row tile of x and a slice of N. For one BR-wide chunk of the rank it
+computes t = x_tile · B_chunkᵀ in float32 (float64 for float64 inputs) registers (phase 1, looping
+over K), casts it to the input dtype, and streams it against A (phase 2, looping over its N slice),
+so t is never written to global memory. With R ≤ BR (the usual case) one launch writes every
+output tile once, bias included; a larger R takes one launch per chunk, each adding its chunk onto
+the stored output. Each launch is two flat loops, the shape Triton pipelines best (a loop over the
+chunks around them broke Triton 3.6's pipeliner). `N_SPLIT` programs share the N range
 of one row tile: one (no recomputation of phase 1) when M is large, several when M is small and
 the row tiles alone would leave the GPU idle.
 
@@ -20,6 +22,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 
 @triton.jit
@@ -33,11 +37,11 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _lowrank_fwd_kernel(
     x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr,
-    M, K, N, R, HW,
+    M, K, N, R, r0, HW,
     sx_b, sx_m, sx_k, sb_r, sb_k, sa_n, sa_r, sy_b, sy_m, sy_n, s_bias,
     M_BUCKET,  # autotune key only: the power-of-two bucket of M
     HAS_BIAS: tl.constexpr, IDENTITY_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ACC: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    ACC: tl.constexpr, ADD_TO_Y: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, N_SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -51,18 +55,10 @@ def _lowrank_fwd_kernel(
     n_stop = tl.minimum(n_begin + tiles_per_split * BN, N)
     if n_begin >= n_stop:
         return  # more splits than column tiles: nothing left for this program
-    if ONE_CHUNK:
-        # R fits one chunk (the usual case): two flat loops, which Triton pipelines best.
-        t = _rank_chunk(x_ptr, b_ptr, x_rows, m_mask, 0, R, K, sx_k, sb_r, sb_k,
-                        IDENTITY_B, PRECISION, UPCAST, ACC, BM, BK, BR)
-        _emit(t, a_ptr, bias_ptr, y_ptr, y_rows, m_mask, 0, n_begin, n_stop, sa_n, sa_r, sy_n, s_bias, R,
-              HAS_BIAS, PRECISION, UPCAST, ACC, BM, BN, BR)
-    else:
-        for r0 in range(0, R, BR):
-            t = _rank_chunk(x_ptr, b_ptr, x_rows, m_mask, r0, R, K, sx_k, sb_r, sb_k,
-                            IDENTITY_B, PRECISION, UPCAST, ACC, BM, BK, BR)
-            _emit(t, a_ptr, bias_ptr, y_ptr, y_rows, m_mask, r0, n_begin, n_stop, sa_n, sa_r, sy_n, s_bias, R,
-                  HAS_BIAS, PRECISION, UPCAST, ACC, BM, BN, BR)
+    t = _rank_chunk(x_ptr, b_ptr, x_rows, m_mask, r0, R, K, sx_k, sb_r, sb_k,
+                    IDENTITY_B, PRECISION, UPCAST, ACC, BM, BK, BR)
+    _emit(t, a_ptr, bias_ptr, y_ptr, y_rows, m_mask, r0, n_begin, n_stop, sa_n, sa_r, sy_n, s_bias, R,
+          HAS_BIAS, PRECISION, UPCAST, ACC, ADD_TO_Y, BM, BN, BR)
 
 
 @triton.jit
@@ -91,8 +87,10 @@ def _rank_chunk(x_ptr, b_ptr, x_rows, m_mask, r0, R, K, sx_k, sb_r, sb_k,
 @triton.jit
 def _emit(t, a_ptr, bias_ptr, y_ptr, y_rows, m_mask, r0, n_begin, n_stop, sa_n, sa_r, sy_n, s_bias, R,
           HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-    """y[:, n_begin:n_stop] (+)= t · A[:, r0:r0+BR]ᵀ, plus bias on the first chunk."""
+          ADD_TO_Y: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    """y[:, n_begin:n_stop] (+)= t · A[:, r0:r0+BR]ᵀ, plus bias on the first chunk. Whether to add
+    onto y is a compile-time flag: a data-dependent load inside the loop breaks Triton 3.6's
+    pipeliner on sm_90."""
     r_idx = r0 + tl.arange(0, BR)
     r_mask = r_idx < R
     offs_n = tl.arange(0, BN)
@@ -104,7 +102,7 @@ def _emit(t, a_ptr, bias_ptr, y_ptr, y_rows, m_mask, r0, n_begin, n_stop, sa_n, 
         acc = _dot(t, at, tl.zeros((BM, BN), dtype=ACC), PRECISION, UPCAST)
         y_ptrs = y_ptr + y_rows[:, None] + n_idx[None, :] * sy_n
         out_mask = m_mask[:, None] & n_mask[None, :]
-        if r0 > 0:
+        if ADD_TO_Y:
             acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(ACC)
         elif HAS_BIAS:
             acc += tl.load(bias_ptr + n_idx * s_bias, mask=n_mask, other=0.0).to(ACC)[None, :]
@@ -122,7 +120,7 @@ def _cuda_configs() -> list[triton.Config]:
         (16, 128, 128, 8, 4, 3), (16, 64, 128, 16, 4, 3), (16, 256, 64, 16, 8, 3), (16, 128, 64, 32, 4, 4),
         (64, 32, 32, 1, 4, 2), (64, 32, 32, 4, 4, 2), (16, 32, 64, 16, 4, 2),
     ):
-        for br in (32, 64, 128, 256):
+        for br in (16, 32, 64, 128, 256):
             configs.append(triton.Config(dict(BM=bm, BN=bn, BK=bk, BR=br, N_SPLIT=split),
                                          num_warps=warps, num_stages=stages))
     return configs
@@ -152,15 +150,16 @@ def _prune(configs, named_args, **kwargs):
                 and _smem_bytes(c, size) <= _SMEM_BUDGET)
 
     kept = [c for c in configs if suits(c)]
-    # the fallback must keep BR: ONE_CHUNK (set by the caller) assumes one chunk holds R ≤ 256
+    # the fallback must keep BR: the caller launches once per BR-wide chunk of R
     same_chunk = [c for c in configs if c.kwargs["BR"] == want_br]
     return kept or [min(same_chunk, key=lambda c: _smem_bytes(c, size))]
 
 
 @functools.cache
 def _autotuned():
+    # a later chunk adds onto y: benchmarking it must not leave its repeats there
     return triton.autotune(configs=_cuda_configs(), key=["M_BUCKET", "K", "N", "R", "IDENTITY_B", "HAS_BIAS", "PRECISION"],
-                           prune_configs_by={"early_config_prune": _prune})(_lowrank_fwd_kernel)
+                           prune_configs_by={"early_config_prune": _prune}, restore_value=["y_ptr"])(_lowrank_fwd_kernel)
 
 
 def interpreting() -> bool:
@@ -170,20 +169,22 @@ def interpreting() -> bool:
 
 def _launch(x, b, a, bias, y, M, K, N, R, HW, x_strides, y_strides, identity_b: bool) -> None:
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    args = (x, b if b is not None else x, a, bias if bias is not None else a, y, M, K, N, R, HW,
-            *x_strides, *(b.stride() if b is not None else (0, 0)), *a.stride(), *y_strides,
-            bias.stride(0) if bias is not None else 0,
-            triton.next_power_of_2(M))
     flags = dict(HAS_BIAS=bias is not None, IDENTITY_B=identity_b, PRECISION=precision,
                  UPCAST=interpreting() and x.dtype == torch.bfloat16,
                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
-    if interpreting():
-        # The interpreter has no driver to benchmark with: one fixed, small config.
-        cfg = dict(BM=16, BN=32, BK=32, BR=_rank_chunk_width(R, cap=64), N_SPLIT=1)
-        _lowrank_fwd_kernel[(triton.cdiv(M, cfg["BM"]), 1)](*args, **flags, ONE_CHUNK=R <= cfg["BR"], **cfg)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
-        _autotuned()[grid](*args, **flags, ONE_CHUNK=R <= _rank_chunk_width(R))
+    # The interpreter has no driver to benchmark with: one fixed, small config.
+    fixed = dict(BM=16, BN=32, BK=32, BR=_rank_chunk_width(R, cap=64), N_SPLIT=1) if interpreting() else None
+    chunk = fixed["BR"] if fixed else _rank_chunk_width(R)
+    for r0 in range(0, R, chunk):
+        args = (x, b if b is not None else x, a, bias if bias is not None else a, y, M, K, N, R, r0, HW,
+                *x_strides, *(b.stride() if b is not None else (0, 0)), *a.stride(), *y_strides,
+                bias.stride(0) if bias is not None else 0,
+                triton.next_power_of_2(M))
+        if fixed:
+            _lowrank_fwd_kernel[(triton.cdiv(M, fixed["BM"]), 1)](*args, **flags, ADD_TO_Y=r0 > 0, **fixed)
+        else:
+            grid = lambda meta: (triton.cdiv(M, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
+            _autotuned()[grid](*args, **flags, ADD_TO_Y=r0 > 0)
 
 
 def _rank_chunk_width(R: int, cap: int = 256) -> int:
@@ -231,3 +232,75 @@ def pointwise_conv_triton(t: torch.Tensor, A: torch.Tensor, bias: torch.Tensor |
     if M and N:
         _launch(t, None, A, bias, y, M, R, N, R, HW, (R * HW, 1, HW), (N * HW, 1, HW), identity_b=True)
     return y
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+class _Shape:
+    """What the pruner reads of a tensor argument, without a tensor."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+def aot_compile(M: int, K: int, N: int, R: int, dtype: torch.dtype = torch.bfloat16, arch: int = 90, *,
+                bias: bool = True, hw: int | None = None, chunk: int = 0) -> list[tuple[triton.Config, str | None]]:
+    """Compile the fused kernel for a CUDA GPU of compute capability `arch` (80, 90, ...) without
+    one: every autotune config the pruner keeps for the call `lowrank_linear_triton(x (M, K), B (R,
+    K), A (N, R), bias)` (with `hw`: the 1×1 stage of a low-rank Conv2d with R channels over
+    H·W = `hw` pixels per image, M = batch·hw), specialized as the runtime would (integer
+    arguments equal to 1 become constants, multiples of 16 and pointers are marked 16-divisible).
+    `chunk` picks the launch of a rank above one chunk's width (0: the first; 1: a later one, which
+    adds onto the output).
+
+    Returns (config, None) for each config that compiles and (config, the first line of the
+    error) for each that does not: a check of a new Triton release, or of a new GPU generation.
+    """
+    if dtype not in _TRITON_TYPES:
+        raise ValueError(f"dtype must be one of {list(_TRITON_TYPES)}, got {dtype}")
+    identity = hw is not None
+    K = R if identity else K
+    x_strides = (R * hw, 1, hw) if identity else (0, K, 1)
+    y_strides = (N * hw, 1, hw) if identity else (0, N, 1)
+    values = dict(M=M, K=K, N=N, R=R, r0=chunk * _rank_chunk_width(R), HW=hw if identity else M,
+                  **dict(zip(("sx_b", "sx_m", "sx_k"), x_strides)), sb_r=0 if identity else K,
+                  sb_k=0 if identity else 1, sa_n=R, sa_r=1, **dict(zip(("sy_b", "sy_m", "sy_n"), y_strides)),
+                  s_bias=1 if bias else 0, M_BUCKET=triton.next_power_of_2(M))
+    flags = dict(HAS_BIAS=bias, IDENTITY_B=identity, PRECISION="ieee", UPCAST=False,
+                 ACC=tl.float64 if dtype == torch.float64 else tl.float32, ADD_TO_Y=chunk > 0)
+    configs = _prune(_cuda_configs(), {"R": R, "M": M, "N": N, "x_ptr": _Shape(dtype)})
+    results = []
+    for config in configs:
+        constants = {**flags, **config.kwargs}
+        signature, constexprs, attrs = {}, {}, {}
+        for i, name in enumerate(_lowrank_fwd_kernel.arg_names):
+            value = constants.get(name, values.get(name))
+            if name in constants or value == 1:
+                signature[name], constexprs[name] = "constexpr", value
+            else:
+                signature[name] = "*" + _TRITON_TYPES[dtype] if name.endswith("_ptr") else "i32"
+                if name.endswith("_ptr") or value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        try:
+            triton.compile(ASTSource(_lowrank_fwd_kernel, signature, constexprs, attrs),
+                           target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            results.append((config, None))
+        except Exception as exc:  # a compiler failure is the answer, whatever its type
+            results.append((config, _reason(exc)))
+    return results
+
+
+def _reason(exc: BaseException) -> str:
+    """What failed, outermost first: each error's first line (Triton wraps the reason, with the
+    failing line of the kernel, around its cause)."""
+    parts = []
+    while exc is not None:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        parts.append(f"{type(exc).__name__}: {' '.join(lines[:3])[:300]}" if lines else type(exc).__name__)
+        exc = exc.__cause__
+    return " <- ".join(parts)
