@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("pytorch_lightning")
 
 import fxsketch  # noqa: E402
+import fxsketch as pr  # noqa: E402
 from fxsketch import Categorical, LayerConfig  # noqa: E402
 from fxsketch.lightning import CHECKPOINT_ATTR, METRIC_ATTR, PRUNED_ATTR, LightningAccuracy, LightningMetricError  # noqa: E402
-from test_tuner_support import digits  # noqa: E402
-from test_tuner_support import one_thread  # noqa: E402,F401  (autouse fixture)
+from conftest import digits, val_loader  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = dict(accelerator="cpu")
 
@@ -443,3 +445,27 @@ def test_base_config_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="invalid JSON"):
         LightningAccuracy.from_config(bad, DigitsLit, attr="net")
+
+
+# --------------------------------------------------------------------------- max_epochs (seed item 6)
+
+
+def test_lightning_accuracy_fits_each_candidate_for_max_epochs():
+    """Item 6's "short trainer.fit per trial (max epochs/steps)": max_epochs (max_steps is covered in
+    test_lightning.py) trains a copy of the candidate for that many epochs, then validates."""
+    pytest.importorskip("pytorch_lightning")
+    from test_lightning import CPU, train_data, trained_lit, val_data
+
+    from fxsketch.lightning import LightningAccuracy
+
+    lit = trained_lit(lr=0.2)
+    x = val_loader().dataset.tensors[0]
+    crude = pr.rewrite(lit.net, {"0": {"method": "svd", "low_rank": 3}}, x[:8])
+    before = {k: v.clone() for k, v in crude.state_dict().items()}
+    validate = LightningAccuracy(lit, attr="net", val_dataloaders=val_data(), trainer_kwargs=CPU)
+    tune = LightningAccuracy(lit, attr="net", train_dataloaders=train_data(), val_dataloaders=val_data(),
+                             max_epochs=1, seed=0, trainer_kwargs=CPU)
+    plain, tuned = validate(crude), tune(crude)
+    assert tune.last_trainer.current_epoch == 1 and tune.last_trainer.global_step == len(train_data())
+    assert tuned > plain
+    assert all(torch.equal(v, crude.state_dict()[k]) for k, v in before.items())  # a copy was trained

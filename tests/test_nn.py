@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxsketch as pr
 from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 
 # from_factors/from_dense build a float32 layer, copy_()s the factors into it (rounding them to float32) and
@@ -330,3 +331,67 @@ def test_sketch_modules_reject_invalid_sizes(num_terms, low_rank):
 def test_skconv2d_from_dense_rejects_unsupported_convs(conv):
     with pytest.raises(ValueError, match="groups=1"):
         SKConv2d.from_dense(conv, num_terms=1, low_rank=2)
+
+
+# --------------------------------------------------------------------------- sketched layers built by users
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_skconv2d_extra_repr_shows_the_sizes():
+    layer = pr.nn.SKConv2d(3, 8, 3, num_terms=2, low_rank=4, stride=2, padding=1)
+    text = repr(layer)
+    assert text.startswith("SKConv2d(3, 8, kernel_size=(3, 3)")
+    assert "num_terms=2" in text and "low_rank=4" in text and "stride=(2, 2)" in text and "padding=(1, 1)" in text
+
+
+def _model_of_user_built_layers() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(pr.nn.SKConv2d(3, 8, 3, num_terms=2, low_rank=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         pr.nn.SKLinear(8 * 6 * 6, 10, num_terms=2, low_rank=4)).eval()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_user_built_sketched_layers_export_to_the_fxsketch_ops():
+    """`pr.nn.SKLinear`/`SKConv2d` run on the same fxsketch ops as the rewrite: one op node each in export."""
+    model = _model_of_user_built_layers()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.fxsketch.lowrank_linear.default) == 1
+    assert targets.count(torch.ops.fxsketch.lowrank_conv2d.default) == 1
+    assert not {torch.ops.aten.linear.default, torch.ops.aten.conv2d.default} & set(targets)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_user_built_sketched_layers_compile_and_run_on_the_triton_kernels(monkeypatch):
+    model = _model_of_user_built_layers()
+    x = torch.randn(2, 3, 6, 6)
+    monkeypatch.setenv("FXSKETCH_KERNEL", "aten")
+    with torch.no_grad():
+        expected = model(x)
+    monkeypatch.setenv("FXSKETCH_KERNEL", "triton")  # the interpreter on CPU (tests/conftest.py)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FXSKETCH_KERNEL", "aten")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_sketch_kind_of_the_rewrite_builds_the_same_modules_users_build():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(12, 8))
+    gm = pr.rewrite(dense, {"0": {"method": "sketch", "num_terms": 2, "low_rank": 3}}, torch.randn(2, 12))
+    built = gm.get_submodule("0")
+    from fxsketch.replacements.sketch import layer_seed
+
+    by_hand = SKLinear.from_dense(dense[0], num_terms=2, low_rank=3, seed=layer_seed("0"))
+    assert type(built) is SKLinear and repr(built) == repr(by_hand)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), by_hand(x))

@@ -1,4 +1,5 @@
-"""optimize's option groups: the new form, the moved keywords (deprecated, still working) and errors."""
+"""fxsketch.options, optimize's option groups: the new form, the moved keywords (deprecated, still working)
+and errors; and what the groups pass through to allocation and recovery, and rewrite(sequential=True)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import inspect
 import warnings
 
 import pytest
+import torch
+from torch import nn
 
 import fxsketch
 from fxsketch import CalibrationOptions, LayerConfig, SearchOptions, StudyOptions
 from fxsketch.options import LEGACY_KEYWORDS, merge_legacy
-from tests.test_search import X, _agreement, _mlp
+from fxsketch.study_format import UNIT as UNIT_ATTR
+from fxsketch.study_format import WHOLE_MODEL as JOINT_KEY
+from conftest import agreement as _agreement, mlp as _mlp, MLP_X as X
 
 SPEC = LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
 
@@ -85,3 +90,103 @@ def test_option_groups_are_frozen():
     options = SearchOptions()
     with pytest.raises(AttributeError):
         options.objective = "flops"
+
+
+# --------------------------------------------------------------------------- pass-throughs to allocation and recovery
+
+
+"""optimize's pass-throughs to allocation and recovery, and rewrite(sequential=True)."""
+
+
+D = 32
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 4)).eval()
+
+
+def _batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(8, D, generator=torch.Generator().manual_seed(7))
+    return [(torch.randn(64, 8, generator=g) @ mix + 0.05 * torch.randn(64, D, generator=g),) for _ in range(n)]
+
+
+def _first_warm_plan(result):
+    for t in result.study.trials:
+        entry = t.user_attrs.get("fxsketch.plan") or t.user_attrs.get("fxsketch.entry")
+        if t.user_attrs.get(UNIT_ATTR) == JOINT_KEY and isinstance(entry, dict):
+            return entry
+    raise AssertionError("no whole-model warm-start trial")
+
+
+def _run(model, **kw):
+    x = _batches(1, seed=5)[0][0]
+    spec = fxsketch.LayerConfig(["0", "2"], params="auto")
+    return fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=lambda m: 1.0, accuracy_threshold=0.5,
+                             objective="flops", n_trials=6, seed=0, calibration_data=_batches(), **kw)
+
+
+def test_allocation_sensitivity_moves_the_warm_start_budget_to_the_weighted_layer():
+    model = _model()
+    plain = _first_warm_plan(_run(model))
+    heavy = _first_warm_plan(_run(model, allocation_sensitivity={"0": 1e6, "2": 1e-6}))
+    rank = lambda plan, n: plan.get(n, {}).get("low_rank", 10**9)  # noqa: E731  (dense: the largest)
+    assert rank(heavy, "0") >= rank(plain, "0")
+    assert rank(heavy, "2") <= rank(plain, "2")
+    assert (rank(heavy, "0"), rank(heavy, "2")) != (rank(plain, "0"), rank(plain, "2"))
+
+
+def test_measured_allocation_sensitivity_is_probed_once_and_reused(monkeypatch):
+    """"output" is measured once, at half the FLOPs, and every warm-start allocation reuses it (as
+    per-layer weights) instead of probing again."""
+    import sys
+
+    alloc = sys.modules["fxsketch.allocate"]  # the module (fxsketch.allocate is also the function)
+    calls, weights = [], []
+    probe, allocate_units = alloc.unit_weights, alloc.allocate_units
+
+    def counting_probe(*args, **kw):
+        calls.append((args[4], kw.get("share")))
+        return probe(*args, **kw)
+
+    def recording_allocate(*args, sensitivity=None, **kw):
+        weights.append(sensitivity)
+        return allocate_units(*args, sensitivity=sensitivity, **kw)
+
+    monkeypatch.setattr(alloc, "unit_weights", counting_probe)  # called by the allocator
+    monkeypatch.setattr("fxsketch.search.warm.unit_weights", counting_probe)  # and by the search
+    monkeypatch.setattr("fxsketch.search.warm.allocate_units", recording_allocate)
+    result = _run(_model(), allocation_sensitivity="output")
+    assert result.plan and _first_warm_plan(result)
+    probes = [c for c in calls if not isinstance(c[0], dict)]  # a mapping is only read, not probed
+    assert probes == [("output", 0.5)] and len(calls) > 1
+    assert len(weights) >= 2 and all(isinstance(w, dict) and set(w) == {"0", "2"} for w in weights)
+
+
+def test_recover_loss_fn_is_used_for_distillation():
+    calls = []
+
+    def loss(outputs, targets, inputs):
+        calls.append(1)
+        return (outputs - targets).square().mean()
+
+    _run(_model(), recover_steps=3, recover_lr=1e-3, recover_loss_fn=loss)
+    assert len(calls) >= 3
+
+
+def test_rewrite_sequential_flag_matches_rewrite_sequential():
+    model, batches = _model(), _batches()
+    plan = {"0": {"method": "whitened_svd", "low_rank": 4}, "2": {"method": "whitened_svd", "low_rank": 4}}
+    x = batches[0][0]
+    flagged = fxsketch.rewrite(model, plan, (x,), calibration_data=batches, sequential=True)
+    direct = fxsketch.rewrite_sequential(model, plan, batches, (x,))
+    independent = fxsketch.rewrite(model, plan, (x,), calibration_data=batches)
+    held = _batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        ref = model(held)
+        torch.testing.assert_close(flagged(held), direct(held))
+        err = lambda m: float((m(held) - ref).square().sum() / ref.square().sum())  # noqa: E731
+        assert err(flagged) <= err(independent) * 1.0001
+    with pytest.raises(ValueError, match="calibration_data"):
+        fxsketch.rewrite(model, plan, (x,), sequential=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+from conftest import run_search as _run
 
-from test_search import _run
 
 
 @pytest.fixture(scope="module")

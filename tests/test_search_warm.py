@@ -1,4 +1,4 @@
-"""The layerwise search's warm start: whole-model trials of the allocation (budget bisection, then a
+"""fxsketch.search.warm, the layerwise search's warm start: whole-model trials of the allocation (budget bisection, then a
 descent from the best feasible plan) before the per-unit search, and the final choice between the
 warm-start plan and the per-unit bests combined."""
 
@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import math
 
+
 import fxsketch
+from fxsketch.calibrate import calibrate
 from fxsketch.plan import plan_cost
-from test_calibrate import CALIB, _agreement, _model
+from fxsketch.replacements import FactorCache
+from conftest import CALIB, calib_mlp as _model, held_out_agreement as _agreement
 
 SPEC = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
 
@@ -69,3 +72,27 @@ def test_a_resumed_study_does_not_repeat_the_warm_start(tmp_path):
     assert len(second.trials) == 15
     joint = second.trials[second.trials["layer"] == "*"]
     assert (joint["number"] < 9).all()  # whole-model trials only in the first call
+
+
+def test_optimize_with_calibration_uses_whitened_svd_and_starts_from_the_error_curves():
+    model = _model()
+    spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
+    result = fxsketch.optimize(model, spec, example_inputs=CALIB[:64], accuracy_fn=_agreement(model),
+                               accuracy_threshold=0.9, objective="flops", n_trials=8, seed=0,
+                               calibration_data=[CALIB[:1000]])
+    assert set(result.trials["method"]) == {"whitened_svd"}
+    gm = fxsketch.capture(model, CALIB[:64])
+    cache = FactorCache(calibrate(gm, [CALIB[:1000]]))
+    first = result.trials.sort_values("number").groupby("layer").first()
+    records = {r.name: r for r in fxsketch.find_layers(gm)}
+    checked = 0
+    for name, layer in (("0", model[0]), ("2", model[2])):
+        # the first trial of each layer is its cheapest "auto" rank with under 1% output error
+        ranks = fxsketch.get_kind("whitened_svd").auto_space(records[name])["low_rank"].values()
+        errors = cache.output_errors(name, "whitened_svd", layer.weight, ranks)
+        under = [r for r, e in zip(ranks, errors) if e <= 0.01]
+        if under:
+            assert first.loc[name, "low_rank"] == under[0]
+            checked += 1
+    assert checked
+    assert result.accuracy >= 0.9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 import re
 import types
@@ -13,13 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsketch
+import fxsketch as pr
 import fxsketch.tuner as tuner_pkg
 from fxsketch.tuner import (
     Categorical, Float, Int, LayerConfig, ModelVisualizer, OptunaSearch, SearchAlgorithm, SKAutoTuner, TuningConfigs,
 )
-from test_tuner_support import SimpleModel
-from test_tuner_support import one_thread  # noqa: F401  (autouse fixture)
+from conftest import SimpleModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEEDS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "seeds"
 SEED_DOCS = ("tuner-api.rst", "tuner-api-v2.rst", "skautotuner-readme.md", "autotuner-guide-legacy.rst")
 ALWAYS_1 = lambda model: 1.0  # noqa: E731
@@ -287,3 +291,47 @@ def test_printed_names_work_as_selectors():
         tuner = SKAutoTuner(model, TuningConfigs([config]), ALWAYS_1)
     assert tuner.getConfigs()[0].layer_names == ("encoder.layer0.fc", "encoder.layer1.fc")
     assert isinstance(SearchAlgorithm, type)
+
+
+# --------------------------------------------------------------------------- documented signatures, the migration page
+
+
+def _defaults(obj) -> dict:
+    return {n: p.default for n, p in inspect.signature(obj).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_documented_signatures_and_defaults():
+    """tuner-api.rst's signatures: parameter order and every documented default."""
+    params = list(inspect.signature(SKAutoTuner).parameters)
+    assert params[:8] == ["model", "configs", "accuracy_eval_func", "search_algorithm", "verbose",
+                          "accuracy_threshold", "optimization_eval_func", "num_runs_per_param"]
+    assert _defaults(SKAutoTuner).items() >= {"search_algorithm": None, "verbose": False,
+                                              "accuracy_threshold": None, "optimization_eval_func": None,
+                                              "num_runs_per_param": 1}.items()
+    assert list(inspect.signature(OptunaSearch).parameters)[:7] == [
+        "n_trials", "sampler", "direction", "study_name", "storage", "load_if_exists", "seed"]
+    assert _defaults(OptunaSearch).items() >= {"n_trials": 100, "sampler": None, "direction": "maximize",
+                                               "study_name": None, "storage": None, "load_if_exists": False,
+                                               "seed": None}.items()
+    assert OptunaSearch().n_trials == 100
+    assert list(inspect.signature(LayerConfig).parameters)[:4] == ["layer_names", "params", "separate",
+                                                                  "copy_weights"]
+    assert _defaults(LayerConfig).items() >= {"separate": True, "copy_weights": True}.items()
+    assert _defaults(Int).items() >= {"step": 1, "log": False}.items()
+    assert _defaults(Float).items() >= {"step": None, "log": False}.items()
+    assert _defaults(ModelVisualizer.print_module_tree) == {"root_name": "model"}
+    assert list(inspect.signature(pr.nn.SKLinear).parameters)[:5] == [
+        "in_features", "out_features", "num_terms", "low_rank", "bias"]
+    assert list(inspect.signature(pr.nn.SKConv2d).parameters)[:7] == [
+        "in_channels", "out_channels", "kernel_size", "num_terms", "low_rank", "stride", "padding"]
+
+
+def test_migration_page_lists_each_public_name_and_the_import_change():
+    page = (ROOT / "docs" / "migrating-from-panther.md").read_text()
+    assert "from fxsketch.tuner import" in page and "import fxsketch as pr" in page
+    for name in ("SKAutoTuner", "LayerConfig", "TuningConfigs", "Categorical", "Int", "Float", "SearchAlgorithm",
+                 "OptunaSearch", "ModelVisualizer", "LayerNameResolver", "ParamsResolver", "SkAutoTuner",
+                 "SKLinear", "SKConv2d", "optmization_eval_func", "get_evaluation_history", "trusted=True",
+                 "copy_weights=False", "LightningAccuracy"):
+        assert name in page, name

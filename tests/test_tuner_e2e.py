@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 import statistics
 
+import pytest
 import torch
+from torch import nn
 
 from fxsketch.nn import SKLinear
 from fxsketch.tuner import Categorical, Int, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
-from test_tuner_support import accuracy, size_speed, trained_mlp
-from test_tuner_support import one_thread  # noqa: F401  (autouse fixture)
+from conftest import accuracy, fit, size_speed, trained_convnet, trained_mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 THRESHOLD = 0.85
 CONFIGS = TuningConfigs([LayerConfig(["fc1", "fc2"], {"num_terms": Categorical([1, 2, 3]),
@@ -55,3 +58,10 @@ def test_search_on_digits_improves_with_trials_varies_and_beats_the_mean():
         assert tuned.get_submodule(layer).low_rank == best[layer]["low_rank"]
     assert size_speed(tuned) > size_speed(trained_mlp())  # smaller than the dense model
     assert accuracy(tuned) > 0.5 and torch.is_grad_enabled()
+
+
+def test_support_models_learn_the_digits() -> None:
+    assert accuracy(trained_mlp()) > 0.9
+    assert accuracy(trained_convnet()) > 0.6
+    sk = nn.Sequential(SKLinear(64, 32, num_terms=2, low_rank=8), nn.ReLU(), SKLinear(32, 10, 1, 8))
+    assert accuracy(fit(sk, epochs=5)) > 0.8  # the sketched layers train from a random start

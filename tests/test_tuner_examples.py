@@ -17,9 +17,9 @@ from fxsketch.replacements import dense_cost
 from fxsketch.tuner import (
     Categorical, Float, Int, LayerConfig, OptunaSearch, SearchAlgorithm, SKAutoTuner, TuningConfigs,
 )
-from test_tuner_support import SimpleModel, accuracy, trained_convnet, trained_mlp, val_loader
-from test_tuner_support import one_thread  # noqa: F401  (autouse fixture)
+from conftest import accuracy, SimpleModel, trained_convnet, trained_mlp, val_loader
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

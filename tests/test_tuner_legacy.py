@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import fxsketch as pr
 from fxsketch.tuner import SkAutoTuner
 from fxsketch.tuner.legacy import LegacyAutoTuner
-from test_tuner_support import accuracy, digits, fit
-from test_tuner_support import one_thread  # noqa: F401  (autouse fixture)
+from conftest import accuracy, digits, fit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sketched_mlp(num_terms: int, low_rank: int, width: int = 64) -> nn.Sequential:

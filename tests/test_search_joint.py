@@ -1,4 +1,4 @@
-"""Joint strategy, whole-model budgets, multi-objective search and the Pareto front, importances
+"""fxsketch.search.joint: the joint strategy, whole-model budgets, multi-objective search and the Pareto front, importances
 and the sensitivity table."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 import fxsketch
 from fxsketch.plan import plan_cost
-from test_calibrate import CALIB, _agreement, _model
+from conftest import CALIB, calib_mlp as _model, held_out_agreement as _agreement, run_search as _run
 
 SPEC = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
 
@@ -85,3 +85,14 @@ def test_importance_and_sensitivity_tables():
     assert (table["err@5%"] >= table["err@50%"]).all()
     assert (table["rank<1%"] >= table["rank<10%"]).all()
     assert "sensitivity" in result.summary()
+
+
+def test_joint_tuning_shares_values_and_method_search():
+    spec = {"layers": [{"layer_names": ["0", "2"], "separate": False,
+                        "params": {"method": ["svd", "sketch", "dense"], "low_rank": [4, 8],
+                                   "num_terms": [1]}}]}
+    result = _run(spec=spec, accuracy_threshold=0.0, n_trials=6)
+    assert set(result.trials["layer"]) == {"group0:0+1"}
+    assert set(result.trials["method"]) <= {"svd", "sketch", "dense"}
+    if result.plan:
+        assert result.plan["0"] == result.plan["2"]

@@ -2,7 +2,7 @@
 
 `fixtures/study_v0.1.json` holds the trials of a small search (layerwise with a calibrated warm
 start, objective "flops") as written by fxsketch 0.1.0 before the search was split into modules.
-It was made once with `python tests/test_resume_format.py --write`; never regenerate it to make a
+It was made once with `python tests/test_study_format.py --write`; never regenerate it to make a
 failing test pass: the point is that old studies keep working.
 """
 
@@ -17,9 +17,7 @@ import torch
 
 import fxsketch
 from fxsketch import Categorical, LayerConfig
-
-from test_search import X, _agreement  # the suite's rank-6 MLP and its agreement accuracy
-from test_search import _mlp as _model
+from conftest import agreement as _agreement, mlp as _model, MLP_X as X  # the suite's rank-6 MLP and its agreement
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study_v0.1.json"
 SPEC = LayerConfig({"type": "Linear", "range": [0, 2]}, params={"low_rank": Categorical([2, 4, 8, 16])})

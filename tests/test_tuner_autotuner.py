@@ -1,4 +1,6 @@
-"""SKAutoTuner: one test per decision of issue 9 (score, studies, extras, weights, mutation, ...)."""
+"""fxsketch.tuner's SKAutoTuner (`SkAutoTuner/autotuner.py`): one test per decision of issue 9 (score,
+studies, extras, weights, mutation, ...), and the seed documents' promises about applying the best
+parameters, NaN accuracies, define-by-run specs and torchinfo."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import torch
 from torch import nn
 
 import fxsketch
+import fxsketch as pr
 from fxsketch.nn import LowRankLinear, SKLinear
 from fxsketch.tuner import Categorical, Float, Int, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
-from test_tuner_support import accuracy, pruning_accuracy, size_speed, trained_mlp
-from test_tuner_support import one_thread  # noqa: F401  (autouse fixture)
+from conftest import accuracy, pruning_accuracy, SimpleModel, size_speed, trained_mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPACE = {"num_terms": Categorical([1, 2, 3]), "low_rank": Categorical([4, 8, 16, 32, 64])}
 
@@ -433,3 +437,98 @@ def test_copy_weights_can_differ_between_configs_of_one_model():
     built = tuner.apply_best_params()
     assert torch.equal(built.fc1.bias, model.fc1.bias) and not torch.equal(built.fc2.bias, model.fc2.bias)
     assert built.meta["fxsketch_plan"].keys() == {"fc1", "fc2"}
+
+
+# --------------------------------------------------------------------------- applying the best parameters
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer0 = nn.Module()
+        self.layer0.fc = nn.Linear(16, 16)
+        self.layer1 = nn.Module()
+        self.layer1.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.layer1.fc(torch.relu(self.layer0.fc(x)))
+
+
+class Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def test_replaced_layers_are_reachable_under_nested_qualified_names():
+    names = ["encoder.layer0.fc", "encoder.layer1.fc"]
+    tuner = SKAutoTuner(Nested(), TuningConfigs([LayerConfig(names, {"num_terms": [2], "low_rank": [3]})]),
+                        lambda m: 1.0, OptunaSearch(n_trials=1, seed=0))
+    tuner.tune()
+    for built in (tuner.apply_best_params(), tuner.replace_without_tuning()):
+        for name in names:
+            layer = built.get_submodule(name)
+            assert isinstance(layer, SKLinear) and (layer.num_terms, layer.low_rank) == (2, 3)
+        assert isinstance(built.get_submodule("head"), nn.Linear)
+        assert built(torch.randn(5, 16)).shape == (5, 4)
+
+
+def test_layers_without_a_feasible_trial_stay_dense():
+    """With an unreachable threshold every score is -inf: no best parameters, the model stays dense."""
+    model = trained_mlp()
+    tuner = SKAutoTuner(model, TuningConfigs([LayerConfig(["fc2"], {"num_terms": [1], "low_rank": [4, 8]})]),
+                        accuracy, OptunaSearch(n_trials=2, seed=0), accuracy_threshold=1.01,
+                        optimization_eval_func=size_speed)
+    tuner.tune()
+    assert all(s == -math.inf for s in tuner.get_results_dataframe()["score"])
+    assert tuner.get_best_params() == {}
+    with pytest.warns(UserWarning, match="feasible"):
+        built = tuner.apply_best_params()
+    assert isinstance(built.get_submodule("fc2"), nn.Linear)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(built(x), model(x))
+
+
+def test_apply_best_params_before_tuning_is_an_error():
+    tuner = SKAutoTuner(SimpleModel(), TuningConfigs([LayerConfig(["fc2"], {"low_rank": [4]})]), lambda m: 1.0)
+    with pytest.raises(RuntimeError, match="tune"):
+        tuner.apply_best_params()
+
+
+def test_nan_accuracy_fails_the_trial_and_the_search_goes_on():
+    values = iter([float("nan"), 0.5, 0.7])
+    tuner = SKAutoTuner(SimpleModel(), TuningConfigs([LayerConfig(["fc2"], {"low_rank": [4, 8, 16]})]),
+                        lambda m: next(values), OptunaSearch(n_trials=3, seed=0))
+    tuner.tune()
+    assert list(tuner.get_results_dataframe()["state"]) == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert tuner.get_best_params()["fc2"]["low_rank"] in (4, 8, 16)
+
+
+def test_define_by_run_specs_are_refused_by_the_tuner_with_a_pointer_to_optimize():
+    """Decision: SKAutoTuner keeps the seed's explicit spaces; define-by-run is fxsketch.optimize's."""
+    from fxsketch.tuner import LayerConfig, SKAutoTuner, TuningConfigs
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def space(trial, record):
+        return {"method": "svd", "low_rank": trial.suggest_int("low_rank", 1, 4)}
+
+    configs = TuningConfigs([LayerConfig(["0"], space)])
+    with pytest.raises(ValueError, match=r"define-by-run.*fxsketch\.optimize"):
+        SKAutoTuner(model, configs, accuracy_eval_func=lambda m: 1.0).tune()
+
+
+def test_torchinfo_summary_counts_the_rewritten_models_parameters():
+    """The v2 guide's "External Tools": torchinfo's summary of a tuned model shows the savings."""
+    torchinfo = pytest.importorskip("torchinfo")
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    gm = pr.rewrite(model, {"0": {"method": "svd", "low_rank": 8}}, example_inputs=(torch.randn(4, 64),))
+    dense = torchinfo.summary(model, input_size=(4, 64), verbose=0)
+    tuned = torchinfo.summary(gm, input_size=(4, 64), verbose=0)
+    assert dense.total_params == sum(p.numel() for p in model.parameters())
+    assert tuned.total_params == 8 * (64 + 256) + 256 + 256 * 10 + 10
+    assert tuned.trainable_params == tuned.total_params < dense.total_params

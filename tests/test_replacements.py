@@ -1,0 +1,114 @@
+"""fxsketch.replacements: activation-whitened SVD, least-squares refits (the input mean moved into the bias),
+data-aware sketches and the factor cache on disk, each checked against a direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxsketch
+from fxsketch.calibrate import calibrate
+from fxsketch.replacements import FactorCache
+from fxsketch.rewrite import apply_plan
+from conftest import (
+    CALIB, calib_data as _data, calib_mlp as _model, calib_setup as _setup, D, HELD_OUT,
+    layer_error as _layer_error, OUT, rel_error as _rel_error,
+)
+
+
+def test_whitened_svd_beats_svd_on_real_outputs_and_its_error_estimate_is_exact():
+    model, gm, records = _setup()
+    stats = calibrate(gm, [CALIB])
+    cache = FactorCache(stats, refit=False)
+    for rank in (4, 8):
+        plain = apply_plan(gm, records, {"0": {"method": "svd", "low_rank": rank}}, FactorCache())
+        white = apply_plan(gm, records, {"0": {"method": "whitened_svd", "low_rank": rank}}, cache)
+        layer = lambda m: m.get_submodule("0")  # noqa: E731
+        w_err = _layer_error(layer(white), model[0], CALIB)
+        assert w_err < 0.5 * _layer_error(layer(plain), model[0], CALIB)
+        estimate = cache.output_errors("0", "whitened_svd", model[0].weight, [rank])[0]
+        assert estimate == pytest.approx(w_err, rel=1e-3, abs=1e-6)
+        svd_estimate = cache.output_errors("0", "svd", model[0].weight, [rank])[0]
+        assert svd_estimate == pytest.approx(_layer_error(layer(plain), model[0], CALIB), rel=1e-3, abs=1e-6)
+
+
+
+def test_whitened_svd_without_calibration_says_what_to_pass():
+    model, gm, records = _setup()
+    with pytest.raises(ValueError, match="calibration_data"):
+        apply_plan(gm, records, {"0": {"method": "whitened_svd", "low_rank": 4}}, FactorCache())
+
+
+
+@pytest.mark.parametrize("plan", [
+    {"0": {"method": "svd", "low_rank": 6}},
+    {"0": {"method": "sketch", "num_terms": 1, "low_rank": 3}},
+    {"0": {"method": "sketch", "num_terms": 2, "low_rank": 2}},
+])
+def test_refit_reduces_the_output_error_on_unseen_inputs(plan):
+    model, gm, records = _setup()
+    stats = calibrate(gm, [CALIB])
+    before = _rel_error(apply_plan(gm, records, plan, FactorCache(stats, refit=False)), model)
+    after = _rel_error(apply_plan(gm, records, plan, FactorCache(stats, refit=True)), model)
+    assert after < 0.7 * before
+
+
+
+def test_refit_moves_the_input_mean_into_the_bias_and_its_error_estimate_is_exact():
+    torch.manual_seed(0)
+    layer = nn.Linear(D, OUT).eval()
+    shifted = _data(1500, 1, shift=3.0)
+    gm = fxsketch.capture(layer, shifted[:8])
+    records = {r.name: r for r in fxsketch.find_layers(gm)}
+    (name,) = records
+    stats = calibrate(gm, [shifted])
+    for rank in (2, 5):
+        plan = {name: {"method": "whitened_svd", "low_rank": rank}}
+        uncentered = apply_plan(gm, records, plan, FactorCache(stats, refit=False))
+        centered_cache = FactorCache(stats, refit=True)
+        centered = apply_plan(gm, records, plan, centered_cache)
+        with torch.no_grad():
+            # the replacement's mean output is the original's
+            torch.testing.assert_close(centered(shifted).mean(0), layer(shifted).mean(0), atol=1e-4, rtol=1e-4)
+        err = lambda m: _layer_error(m, layer, shifted)  # noqa: E731
+        assert err(centered) < 0.9 * err(uncentered)
+        estimate = centered_cache.output_errors(name, "whitened_svd", layer.weight, [rank], centered=True)[0]
+        assert estimate == pytest.approx(err(centered), rel=1e-3, abs=1e-6)
+
+
+
+@pytest.mark.parametrize("terms,k", [(1, 3), (2, 2)])
+def test_calibrated_sketch_reaches_the_whitened_factorization_of_its_inner_rank(terms, k):
+    model = _model()
+    plan = {"0": {"method": "sketch", "num_terms": terms, "low_rank": k}}
+    rank = 2 * terms * k
+    sketch = fxsketch.rewrite(model, plan, CALIB[:8], calibration_data=[CALIB])
+    whitened = fxsketch.rewrite(model, {"0": {"method": "whitened_svd", "low_rank": rank}}, CALIB[:8],
+                                calibration_data=[CALIB])
+    svd = fxsketch.rewrite(model, {"0": {"method": "svd", "low_rank": rank}}, CALIB[:8])
+    assert sketch.get_submodule("0").rank == rank
+    assert _rel_error(sketch, model, CALIB) == pytest.approx(_rel_error(whitened, model, CALIB), rel=0.02)
+    assert _rel_error(sketch, model) < 0.5 * _rel_error(svd, model)
+    blind = fxsketch.rewrite(model, plan, CALIB[:8])  # no data: the random sketches stay
+    torch.testing.assert_close(blind.get_submodule("0").U1, fxsketch.rewrite(model, plan, CALIB[:8]).get_submodule("0").U1)
+    assert not torch.allclose(blind.get_submodule("0").U1, sketch.get_submodule("0").U1)
+
+
+
+def test_decompositions_survive_in_a_cache_directory(tmp_path, monkeypatch):
+    model, gm, records = _setup()
+    stats = calibrate(gm, [CALIB])
+    plan = {"0": {"method": "whitened_svd", "low_rank": 6}, "2": {"method": "svd", "low_rank": 5}}
+    first = apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    calls = []
+    original = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))
+    assert calls == []  # both decompositions came from disk
+    with torch.no_grad():
+        assert torch.equal(first(HELD_OUT), again(HELD_OUT))
+    (next(tmp_path.glob("svd-*.pt"))).write_bytes(b"truncated")
+    apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))  # a bad file is recomputed
+    assert calls == [1]

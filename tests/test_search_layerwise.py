@@ -1,0 +1,50 @@
+"""fxsketch.search.layerwise: the trial budget split between units (an exhausted unit passes its share on),
+and per-unit shares of the parameter budget pruning trials unevaluated."""
+
+from __future__ import annotations
+
+
+import fxsketch
+from fxsketch import Int, LayerConfig, TuningConfigs
+from fxsketch.plan import plan_cost
+from conftest import CALIB, calib_mlp as _model, held_out_agreement as _agreement, run_search as _run
+
+
+def test_budget_is_split_and_an_exhausted_unit_passes_its_share_on():
+    spec = TuningConfigs([LayerConfig("0", params={"low_rank": [4, 8]}),
+                          LayerConfig("2", params={"low_rank": Int(1, 30)})])
+    result = _run(spec=spec, n_trials=10)
+    assert result.trials.groupby("layer").size().to_dict() == {"0": 2, "2": 8}
+
+
+
+def test_budget_smaller_than_the_units_warns(caplog):
+    result = _run(n_trials=1)
+    assert len(result.trials) == 1
+    assert set(result.trials["layer"]) == {"0"}
+    assert "leaves no trial for 2" in caplog.text
+
+
+
+def test_budgets_prune_unevaluated_trials_with_the_reason():
+    model = _model()
+    evaluated = []
+    base = _agreement(model)
+
+    def spy(m):
+        evaluated.append(1)
+        return base(m)
+
+    spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params={"low_rank": [2, 4, 10, 12]})
+    result = fxsketch.optimize(model, spec, example_inputs=CALIB[:64], accuracy_fn=spy, accuracy_threshold=0.0,
+                               objective="flops", n_trials=12, seed=0, max_params=0.25,
+                               sampler=__import__("optuna").samplers.RandomSampler(seed=0))
+    pruned = result.trials[result.trials["state"] == "PRUNED"]
+    assert pruned["note"].str.contains("over the parameter budget").sum() >= 3
+    assert pruned["note"].str.contains("over the parameter budget|not cheaper than the dense").all()
+    assert len(evaluated) == 1 + (result.trials["state"] == "COMPLETE").sum() - result.trials["note"].str.contains(
+        "reused").sum() + len(result.validation)
+    records = {r.name: r for r in fxsketch.find_layers(fxsketch.capture(model, CALIB[:8]))}
+    dense_params = plan_cost([records["0"], records["2"]], {}).params
+    assert result.plan
+    assert plan_cost([records["0"], records["2"]], result.plan).params <= 0.25 * dense_params

@@ -1,0 +1,105 @@
+"""fxsketch.search.run: opening a stored study (SQLite) and resuming it without repeating configurations,
+Ctrl-C returning the best plan so far, and the experiment folder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fxsketch
+from fxsketch import Categorical, LayerConfig
+from conftest import agreement as _agreement, mlp as _mlp, MLP_X as X, replaced as _replaced, run_search as _run
+
+
+def test_sqlite_storage_resume_adds_trials_without_repeating_configurations(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first = _run(storage=url, study_name="s", n_trials=4)
+    assert len(first.trials) == 4
+    with pytest.raises(ValueError, match="load_if_exists=True"):
+        _run(storage=url, study_name="s", n_trials=4)
+    calls = []
+    model = _mlp()
+    base = _agreement(model)
+
+    def counting(m):
+        calls.append(1)
+        return base(m)
+
+    resumed = _run(model, storage=url, study_name="s", n_trials=4, load_if_exists=True, accuracy_fn=counting)
+    assert len(resumed.trials) == 8  # this call's trials are added to the stored ones
+    assert resumed.trials.groupby("layer").size().to_dict() == {"0": 4, "2": 4}
+    reused = resumed.trials["note"].str.contains("reused").sum()
+    assert len(calls) == 1 + (4 - reused) + len(resumed.validation)  # stored configurations are not re-run
+
+
+
+def test_resume_with_a_lower_threshold_times_the_trials_it_had_skipped(tmp_path):
+    """Under a high threshold, trials that miss it are not timed (speed NaN). Resumed with a lower
+    threshold, the same values are reused but now feasible: their speed is measured, not NaN."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = LayerConfig({"type": "Linear", "range": [0, 2]},
+                       params={"method": Categorical(["svd"]), "low_rank": Categorical([2, 4])})
+    first = _run(spec=spec, storage=url, study_name="s", objective="latency", accuracy_threshold=0.999,
+                 n_trials=6)
+    done = first.trials[first.trials["state"] == "COMPLETE"]
+    assert done["speed"].isna().any()  # infeasible under 0.999: not timed
+    resumed = _run(spec=spec, storage=url, study_name="s", objective="latency", accuracy_threshold=0.0,
+                   n_trials=4, load_if_exists=True)
+    new = resumed.trials.iloc[len(first.trials):]
+    reused = new[new["note"].str.contains("reused", na=False)]
+    assert len(reused) and (reused["state"] == "COMPLETE").all()
+    assert reused["speed"].map(math.isfinite).all() and (reused["speed"] > 0).all()
+    assert math.isfinite(resumed.speedup)
+    # tiny layers may run slower low-rank than dense on this machine: then the model stays dense, and says so
+    assert resumed.plan or any("no plan was faster than dense" in n for n in resumed.notes)
+
+
+
+def test_ctrl_c_returns_the_best_plan_so_far_and_the_study_resumes(tmp_path, caplog):
+    model = _mlp()
+    base = _agreement(model)
+    calls = {"n": 0}
+
+    def interrupt_on_fourth(m):
+        if _replaced(m):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+        return base(m)
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    result = _run(model, accuracy_fn=interrupt_on_fourth, storage=url, study_name="s", n_trials=8)
+    done = (result.trials["state"] == "COMPLETE").sum()
+    assert done >= 3 and (result.trials["state"] == "FAIL").sum() == 1  # the interrupted trial
+    assert f"interrupted after {done} finished trials" in caplog.text and "load_if_exists=True" in caplog.text
+    resumed = _run(model, storage=url, study_name="s", n_trials=2, load_if_exists=True)
+    assert (resumed.trials["state"] == "COMPLETE").sum() == done + 2
+
+
+
+def test_ctrl_c_before_any_trial_says_how_to_resume():
+    model = _mlp()
+    base = _agreement(model)
+
+    def interrupt(m):
+        if _replaced(m):
+            raise KeyboardInterrupt
+        return base(m)
+
+    with pytest.raises(KeyboardInterrupt, match="pass storage="):
+        _run(model, accuracy_fn=interrupt)
+
+
+
+def test_experiment_dir_keeps_the_study_the_best_plan_and_model(tmp_path):
+    model = _mlp()
+    first = _run(model, experiment_dir=tmp_path, n_trials=4)
+    assert {p.name for p in tmp_path.iterdir()} >= {"study.db", "best_plan.json", "best_model.pt2", "factors"}
+    assert fxsketch.load_plan(tmp_path / "best_plan.json") == first.plan
+    loaded = fxsketch.load(tmp_path / "best_model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X[:5]), first.graph_module(X[:5]))
+    again = _run(model, experiment_dir=tmp_path, n_trials=2)  # resumes the same study
+    assert len(again.trials) == 6

@@ -1,0 +1,65 @@
+"""fxsketch.sequential (error-compensating calibration): each layer's statistics are the inputs of the partly
+replaced model, plans are checked as rewrite checks them, and sequential fitting undoes upstream error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxsketch
+from fxsketch.calibrate import calibrate
+from fxsketch.recover import rewrite_sequential
+from fxsketch.replacements import FactorCache
+from fxsketch.rewrite import apply_plan
+from fxsketch.sequential import sequential_stats
+from conftest import CALIB, calib_mlp as _model, rel_error as _rel_error
+
+
+def test_sequential_statistics_are_the_inputs_of_the_partly_replaced_model():
+    model = _model()
+    gm = fxsketch.capture(model, CALIB[:8])
+    records = {r.name: r for r in fxsketch.find_layers(gm)}
+    plan = {"0": {"method": "whitened_svd", "low_rank": 3}, "2": {"method": "whitened_svd", "low_rank": 3}}
+    batches = [CALIB[:700], CALIB[700:]]
+    stats = sequential_stats(gm, batches, plan)
+    plain = calibrate(gm, batches)
+    # the first planned layer sees the original inputs: its statistics are the plain ones
+    torch.testing.assert_close(stats["0"].gram, plain["0"].gram)
+    torch.testing.assert_close(stats["0"].cross, plain["0"].gram)
+    # the second sees what the replaced first layer gives it, paired with the original inputs
+    new = apply_plan(gm, records, plan, FactorCache(stats))
+    with torch.no_grad():
+        seen = torch.tanh(new.get_submodule("0")(CALIB)).double()
+        ref = torch.tanh(model[0](CALIB)).double()
+    torch.testing.assert_close(stats["2"].gram, seen.T @ seen)
+    torch.testing.assert_close(stats["2"].cross, ref.T @ seen)
+    torch.testing.assert_close(stats["2"].ref_mean, ref.mean(0))
+    assert not torch.allclose(stats["2"].gram, plain["2"].gram)
+    # the unplanned last layer keeps plain statistics
+    torch.testing.assert_close(stats["4"].gram, plain["4"].gram)
+
+
+
+@pytest.mark.parametrize("entry, error", [
+    ({"bogus": {"method": "svd", "low_rank": 2}}, "plan names layer 'bogus'"),
+    ({"2": {"method": "whitened_svd", "low_rank": 99}}, "low_rank must be an integer in"),
+    ({"2": {"method": "svd", "rank": 2}}, "are not parameters of method 'svd'"),
+])
+def test_sequential_statistics_check_the_plan_as_rewrite_does(entry, error):
+    gm = fxsketch.capture(_model(), CALIB[:8])
+    with pytest.raises(ValueError, match=error):
+        sequential_stats(gm, [CALIB[:100]], entry)
+    with pytest.raises(ValueError, match=error):
+        fxsketch.rewrite_sequential(_model(), entry, [CALIB[:100]], CALIB[:8])
+
+
+
+@pytest.mark.parametrize("method", ["whitened_svd", "svd"])
+def test_sequential_fitting_undoes_upstream_error(method):
+    model = _model()
+    plan = {"0": {"method": method, "low_rank": 3}, "2": {"method": method, "low_rank": 4},
+            "4": {"method": method, "low_rank": 2}}
+    plain = fxsketch.rewrite(model, plan, CALIB[:8], calibration_data=[CALIB])
+    sequential = rewrite_sequential(model, plan, [CALIB[:700], CALIB[700:]], CALIB[:8])
+    assert set(sequential.meta["fxsketch_plan"]) == set(plan)
+    assert _rel_error(sequential, model) < 0.9 * _rel_error(plain, model)
