@@ -19,6 +19,12 @@ from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
 from fxsketch.kernels.choose import choose
 
 BACKENDS = ("aten", "triton")
+_ENV = "FXSKETCH_KERNEL"
+# os.environ.get encodes its key on every call (~0.7 µs, a sixth of a small layer's two GEMMs): the
+# eager path looks the encoded key up in the mapping behind os.environ when CPython has one
+_RAW_ENV = getattr(os.environ, "_data", None)
+_CHEAP_ENV = isinstance(_RAW_ENV, dict) and hasattr(os.environ, "encodekey")
+_RAW_KEY = os.environ.encodekey(_ENV) if _CHEAP_ENV else None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what "auto" may send to the fused kernel
 
 _LIB = torch.library.Library("fxsketch", "DEF")
@@ -29,13 +35,20 @@ _LIB.define(
 )
 
 
+def _forced_kernel() -> str | None:
+    """The FXSKETCH_KERNEL setting (None when unset), read cheaply: it may change at any time."""
+    if _CHEAP_ENV and _RAW_KEY not in _RAW_ENV:
+        return None
+    return os.environ.get(_ENV) or None
+
+
 def kernel_backend(x: torch.Tensor) -> str:
     """Which implementation runs for tensors like `x`: FXSKETCH_KERNEL=triton|aten forces one; unset
     picks ATen off CUDA and, on CUDA, the faster of the fused Triton kernel and the cuBLAS chain
     for each shape ("auto", timed once per shape by `fxsketch.kernels.choose`). float64 stays on
     ATen unless forced: the fused kernel's float64 dot does not compile under every Triton our
     torch range pairs with (3.6 asserts), and float64 is no serving dtype."""
-    forced = os.environ.get("FXSKETCH_KERNEL")
+    forced = _forced_kernel()
     if forced:
         forced = forced.strip().lower()
         if forced not in BACKENDS:
@@ -154,13 +167,13 @@ torch.library.register_autograd("fxsketch::lowrank_linear", _linear_backward, se
 torch.library.register_autograd("fxsketch::lowrank_conv2d", _conv_backward, setup_context=_conv_setup)
 
 
-def _eager_inference(*tensors: torch.Tensor) -> bool:
+def _eager_inference(x: torch.Tensor, B: torch.Tensor) -> bool:
     """True for a plain eager call with autograd off: nothing records the op, so the dispatcher's
     autograd layer (a Python kernel, ~5 µs a call) can be skipped. Tracers (FX proxies, export's
     fake tensors, Dynamo) never take this path, so graphs always hold the single fxsketch op."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    return all(type(t) in _PLAIN for t in tensors)
+    return type(x) in _PLAIN and type(B) in _PLAIN
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -170,6 +183,11 @@ def lowrank_linear(
     x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`(x · Bᵀ) · Aᵀ + bias` for x (..., K), B (R, K), A (N, R), bias (N,) through the fxsketch op."""
+    if (not torch.is_grad_enabled() and type(x) in _PLAIN and type(B) in _PLAIN and not x.is_cuda
+            and _CHEAP_ENV and _RAW_KEY not in _RAW_ENV and not torch.compiler.is_compiling()):
+        # the CPU's one path, spelled out: the checks of `_eager_inference` and an unset
+        # FXSKETCH_KERNEL inline, since on a small layer every call counts against the two GEMMs
+        return F.linear(F.linear(x, B), A, bias)
     if _eager_inference(x, B):
         return _lowrank_linear_impl(x, B, A, bias)
     return torch.ops.fxsketch.lowrank_linear(x, B, A, bias)
