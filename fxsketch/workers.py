@@ -51,7 +51,7 @@ def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
         if heartbeat_interval:
             return optuna.storages.RDBStorage(
                 storage, heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval,
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
         return optuna.storages.get_storage(storage)
     except ImportError as exc:
         raise ImportError(f"cannot open storage {storage!r}: its database driver is not installed ({exc}); "
