@@ -282,7 +282,6 @@ def _driver_error(module: str) -> type[BaseException]:
     return ValueError if importlib.util.find_spec(module) else ImportError
 
 
-SEARCH = "needs search.py: "
 CASES: list[Case] = [
     # ---- capture / find_layers
     Case("capture-model-str", "capture", lambda f: fxsketch.capture("model", X), TypeError,

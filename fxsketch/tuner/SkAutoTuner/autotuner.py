@@ -24,6 +24,7 @@ import torch.fx
 from optuna.trial import TrialState
 from torch import nn
 
+from fxsketch import study_format as keys
 from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.rewrite import apply_plan
 from fxsketch.spec import TuningConfigs, load_spec
@@ -412,7 +413,7 @@ def _tell(alg: Any, row: Mapping[str, Any], worst: float) -> None:
     for key in ("accuracy", "speed"):
         alg.set_user_attr(f"fxsketch.{key}", None if math.isnan(row[key]) else row[key])
     if row["note"]:
-        alg.set_user_attr("fxsketch.note", row["note"])
+        alg.set_user_attr(keys.NOTE, row["note"])
     if row["state"] == "COMPLETE":
         alg.update(row["params"], row["score"])
     else:
