@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import re
+import threading
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,6 +26,12 @@ log = logging.getLogger(__name__)
 
 _META = "fxsketch.json"
 FORMAT_VERSION = 1
+# every member `save` writes, below the archive's one top-level folder (torch.export's layout)
+_MEMBERS = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                      r"|models/model\.json|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+                      r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+"
+                      r"|data/sample_inputs/model\.pt|extra/fxsketch\.json|extra/module_info\.json")
+_LOADING = threading.Lock()
 
 
 class ArtifactError(ValueError):
@@ -182,16 +192,24 @@ def load(path: str | os.PathLike, *, trusted: bool = False) -> nn.Module:
             pickled objects while `trusted` is False, or not loadable by this torch.
     """
     meta = read_metadata(path)
+    trust = "If you wrote this file and trust it, call fxsketch.load(path, trusted=True)."
     if not trusted:
         pickled = _pickled_members(os.fspath(path))
         if pickled:
             raise ArtifactError(
                 f"{os.fspath(path)!r} holds pickled Python objects ({', '.join(pickled[:5])}) that torch.export.load "
                 "would unpickle; unpickling runs code stored in the file, so fxsketch refuses it by default "
-                "(fxsketch.save never writes such objects). If you wrote this file and trust it, call "
-                "fxsketch.load(path, trusted=True).")
+                f"(fxsketch.save never writes such objects). {trust}")
+        strangers = _unexpected_members(os.fspath(path))
+        if strangers:
+            raise ArtifactError(
+                f"{os.fspath(path)!r} holds members fxsketch.save never writes ({'; '.join(strangers[:5])}): torch's "
+                f"reader may read them in place of the real ones, so the file is refused. {trust}")
     try:
-        program = torch.export.load(path)
+        with contextlib.nullcontext() if trusted else _weights_only(os.fspath(path)):
+            program = torch.export.load(path)
+    except ArtifactError:
+        raise
     except Exception as exc:
         cause = exc.__cause__ or exc.__context__
         detail = f"{type(exc).__name__}: {exc}" + (f" (caused by {type(cause).__name__}: {cause})" if cause else "")
@@ -203,6 +221,48 @@ def load(path: str | os.PathLike, *, trusted: bool = False) -> nn.Module:
     module = program.module()
     module.meta["fxsketch"] = meta
     return module
+
+
+def _unexpected_members(path: str) -> list[str]:
+    """Members outside the exact set `save` writes, compared ignoring case (torch's archive reader
+    finds a member whatever its case, so `model.PT` would be read as `model.pt`), and second
+    members whose names differ from another only in case."""
+    problems, seen = [], {}
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    roots = {name.split("/", 1)[0] for name in names}
+    for name in names:
+        folded = name.casefold()
+        if folded in seen:
+            problems.append(f"{name!r} repeats {seen[folded]!r}")
+            continue
+        seen[folded] = name
+        root, _, rest = name.partition("/")
+        if len(roots) != 1 or not _MEMBERS.fullmatch(rest):
+            problems.append(f"{name!r}")
+    return problems
+
+
+@contextlib.contextmanager
+def _weights_only(path: str) -> Iterator[None]:
+    """While torch.export.load reads `path`, every unpickling is restricted to tensors and plain
+    containers: torch falls back to a full unpickle when the restricted one fails, and a full
+    unpickle runs code stored in the file. One load at a time (the guard swaps `torch.load`)."""
+    real = torch.load
+
+    def restricted(f: Any, *args: Any, weights_only: Any = None, **kwargs: Any) -> Any:
+        if weights_only is False:
+            raise ArtifactError(f"{path!r} holds an object torch can only read by unpickling it in full, which runs "
+                                "code stored in the file: refused. If you wrote this file and trust it, call "
+                                "fxsketch.load(path, trusted=True).")
+        return real(f, *args, weights_only=True, **kwargs)
+
+    with _LOADING:
+        torch.load = restricted
+        try:
+            yield
+        finally:
+            torch.load = real
 
 
 def _pickled_members(path: str) -> list[str]:

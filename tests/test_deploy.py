@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 import fxsketch
+import fxsketch.deploy
 from fxsketch.deploy import ArtifactError
 
 
@@ -153,3 +157,66 @@ def test_aoti_package_runs_in_a_fresh_process_without_fxsketch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "True"]
+
+
+class _Payload:
+    """Unpickling this creates the file `marker`: the stand-in for code an attacker ships in a file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _with_member(src, dst, old: str, new: str, data: bytes, keep_old: bool = False) -> None:
+    """A copy of the archive `src` in which member `old` (a suffix) is replaced by `new` holding `data`."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        for info in a.infolist():
+            if info.filename.endswith(old):
+                b.writestr(info.filename[: -len(old)] + new, data)
+                if not keep_old:
+                    continue
+            b.writestr(info, a.read(info.filename))
+
+
+@pytest.mark.parametrize("casing", ["model.PT", "model.Pt", "model.pT", "MODEL.pt", "Model.pt"])
+def test_a_pickle_under_another_casing_of_a_member_name_never_runs(tmp_path, casing):
+    _, gm, x, _ = _rewritten()
+    fxsketch.save(gm, tmp_path / "good.pt2", x)
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save(_Payload(marker), payload)
+    _with_member(tmp_path / "good.pt2", tmp_path / "evil.pt2", "data/sample_inputs/model.pt",
+                 f"data/sample_inputs/{casing}", payload.getvalue())
+    with pytest.raises(ArtifactError, match=re.escape(f"sample_inputs/{casing}")):  # named, whichever check
+        fxsketch.load(tmp_path / "evil.pt2")
+    assert not marker.exists()
+
+
+def test_a_second_member_differing_only_in_case_is_refused(tmp_path):
+    _, gm, x, _ = _rewritten()
+    fxsketch.save(gm, tmp_path / "good.pt2", x)
+    weights = zipfile.ZipFile(tmp_path / "good.pt2").read(
+        next(n for n in zipfile.ZipFile(tmp_path / "good.pt2").namelist() if n.endswith("weight_0")))
+    _with_member(tmp_path / "good.pt2", tmp_path / "twice.pt2", "data/weights/weight_0", "data/weights/WEIGHT_0",
+                 weights, keep_old=True)
+    with pytest.raises(ArtifactError, match=r"weight_0' repeats '\S*/data/weights/WEIGHT_0'"):
+        fxsketch.load(tmp_path / "twice.pt2")
+
+
+def test_torch_never_falls_back_to_a_full_unpickle_when_untrusted(tmp_path, monkeypatch):
+    """Defence in depth: with the member checks blinded, the full-unpickle fallback is still refused."""
+    _, gm, x, _ = _rewritten()
+    fxsketch.save(gm, tmp_path / "good.pt2", x)
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save(_Payload(marker), payload)
+    _with_member(tmp_path / "good.pt2", tmp_path / "evil.pt2", "data/sample_inputs/model.pt",
+                 "data/sample_inputs/model.pt", payload.getvalue())
+    monkeypatch.setattr(fxsketch.deploy, "_pickled_members", lambda path: [])
+    monkeypatch.setattr(fxsketch.deploy, "_unexpected_members", lambda path: [])
+    with pytest.raises(ArtifactError, match=r"unpickling it in full"):
+        fxsketch.load(tmp_path / "evil.pt2")
+    assert not marker.exists()
+    assert torch.load is not None and fxsketch.load(tmp_path / "good.pt2")(x).shape == (4, 4)  # torch.load restored
