@@ -112,3 +112,18 @@ def test_decompositions_survive_in_a_cache_directory(tmp_path, monkeypatch):
     (next(tmp_path.glob("svd-*.pt"))).write_bytes(b"truncated")
     apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))  # a bad file is recomputed
     assert calls == [1]
+
+
+@pytest.mark.parametrize("num_terms, low_rank", [(10**9, 4), (4, 10**9), (3000, 3000)])
+def test_a_sketch_past_its_size_bound_is_refused_before_anything_is_built(num_terms, low_rank):
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    plan = {"0": {"method": "sketch", "num_terms": num_terms, "low_rank": low_rank}}
+    with pytest.raises(ValueError, match=rf"plan entry '0': num_terms × low_rank = {num_terms} × {low_rank} makes a "
+                                         r"sketch of [\d,]+ numbers for 0 \(32, 64\), more than its bound of 4,194,304"):
+        fxsketch.rewrite(model, plan, torch.randn(2, 64))
+
+
+def test_the_seed_apis_generous_sketch_sizes_stay_within_the_bound():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3)).eval()  # the seed README's conv: rank 9, low_rank up to 88
+    gm = fxsketch.rewrite(model, {"0": {"method": "sketch", "num_terms": 2, "low_rank": 88}}, torch.randn(2, 1, 8, 8))
+    assert gm(torch.randn(2, 1, 8, 8)).shape == (2, 16, 6, 6)

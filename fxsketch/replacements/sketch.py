@@ -22,6 +22,15 @@ def layer_seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+SKETCH_SIZE_FACTOR = 64  # a sketch may hold this many times the numbers of the layer's weights ...
+SKETCH_SIZE_FLOOR = 1 << 22  # ... or this many, whichever is more
+
+
+def sketch_size_limit(record: LayerRecord) -> int:
+    """The most numbers a sketch of `record` may hold."""
+    return max(SKETCH_SIZE_FACTOR * record.in_features * record.out_features, SKETCH_SIZE_FLOOR)
+
+
 @register_kind
 class Sketch(ReplacementKind):
     name = "sketch"
@@ -33,6 +42,15 @@ class Sketch(ReplacementKind):
             value = params.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 return f"{key} must be a positive integer, got {value!r}"
+        # A sketch holds 2·l·k·(in+out) numbers, whatever the layer's rank: bounded by the layer's
+        # size (generously: the seed API searches ranks far past small layers' own), so that a
+        # plan's num_terms=10**9 is refused instead of attempting a terabyte allocation.
+        l, k = params["num_terms"], params["low_rank"]
+        size, limit = 2 * l * k * (record.in_features + record.out_features), sketch_size_limit(record)
+        if size > limit:
+            return (f"num_terms × low_rank = {l} × {k} makes a sketch of {size:,} numbers for {record.name} "
+                    f"{record.weight_shape}, more than its bound of {limit:,} ({SKETCH_SIZE_FACTOR}× the layer's "
+                    f"weights, at least {SKETCH_SIZE_FLOOR:,}): lower num_terms or low_rank")
         return ""
 
     def auto_space(self, record: LayerRecord):
