@@ -59,6 +59,9 @@ def _user_code(what: str):
         raise typer.Exit(1) from None
 
 
+_TARGET_FOLDERS: set[str] = set()  # folders of the target files this process has loaded
+
+
 def load_object(ref: str) -> Any:
     """The object named by `path/to/file.py:name` or `package.module:name`."""
     module_ref, sep, name = ref.rpartition(":")
@@ -68,9 +71,21 @@ def load_object(ref: str) -> Any:
         path = Path(module_ref)
         if not path.exists():
             raise typer.BadParameter(f"no such file: {path}")
+        folder = str(path.resolve().parent)
+        existing = sys.modules.get(path.stem)
+        taken = existing.__spec__ if existing is not None else importlib.util.find_spec(path.stem)
+        origin = getattr(taken, "origin", None)
+        if taken is not None and not (origin and str(Path(origin).resolve().parent) in {*_TARGET_FOLDERS, folder}):
+            raise typer.BadParameter(f"{path} is named like the module {path.stem!r} Python already imports (from "
+                                     f"{origin or 'Python itself'}): loading it would shadow that module; rename "
+                                     "the file")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.resolve().parent))
+        # its folder goes last on the path: the file's own imports find its neighbours, but a
+        # neighbour never stands in for the standard library or an installed package (a `yaml.py`)
+        _TARGET_FOLDERS.add(folder)
+        if folder not in sys.path:
+            sys.path.append(folder)
         sys.modules[path.stem] = module  # so its functions pickle into worker processes
         spec.loader.exec_module(module)
     else:

@@ -233,3 +233,21 @@ def test_ctrl_c_before_any_trial_finished_exits_130_and_says_how_to_make_it_resu
     assert proc.returncode == 130, text
     assert "before any trial finished" in text and "--storage sqlite:///study.db --study-name" in text
     assert "storage=" not in text
+
+
+def test_a_targets_neighbours_never_shadow_the_standard_library_or_installed_packages(tmp_path):
+    target, _, _ = _project(tmp_path)
+    marker = tmp_path / "ran"
+    (tmp_path / "yaml.py").write_text(f"open({str(marker)!r}, 'w').close()\n")  # an attacker's (or a careless) file
+    (tmp_path / "spec.yaml").write_text("layers:\n  - layer_names: {type: Linear, range: [0, 2]}\n    params: auto\n")
+    proc = _cli("inspect", target, "--spec", str(tmp_path / "spec.yaml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 of 3 matchable layers selected" in proc.stdout and not marker.exists()
+
+
+def test_a_target_named_like_a_standard_module_is_a_clear_usage_error(tmp_path):
+    (tmp_path / "copy.py").write_text(TARGET)
+    proc = _cli("inspect", f"{tmp_path / 'copy.py'}:model")
+    assert proc.returncode == 2
+    assert "named like the module 'copy' Python already imports" in proc.stdout + proc.stderr
+    assert "rename the file" in proc.stdout + proc.stderr
