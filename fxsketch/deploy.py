@@ -157,11 +157,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith(f"/{_META}") or n == _META]
+            size = os.path.getsize(path)
+            if any(info.header_offset + info.compress_size > size for info in archive.infolist()):
+                raise ArtifactError(f"{path!r} is truncated (its members reach past its {size:,} bytes): copy or "
+                                    "save it again")
+            if not names and not any(n.rpartition("/")[2] == "archive_format" for n in archive.namelist()):
+                # e.g. the file's end cut off: zipfile then finds a zip stored inside it (sample inputs)
+                raise ArtifactError(f"{path!r} is not a .pt2 archive or is truncated (it holds no torch.export "
+                                    "program): save it again with fxsketch.save")
             if not names:
                 raise ArtifactError(f"{path!r} is a .pt2 archive but not an fxsketch artifact (no {_META}): "
                                     "load it with torch.export.load, or save it with fxsketch.save")
             meta = json.loads(archive.read(names[0]))
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, OSError) as exc:  # OSError: offsets that point before the file's start
         raise ArtifactError(f"{path!r} is not a .pt2 archive or is truncated ({exc}): save it again "
                             "with fxsketch.save") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -192,6 +200,10 @@ def load(path: str | os.PathLike, *, trusted: bool = False) -> nn.Module:
             pickled objects while `trusted` is False, or not loadable by this torch.
     """
     meta = read_metadata(path)
+    damaged = _damaged_member(os.fspath(path))
+    if damaged:
+        raise ArtifactError(f"{os.fspath(path)!r} is damaged: member {damaged!r} does not match the checksum "
+                            "stored when it was written; copy or save it again")
     trust = "If you wrote this file and trust it, call fxsketch.load(path, trusted=True)."
     if not trusted:
         pickled = _pickled_members(os.fspath(path))
@@ -221,6 +233,15 @@ def load(path: str | os.PathLike, *, trusted: bool = False) -> nn.Module:
     module = program.module()
     module.meta["fxsketch"] = meta
     return module
+
+
+def _damaged_member(path: str) -> str | None:
+    """The first member whose bytes no longer match their stored CRC-32 (None: all intact)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ArtifactError(f"{path!r} cannot be read through ({exc}): copy or save it again") from None
 
 
 def _unexpected_members(path: str) -> list[str]:

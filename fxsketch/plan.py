@@ -29,6 +29,7 @@ __all__ = ["Plan", "Entry", "PlanCost", "Budget", "load_plan", "normalize_plan",
 log = logging.getLogger(__name__)
 
 Plan = dict[str, dict[str, Any]]
+MAX_DEPTH = 16  # the deepest a parameter value may nest lists and dicts
 ITEMSIZE = 4  # bytes per element the byte count assumes (float32 weights and activations)
 
 
@@ -45,6 +46,10 @@ class Entry:
         naming the entry (`name`) and what the kind takes."""
         kind = get_kind(entry["method"])
         given = {k: v for k, v in entry.items() if k != "method"}
+        deep = [k for k, v in given.items() if _depth(v) > MAX_DEPTH]
+        if deep:
+            raise ValueError(f"plan entry {name!r}: parameter {deep[0]!r} is nested more than {MAX_DEPTH} levels "
+                             "deep; parameters are numbers, strings or short lists")
         unknown = sorted(map(str, set(given) - set(kind.param_names)))
         if unknown:
             raise ValueError(f"plan entry {name!r}: {unknown} are not parameters of method {kind.name!r} "
@@ -61,6 +66,18 @@ class Entry:
 
     def cost(self, record: LayerRecord) -> Cost:
         return self.kind.cost(record, self.params)
+
+
+def _depth(value: Any) -> int:
+    """How deep `value` nests lists, tuples and dicts, counted without recursion (stops past MAX_DEPTH)."""
+    deepest, level = 0, [value]
+    while deepest <= MAX_DEPTH:
+        containers = [item for item in level if isinstance(item, (list, tuple, dict))]
+        if not containers:
+            break
+        deepest += 1
+        level = [v for c in containers for v in (c.values() if isinstance(c, dict) else c)]
+    return deepest
 
 
 def is_dense(entry: Mapping[str, Any] | None) -> bool:
@@ -162,6 +179,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise IsADirectoryError(f"plan file {os.fspath(path)!r} is a directory, not a plan JSON file") from None
     try:
         data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"plan file {os.fspath(path)!r} is nested too deeply to be a plan (a plan is "
+                         "{layer: {'method': ..., **params}})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         hint = (" (it is a zip archive: a .pt2 artifact keeps its plan in fxsketch.deploy.read_metadata(path)['plan'])"
                 if raw[:2] == b"PK" else "")

@@ -301,6 +301,9 @@ def _parse_json(path: Path, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a spec (lists or objects inside each other thousands "
+                         "of levels down)") from None
 
 
 def _parse_yaml(path: Path, text: str) -> Any:
@@ -312,6 +315,9 @@ def _parse_yaml(path: Path, text: str) -> Any:
         ) from exc
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a spec (lists or mappings inside each other thousands "
+                         "of levels down)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -220,3 +220,25 @@ def test_torch_never_falls_back_to_a_full_unpickle_when_untrusted(tmp_path, monk
         fxsketch.load(tmp_path / "evil.pt2")
     assert not marker.exists()
     assert torch.load is not None and fxsketch.load(tmp_path / "good.pt2")(x).shape == (4, 4)  # torch.load restored
+
+
+@pytest.mark.parametrize("kept", [0.99, 0.9, 0.5, 0.01])
+def test_a_truncated_artifact_is_called_truncated(tmp_path, kept):
+    _, gm, x, _ = _rewritten()
+    fxsketch.save(gm, tmp_path / "good.pt2", x)
+    data = (tmp_path / "good.pt2").read_bytes()
+    (tmp_path / "cut.pt2").write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(ArtifactError, match=r"truncated"):
+        fxsketch.load(tmp_path / "cut.pt2")
+
+
+def test_bytes_overwritten_inside_a_weight_are_refused_naming_the_member(tmp_path):
+    _, gm, x, _ = _rewritten()
+    fxsketch.save(gm, tmp_path / "good.pt2", x)
+    data = bytearray((tmp_path / "good.pt2").read_bytes())
+    info = next(i for i in zipfile.ZipFile(tmp_path / "good.pt2").infolist() if i.filename.endswith("weight_0"))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.compress_size // 2
+    data[start:start + 64] = bytes(64)
+    (tmp_path / "damaged.pt2").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"damaged: member '\S+/data/weights/weight_0' does not match the checksum"):
+        fxsketch.load(tmp_path / "damaged.pt2")

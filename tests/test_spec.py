@@ -669,3 +669,9 @@ def test_optuna_distributions_are_accepted():
     assert as_param_spec(optuna.distributions.IntDistribution(8, 64, step=8)) == Int(8, 64, step=8)
     assert as_param_spec(optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)) == Float(1e-4, 1e-1, log=True)
     assert as_param_spec(optuna.distributions.CategoricalDistribution(["a", "b"])) == Categorical(["a", "b"])
+
+
+def test_a_spec_file_nested_thousands_of_levels_deep_is_a_clear_error(tmp_path):
+    (tmp_path / "deep.json").write_text('{"layers": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(ValueError, match=r"deep.json: nested too deeply to be a spec"):
+        load_spec(tmp_path / "deep.json")

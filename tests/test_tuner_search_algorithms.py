@@ -185,3 +185,9 @@ def test_custom_algorithm_missing_values_defaults_and_failures():
     assert search.updates[0][1] == 0.5 and search.updates[1][1] == -math.inf
     assert tuner.get_best_params() == {"fc2": {"low_rank": 4}}
     assert tuner.apply_best_params().fc2.num_terms == 1
+
+
+def test_load_state_of_a_binary_file_says_it_is_no_state_file(tmp_path):
+    (tmp_path / "state.bin").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"state.bin is not a state file written by OptunaSearch.save_state"):
+        OptunaSearch().load_state(str(tmp_path / "state.bin"))

@@ -224,8 +224,12 @@ class OptunaSearch(SearchAlgorithm):
 
     def load_state(self, filepath: str) -> None:
         """Start a study holding the trials saved by `save_state` (in `storage` if one is set)."""
-        with open(filepath) as f:
-            state = json.load(f)
+        try:
+            with open(filepath, encoding="utf-8") as f:
+                state = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{filepath} is not a state file written by OptunaSearch.save_state (it is not JSON: "
+                             f"{type(exc).__name__})") from None
         if not isinstance(state, dict) or state.get("format") != "fxsketch.OptunaSearch/1":
             raise ValueError(f"{filepath} was not written by OptunaSearch.save_state")
         self.direction, self.n_trials = state["direction"], state["n_trials"]
