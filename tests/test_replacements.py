@@ -127,3 +127,26 @@ def test_the_seed_apis_generous_sketch_sizes_stay_within_the_bound():
     model = nn.Sequential(nn.Conv2d(1, 16, 3)).eval()  # the seed README's conv: rank 9, low_rank up to 88
     gm = fxsketch.rewrite(model, {"0": {"method": "sketch", "num_terms": 2, "low_rank": 88}}, torch.randn(2, 1, 8, 8))
     assert gm(torch.randn(2, 1, 8, 8)).shape == (2, 16, 6, 6)
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "another layer's", "not finite"])
+def test_a_cached_decomposition_that_is_not_this_layers_is_recomputed(tmp_path, damage, caplog):
+    model, gm, records = _setup()
+    stats = calibrate(gm, [CALIB])
+    plan = {"0": {"method": "whitened_svd", "low_rank": 6}, "2": {"method": "svd", "low_rank": 5}}
+    fresh = apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))
+    files = sorted(tmp_path.glob("*.pt"))
+    for path in files:
+        U, S, V, *rest = torch.load(path, weights_only=True)
+        if damage == "zeroed":
+            U, S, V = torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)
+        elif damage == "another layer's":
+            U, S, V = torch.randn_like(U), S.flip(0), torch.randn_like(V)
+        else:
+            S = S.clone()
+            S[0] = float("nan")
+        torch.save([U, S, V, *rest], path)
+    again = apply_plan(gm, records, plan, FactorCache(stats, cache_dir=tmp_path))
+    with torch.no_grad():
+        assert torch.allclose(fresh(HELD_OUT), again(HELD_OUT), atol=1e-5)
+    assert caplog.text.count("does not hold this layer's decomposition: recomputing it") == len(files)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from torch import nn
 
 from fxsketch.records import LayerRecord
 from fxsketch.space import Int, ParamSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Cost", "ReplacementKind", "FactorCache", "dense_cost", "lowrank_cost", "efficient_rank_limit"]
 
@@ -140,13 +144,20 @@ class FactorCache:
         return self.cache_dir / f"{what}-{safe}-{digest.hexdigest()[:16]}.pt"
 
     @staticmethod
-    def _load(path: Path | None):
+    def _load(path: Path | None, check: Callable[[tuple], bool]):
+        """The decomposition stored at `path`, if it is one of these weights: tensors of the right
+        shapes, finite, whose singular values `check` confirms against the weights (a truncated,
+        zeroed or foreign file is recomputed and overwritten)."""
         if path is None or not path.exists():
             return None
         try:
-            return tuple(torch.load(path, weights_only=True))
-        except Exception:  # a truncated or foreign file: recompute and overwrite it
-            return None
+            value = tuple(torch.load(path, weights_only=True))
+            if len(value) >= 3 and all(isinstance(t, torch.Tensor) for t in value[:3]) and check(value):
+                return value
+        except Exception:  # unreadable: recompute it
+            pass
+        log.warning("factor cache file %s does not hold this layer's decomposition: recomputing it", path)
+        return None
 
     def _store(self, path: Path | None, value: tuple) -> None:
         if path is not None:
@@ -215,7 +226,7 @@ class FactorCache:
         cached = self._svd.get(key)
         if cached is None:
             path = self._disk("svd", key, matrix)
-            cached = self._load(path)
+            cached = self._load(path, lambda v: _confirms(v[0], v[1], v[2], matrix.detach().to(v[1].dtype)))
             if cached is not None:
                 cached = (*cached[:3], bool(cached[3]))
         if cached is None or (not cached[3] and cached[1].numel() < rank):
@@ -254,7 +265,9 @@ class FactorCache:
                 raise ValueError(f"whitened_svd needs calibration statistics for layer {key!r}: pass "
                                  "calibration_data=... to optimize/rewrite/allocate")
             path = self._disk("whitened-centered" if centered else "whitened", key, W, C)
-            stored = self._load(path)
+            ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
+            weighed = W @ (C + ridge * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
+            stored = self._load(path, lambda v: _confirms(v[0], v[1], v[2], weighed.to(v[1].dtype)))
             if stored is not None:
                 self._whitened[slot] = stored
                 return stored
@@ -305,3 +318,20 @@ class FactorCache:
         self._whitened.clear()
         self._whitened_factors.clear()
         self._mean_output.clear()
+
+
+def _confirms(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether (U, S, V) are singular triples of W: the right shapes, finite, and S_j = u_jᵀ W v_jᵀ
+    (for a whitened decomposition W is W·C and V its M = Vᵀ L⁻¹, the same identity)."""
+    q = S.shape[0] if S.dim() == 1 else -1
+    if q < 1 or U.shape != (W.shape[0], q) or V.shape != (q, W.shape[1]):
+        return False
+    if not all(bool(torch.isfinite(t).all()) for t in (U, S, V)):
+        return False
+    S = S.to(W.dtype)
+    if bool((S < 0).any()) or bool((S[1:] > S[:-1] * (1 + 1e-6)).any()):
+        return False  # singular values are non-negative and sorted
+    if float(S[0]) == 0.0 and bool(W.any()):
+        return False  # all-zero factors are no decomposition of a nonzero W
+    found = ((U.T.to(W.dtype) @ W) * V.to(W.dtype)).sum(1)
+    return bool(torch.allclose(found, S, rtol=1e-3, atol=1e-6 * float(S[0].clamp_min(1e-30))))
