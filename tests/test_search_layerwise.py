@@ -22,7 +22,8 @@ def test_budget_smaller_than_the_units_warns(caplog):
     result = _run(n_trials=1)
     assert len(result.trials) == 1
     assert set(result.trials["layer"]) == {"0"}
-    assert "leaves no trial for 2" in caplog.text
+    assert "n_trials=1 is below the 2 tuning units: 1 of them get no trial of their own" in caplog.text
+    assert result.notes[0] == "1 unit(s) not searched (no trial of its own ran; raise n_trials or timeout): 2"
 
 
 
@@ -48,3 +49,11 @@ def test_budgets_prune_unevaluated_trials_with_the_reason():
     dense_params = plan_cost([records["0"], records["2"]], {}).params
     assert result.plan
     assert plan_cost([records["0"], records["2"]], result.plan).params <= 0.25 * dense_params
+
+
+def test_a_searched_unit_that_missed_the_bar_is_told_apart_from_an_unsearched_one():
+    result = _run(n_trials=3, accuracy_threshold=1.01)  # no plan can beat the dense model's 1.0
+    assert result.plan == {}
+    assert result.notes[0].startswith("2 unit(s) searched, but no trial met the accuracy threshold: 0, 2")
+    assert "not searched" not in " ".join(result.notes)
+    assert "searched, but no trial met the accuracy threshold" in result.summary()

@@ -28,7 +28,7 @@ from fxsketch.records import fetch
 from fxsketch.result import Result, trials_frame
 from fxsketch.search.context import TrialContext
 from fxsketch.search.joint import ParetoPoint, best_joint, pareto_points
-from fxsketch.search.layerwise import best_entry
+from fxsketch.search.layerwise import best_entry, searched
 from fxsketch.units import Unit
 
 __all__ = ["finish", "keep_best", "sensitivity_table"]
@@ -79,6 +79,7 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
         raise RuntimeError(f"every trial failed ({len(trials)}): {summary}")
     pareto = pareto_points(ctx, study, functools.partial(ctx.build, share=False)) if ctx.multi else []
     plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
+    notes = _unit_notes(study, units) if strategy == "layerwise" and not pareto else []
     warm = best_joint(study) if strategy == "layerwise" and ctx.threshold is not None else None
     if warm is None:
         plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
@@ -96,7 +97,6 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
         plan, accuracy, steps, module = done
     if plan and not ctx.job.calibration.recover_steps:  # the returned model owns its weights (the same values)
         module = ctx.build(plan, share=False)
-    notes: list[str] = []
     interrupted = False
     try:
         measured = _time_result(ctx, plan, module)
@@ -194,11 +194,24 @@ def _chosen_plan(ctx: TrialContext, study: optuna.Study, units: list[Unit], stra
     for unit in units:
         best = best_entry(study, unit.key)
         if best is None:
-            log.warning("no trial of %s met the accuracy threshold: it stays dense", unit.key)
-            continue
+            continue  # said in the Result's notes (`_unit_notes`)
         for name in unit.layers:
             plan[name], accuracies[name] = dict(best[0]), best[1]
     return {k: v for k, v in plan.items() if v["method"] != "dense"}, accuracies
+
+
+def _unit_notes(study: optuna.Study, units: list[Unit]) -> list[str]:
+    """What the per-unit search could not do: units with no evaluated trial of their own (not
+    searched) apart from units whose trials all missed the accuracy bar."""
+    unsearched = [u.key for u in units if not searched(study, u.key)]
+    unmet = [u.key for u in units if u.key not in unsearched and best_entry(study, u.key) is None]
+    notes = []
+    for keys_, what in ((unsearched, "not searched (no trial of its own ran; raise n_trials or timeout)"),
+                        (unmet, "searched, but no trial met the accuracy threshold")):
+        if keys_:
+            shown = ", ".join(keys_[:8]) + (f" and {len(keys_) - 8} more" if len(keys_) > 8 else "")
+            notes.append(f"{len(keys_)} unit(s) {what}: {shown}")
+    return notes
 
 
 def sensitivity_table(ctx: TrialContext, units: list[Unit]) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from fxsketch.search.warm import warm_joint
 from fxsketch.units import Unit, invalid_reason, space_size, suggest_entry, warm_params
 from fxsketch.workers import optimize_study
 
-__all__ = ["run_layerwise", "best_entry"]
+__all__ = ["run_layerwise", "best_entry", "searched"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ def run_layerwise(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_t
     A unit that finishes early (its space exhausted) leaves its share to the units after it.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    if n_trials < len(units):
+        log.warning("n_trials=%d is below the %d tuning units: %d of them get no trial of their own and stay "
+                    "dense unless a whole-model trial replaces them (give n_trials >= %d to search every unit)",
+                    n_trials, len(units), len(units) - n_trials, len(units))
     used = warm = 0
     if ctx.warm and ctx.warm_joint and ctx.threshold is not None:
         before = ctx.started
@@ -51,7 +55,7 @@ def run_layerwise(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_t
         elif warm:
             log.info("the warm start's whole-model trials used this call's trials: %s not tuned alone", unit.key)
         else:
-            log.warning("n_trials=%d leaves no trial for %s", n_trials, unit.key)
+            log.info("n_trials=%d leaves no trial for %s", n_trials, unit.key)
         used += ctx.started - before
 
 
@@ -94,3 +98,9 @@ def best_entry(study: optuna.Study, key: str) -> tuple[dict[str, Any], float] | 
         if best is None or rank > best[0]:
             best = (rank, t.user_attrs[keys.ENTRY], t.user_attrs.get(keys.ACCURACY, math.nan))
     return None if best is None else (best[1], best[2])
+
+
+def searched(study: optuna.Study, key: str) -> bool:
+    """Whether unit `key` had a trial of its own that was evaluated (not only pruned or lost)."""
+    return any(t.user_attrs.get(keys.UNIT) == key and keys.ACCURACY in t.user_attrs
+               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
