@@ -163,8 +163,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
                                     "save it again")
             if not names and not any(n.rpartition("/")[2] == "archive_format" for n in archive.namelist()):
                 # e.g. the file's end cut off: zipfile then finds a zip stored inside it (sample inputs)
-                raise ArtifactError(f"{path!r} is not a .pt2 archive or is truncated (it holds no torch.export "
-                                    "program): save it again with fxsketch.save")
+                raise ArtifactError(f"{path!r} is not an fxsketch artifact: it holds no torch.export program (a zip "
+                                    "of something else, or a .pt2 truncated, its end cut off): save it again with "
+                                    "fxsketch.save")
             if not names:
                 raise ArtifactError(f"{path!r} is a .pt2 archive but not an fxsketch artifact (no {_META}): "
                                     "load it with torch.export.load, or save it with fxsketch.save")
