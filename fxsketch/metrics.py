@@ -3,25 +3,57 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
 import torch
 from torch import nn
 
-__all__ = ["TrialFailed", "call_metric"]
+__all__ = ["TrialFailed", "call_metric", "time_limit"]
 
 
 class TrialFailed(Exception):
     """The user's accuracy or speed function failed on a trial; the trial is recorded as failed."""
 
 
-def call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str) -> float:
-    """`fn(module)` as a finite float; anything else (an exception, running out of memory, None,
-    NaN, inf, a non-number) fails the trial with the reason."""
+class _OutOfTime(BaseException):
+    """Raised inside the user's function when its time is up (a BaseException, so that the
+    function's own `except Exception` cannot swallow it)."""
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt the block after `seconds` with `_OutOfTime` (SIGALRM: Python-level code, the
+    main thread, POSIX; elsewhere, and for None, the block runs unbounded). A call stuck inside
+    native code is interrupted only once it returns to Python."""
+    if seconds is None or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
     try:
-        raw = fn(module)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str, limit_s: float | None = None) -> float:
+    """`fn(module)` as a finite float; anything else (an exception, running out of memory, None,
+    NaN, inf, a non-number, not returning within `limit_s` seconds) fails the trial with the reason."""
+    try:
+        with time_limit(limit_s):
+            raw = fn(module)
+    except _OutOfTime:
+        raise TrialFailed(f"{what} did not return within {limit_s:.3g} s (the trial's time limit)") from None
     except optuna.TrialPruned:  # an accuracy function that reports steps may prune its trial
         raise
     except Exception as exc:  # MemoryError and torch.OutOfMemoryError included

@@ -52,6 +52,9 @@ class SearchOptions:
         warm_start: with calibration data, start from the rank allocation's plans.
         allocation_sensitivity: how the warm start's allocations weigh each unit's output error
             (None, "output", an accuracy function or a mapping; see `fxsketch.allocate`).
+        trial_timeout: seconds one trial's `accuracy_fn` (and `speed_fn`) may take; a call past it
+            fails the trial with that note and the search goes on (Python-level code in the main
+            thread on POSIX: a call stuck in native code stops only when it returns to Python).
     """
 
     objective: str = "latency"
@@ -66,6 +69,7 @@ class SearchOptions:
     max_params: float | int | None = None
     warm_start: bool = True
     allocation_sensitivity: Any = None
+    trial_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -87,6 +91,10 @@ class SearchOptions:
             raise TypeError(f"default_method must be a replacement kind's name, got {self.default_method!r}")
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}")
+        if self.trial_timeout is not None and (isinstance(self.trial_timeout, bool)
+                                               or not isinstance(self.trial_timeout, (int, float))
+                                               or not self.trial_timeout > 0):
+            raise ValueError(f"trial_timeout must be None or a positive number of seconds, got {self.trial_timeout!r}")
 
     @property
     def multi(self) -> bool:
@@ -161,7 +169,8 @@ class StudyOptions:
 
 
 GROUPS = {"search": SearchOptions, "calibration": CalibrationOptions, "study": StudyOptions}
-LEGACY_KEYWORDS = {f.name: group for group, cls in GROUPS.items() for f in fields(cls)}
+NEW_OPTIONS = {"trial_timeout"}  # options that were never keywords of optimize itself
+LEGACY_KEYWORDS = {f.name: group for group, cls in GROUPS.items() for f in fields(cls) if f.name not in NEW_OPTIONS}
 
 
 def merge_legacy(given: Mapping[str, Any], legacy: Mapping[str, Any]) -> dict[str, Any]:

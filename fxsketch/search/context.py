@@ -8,6 +8,7 @@ set up then and never change, the last ones are the caches and counters trials u
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,9 +79,16 @@ class TrialContext:
     timer: LayerTimer | None = None  # per-layer latency estimates (objective "latency")
     speed_source: str = ""  # how latency trials are timed: per-layer estimates, or whole models
     weight_versions: list[int] = field(default_factory=list)  # of gm's parameters, at the start
+    deadline: float | None = None  # time.monotonic() when the job's `timeout` runs out (set as trials start)
     # (unit, values) -> (accuracy, speed, first trial): a repeated draw is not evaluated again
     memo: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
     seen: dict[str, set[str]] = field(default_factory=dict)
+
+    def trial_limit(self) -> float | None:
+        """Seconds a trial's metric call may take: the trial timeout, and no later than the deadline."""
+        limits = [t for t in (self.job.search.trial_timeout,
+                              None if self.deadline is None else self.deadline - time.monotonic()) if t is not None]
+        return max(min(limits), 1e-3) if limits else None
 
     @property
     def threshold(self) -> float | None:
@@ -147,7 +155,7 @@ class TrialContext:
             return module if module is not None else self.build(plan, copy_weights=copy_weights)
 
         if self.speed_fn is not None:
-            return call_metric(self.speed_fn, built(), "speed_fn")
+            return call_metric(self.speed_fn, built(), "speed_fn", self.trial_limit())
         if self.objective == "flops":
             return self.dense_flops / plan_cost(list(self.records.values()), plan).flops
         if (accuracy is not None and self.threshold is not None and not self.multi

@@ -52,7 +52,7 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     else:
         module = ctx.build(plan, copy_weights=copy_weights)
         try:
-            accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+            accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn", ctx.trial_limit())
             speed = ctx.speed(module, plan, accuracy)
         except TrialFailed as exc:
             trial.set_user_attr(keys.NOTE, str(exc))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import optuna
 from torch import nn
@@ -84,12 +85,16 @@ def open_study(job: SearchJob, storage: object = None) -> optuna.Study:
 
 def run_strategy(ctx: TrialContext, study: optuna.Study) -> None:
     """Run this process's `n_trials` of the job's strategy on `study` (after remembering what a
-    resumed study already evaluated)."""
+    resumed study already evaluated). With a `timeout`, no trial's metric call runs past it."""
     job = ctx.job
+    ctx.deadline = None if job.timeout is None else time.monotonic() + job.timeout
     seed_memo(ctx, study)
     callbacks = [*([print_trial] if job.verbose else []), *job.search.callbacks]
     units = list(ctx.units.values())
-    if job.strategy == "joint":
-        run_joint(ctx, study, units, job.n_trials, job.timeout, callbacks)
-    else:
-        run_layerwise(ctx, study, units, job.n_trials, job.timeout, callbacks)
+    try:
+        if job.strategy == "joint":
+            run_joint(ctx, study, units, job.n_trials, job.timeout, callbacks)
+        else:
+            run_layerwise(ctx, study, units, job.n_trials, job.timeout, callbacks)
+    finally:
+        ctx.deadline = None  # finishing (validation, timing) is not cut short
