@@ -180,7 +180,8 @@ def _progress_callback(progress, task):
         estimate = "≈" if attrs.get(keys.SPEED_SOURCE) == "per-layer estimate" else " "
         note = (f"acc {attrs[keys.ACCURACY]:.4f} speed{estimate}{attrs[keys.SPEED]:.3f}"
                 if keys.ACCURACY in attrs else trial.state.name.lower())
-        progress.update(task, advance=1, description=f"{attrs.get(keys.UNIT, '')}: {note}")
+        counted = keys.REUSED not in attrs  # a draw the study already held does not spend a trial
+        progress.update(task, advance=int(counted), description=f"{attrs.get(keys.UNIT, '')}: {note}")
     return update
 
 

@@ -22,13 +22,14 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend
 
-from fxsketch.study_format import trial_running
+from fxsketch.study_format import REUSED, trial_running
 
 __all__ = ["open_storage", "run_workers", "check_sendable", "fresh_journal", "resolve_callable", "optimize_study"]
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal:///"
+REDRAWS = 5  # a study draws at most this many times the trials asked for (repeats are not counted)
 
 
 def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
@@ -65,25 +66,35 @@ def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
 
 def optimize_study(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_trials: int,
                    timeout: float | None, catch: tuple, callbacks: list) -> None:
-    """`study.optimize`, with each trial the `running_trial` while its objective runs, surviving a
-    known race of Optuna's between processes sharing a study: two of them can pop the same enqueued
-    trial, and the second one's result is then refused ("Cannot tell a COMPLETE trial"). That trial
-    is left to the first process; this one goes on with the rest of its `n_trials` (and `timeout`)."""
-    started = [0]
+    """`study.optimize` for `n_trials` counted trials, with each trial the `running_trial` while its
+    objective runs. A trial that only reused an earlier result (its values already held: attribute
+    `REUSED`) is not counted: the sampler draws again, up to `REDRAWS` times the budget in all.
+    Survives a known race of Optuna's between processes sharing a study: two of them can pop the
+    same enqueued trial, and the second one's result is then refused ("Cannot tell a COMPLETE
+    trial"); that trial is left to the first process and this one goes on."""
+    counted, attempts = [0], [0]
     deadline = None if timeout is None else time.monotonic() + timeout
 
-    def counted(trial: optuna.Trial) -> Any:
-        started[0] += 1
-        with trial_running(trial):
-            return objective(trial)
+    def run(trial: optuna.Trial) -> Any:
+        attempts[0] += 1
+        try:
+            with trial_running(trial):
+                return objective(trial)
+        finally:
+            if REUSED not in trial.user_attrs:
+                counted[0] += 1
 
-    while started[0] < n_trials:
+    def enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if counted[0] >= n_trials or attempts[0] >= REDRAWS * n_trials:
+            study.stop()
+
+    while counted[0] < n_trials and attempts[0] < REDRAWS * n_trials:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return
         try:
-            study.optimize(counted, n_trials=n_trials - started[0], timeout=left, catch=catch, callbacks=callbacks)
-            return
+            study.optimize(run, n_trials=None, timeout=left, catch=catch, callbacks=[*callbacks, enough])
+            return  # the budget is spent, the time is up, or a callback stopped the study
         except ValueError as exc:
             if not str(exc).startswith("Cannot tell a"):
                 raise

@@ -28,10 +28,12 @@ def test_sqlite_storage_resume_adds_trials_without_repeating_configurations(tmp_
         return base(m)
 
     resumed = _run(model, storage=url, study_name="s", n_trials=4, load_if_exists=True, accuracy_fn=counting)
-    assert len(resumed.trials) == 8  # this call's trials are added to the stored ones
-    assert resumed.trials.groupby("layer").size().to_dict() == {"0": 4, "2": 4}
-    reused = resumed.trials["note"].str.contains("reused").sum()
-    assert len(calls) == 1 + (4 - reused) + len(resumed.validation)  # stored configurations are not re-run
+    # this call's 4 trials are 4 configurations the study did not hold (a draw of a stored one is
+    # answered from the study, marked, and not counted), added to the stored ones
+    evaluated = resumed.trials[~resumed.trials["note"].str.contains("reused")]
+    assert len(evaluated) == 8 and evaluated.groupby("layer").size().to_dict() == {"0": 4, "2": 4}
+    assert not evaluated.duplicated(subset=["layer", "method", "low_rank"]).any()
+    assert len(calls) == 1 + 4 + len(resumed.validation)  # stored configurations are not re-run
 
 
 
@@ -75,7 +77,9 @@ def test_ctrl_c_returns_the_best_plan_so_far_and_the_study_resumes(tmp_path, cap
     assert done >= 3 and (result.trials["state"] == "FAIL").sum() == 1  # the interrupted trial
     assert f"interrupted after {done} finished trials" in caplog.text and "load_if_exists=True" in caplog.text
     resumed = _run(model, storage=url, study_name="s", n_trials=2, load_if_exists=True)
-    assert (resumed.trials["state"] == "COMPLETE").sum() == done + 2
+    new = resumed.trials.iloc[len(result.trials):]
+    assert (~new["note"].str.contains("reused")).sum() == 2  # two counted trials (a reused draw is not counted)
+    assert (resumed.trials["state"] == "COMPLETE").sum() >= done + 1
 
 
 
@@ -102,4 +106,28 @@ def test_experiment_dir_keeps_the_study_the_best_plan_and_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(X[:5]), first.graph_module(X[:5]))
     again = _run(model, experiment_dir=tmp_path, n_trials=2)  # resumes the same study
-    assert len(again.trials) == 6
+    assert (~again.trials["note"].str.contains("reused")).sum() == 6  # a reused draw is not counted
+
+
+def test_a_resumed_study_spends_its_trials_on_configurations_it_does_not_hold(tmp_path):
+    """8 possible ranks, 4 trials, then 4 more on the same study: 8 distinct configurations are
+    evaluated; a draw of one the study holds is answered from it and not counted."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = LayerConfig("2", params={"method": Categorical(["svd"]), "low_rank": Categorical([2, 4, 6, 8, 10, 12, 14, 16])})
+    model = _mlp()
+    base = _agreement(model)
+    calls = []
+
+    def counting(m):
+        calls.append(1)
+        return base(m)
+
+    first = _run(model, spec=spec, storage=url, study_name="s", n_trials=4, accuracy_fn=counting)
+    second = _run(model, spec=spec, storage=url, study_name="s", n_trials=4, accuracy_fn=counting,
+                  load_if_exists=True)
+    evaluated = second.trials[~second.trials["note"].str.contains("reused")]
+    assert len(evaluated) == 8 and sorted(evaluated["low_rank"]) == [2, 4, 6, 8, 10, 12, 14, 16]
+    reused = second.trials[second.trials["note"].str.contains("reused")]
+    assert all(n.endswith("not counted against n_trials") for n in reused["note"])
+    trial_calls = len(calls) - len(first.validation) - len(second.validation) - 2  # minus dense and validations
+    assert trial_calls == 8

@@ -75,7 +75,8 @@ class TrialContext:
     sensitivity: dict[str, float] | None = None  # per-layer weights of the warm start's allocations
 
     # caches and counters, updated by the trials
-    started: int = 0  # trials this process started (other workers may share the study)
+    started: int = 0  # trials this process evaluated or pruned (a reused configuration does not count)
+    known: set[int] = field(default_factory=set)  # numbers of the study's finished trials the memo holds
     timer: LayerTimer | None = None  # per-layer latency estimates (objective "latency")
     speed_source: str = ""  # how latency trials are timed: per-layer estimates, or whole models
     weight_versions: list[int] = field(default_factory=list)  # of gm's parameters, at the start

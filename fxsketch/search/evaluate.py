@@ -40,15 +40,29 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     search, else the score."""
     trial.set_user_attr(keys.UNIT, unit)
     key = (unit, plan_key(values))
+    seed_memo(ctx, trial.study)  # what other workers (or an earlier run) finished meanwhile
+    repeat = key[1] in ctx.seen.get(unit, ())
     ctx.seen.setdefault(unit, set()).add(key[1])  # a pruned draw counts too: the space runs out
     if reason:
+        if repeat:  # pruned before, for the same reason: neither evaluated nor counted again
+            trial.set_user_attr(keys.REUSED, -1)
+        else:
+            ctx.started += 1
         trial.set_user_attr(keys.NOTE, f"pruned before evaluation: {reason}")
         raise optuna.TrialPruned(reason)
     hit = ctx.recall(key, plan, copy_weights)
+    twin = _running_twin(trial, unit, key[1]) if hit is None else None
+    if twin is not None:  # another worker is evaluating the same values right now: leave them to it
+        trial.set_user_attr(keys.REUSED, twin)
+        trial.set_user_attr(keys.NOTE, f"same values as trial {twin}, running in another process: not counted")
+        raise optuna.TrialPruned(f"values being evaluated by trial {twin}")
+    if hit is None:
+        ctx.started += 1  # a configuration the study did not hold: it counts against n_trials
     if hit is not None:
         accuracy, speed, first = hit
         what = "plan" if unit == keys.WHOLE_MODEL else "values"
-        trial.set_user_attr(keys.NOTE, f"same {what} as trial {first}: result reused")
+        trial.set_user_attr(keys.NOTE, f"same {what} as trial {first}: result reused, not counted against n_trials")
+        trial.set_user_attr(keys.REUSED, first)
     else:
         module = ctx.build(plan, copy_weights=copy_weights)
         try:
@@ -71,17 +85,33 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     return score
 
 
+def _running_twin(trial: optuna.Trial, unit: str, values: str) -> int | None:
+    """The number of an earlier trial, still running (another worker's), that draws the same
+    values for the same unit; None if there is none. The later trial yields, so of two twins that
+    see each other exactly one goes on."""
+    for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        attrs = other.user_attrs
+        if other.number >= trial.number or attrs.get(keys.UNIT) != unit:
+            continue
+        theirs = attrs.get(keys.PLAN) if unit == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)
+        if theirs is not None and plan_key(theirs) == values:
+            return other.number
+    return None
+
+
 def ran(trial: optuna.trial.FrozenTrial) -> bool:
     """The trial was evaluated (or failed while evaluating), not pruned or lost."""
     return trial.state != optuna.trial.TrialState.FAIL or keys.NOTE in trial.user_attrs
 
 
 def seed_memo(ctx: TrialContext, study: optuna.Study) -> None:
-    """A resumed study's finished configurations are remembered, so none is evaluated twice."""
+    """The study's finished configurations (a resumed study's, other workers') are remembered,
+    so none is evaluated twice."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         attrs = t.user_attrs
-        if keys.ACCURACY not in attrs or keys.UNIT not in attrs:
+        if t.number in ctx.known or keys.ACCURACY not in attrs or keys.UNIT not in attrs:
             continue
+        ctx.known.add(t.number)
         entry = attrs.get(keys.PLAN) if attrs[keys.UNIT] == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)
         values = plan_key(entry)
         ctx.memo.setdefault((attrs[keys.UNIT], values), (attrs[keys.ACCURACY], attrs[keys.SPEED], t.number))

@@ -80,7 +80,6 @@ def _unit_trial(ctx: TrialContext, unit: Unit, trial: optuna.Trial) -> float:
     # A retried trial of a dead worker carries its unit (and fixed values); evaluate that unit.
     unit = ctx.units.get(trial.user_attrs.get(keys.UNIT), unit)
     trial.set_user_attr(keys.UNIT, unit.key)
-    ctx.started += 1
     entry = suggest_entry(unit, trial, ctx.default_method, ctx.records)
     trial.set_user_attr(keys.ENTRY, entry)
     plan = {name: entry for name in unit.layers}

@@ -145,7 +145,6 @@ def _joint_runner(ctx: TrialContext, study: optuna.Study, units: list[Unit], cal
         out = {"score": -math.inf}
 
         def objective(trial):
-            ctx.started += 1
             trial.set_user_attr(keys.WARM, note)
             out["score"] = evaluate_plan(ctx, trial, plan, flat)
             return out["score"]
