@@ -196,7 +196,9 @@ def _state_counts(trials: pd.DataFrame) -> str:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per fxsketch trial of `study`, with parameter names stripped of their layer prefix."""
+    """One row per fxsketch trial of `study`, with parameter names stripped of their layer prefix.
+    `counted` is False for a trial that drew values the study already held (answered from the
+    study, not counted against `n_trials`)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         if keys.UNIT not in t.user_attrs:
@@ -210,11 +212,13 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row[key] = t.user_attrs.get(attr, math.nan)
         row["speed_source"] = t.user_attrs.get(keys.SPEED_SOURCE, "")
         row["note"] = t.user_attrs.get(keys.NOTE, "")
+        row["counted"] = keys.REUSED not in t.user_attrs
         row["duration_s"] = t.duration.total_seconds() if t.duration else math.nan
         rows.append(row)
     columns = ["number", "layer", "state", "method"]
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return pd.DataFrame(columns=columns + ["accuracy", "speed", "score", "speed_source", "note", "duration_s"])
+        return pd.DataFrame(columns=columns + ["accuracy", "speed", "score", "speed_source", "note", "counted",
+                                               "duration_s"])
     ordered = columns + [c for c in frame.columns if c not in columns]
     return frame.reindex(columns=ordered)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import optuna
 import pytest
 import torch
 
@@ -30,7 +31,7 @@ def test_sqlite_storage_resume_adds_trials_without_repeating_configurations(tmp_
     resumed = _run(model, storage=url, study_name="s", n_trials=4, load_if_exists=True, accuracy_fn=counting)
     # this call's 4 trials are 4 configurations the study did not hold (a draw of a stored one is
     # answered from the study, marked, and not counted), added to the stored ones
-    evaluated = resumed.trials[~resumed.trials["note"].str.contains("reused")]
+    evaluated = resumed.trials[resumed.trials["counted"]]
     assert len(evaluated) == 8 and evaluated.groupby("layer").size().to_dict() == {"0": 4, "2": 4}
     assert not evaluated.duplicated(subset=["layer", "method", "low_rank"]).any()
     assert len(calls) == 1 + 4 + len(resumed.validation)  # stored configurations are not re-run
@@ -78,7 +79,7 @@ def test_ctrl_c_returns_the_best_plan_so_far_and_the_study_resumes(tmp_path, cap
     assert f"interrupted after {done} finished trials" in caplog.text and "load_if_exists=True" in caplog.text
     resumed = _run(model, storage=url, study_name="s", n_trials=2, load_if_exists=True)
     new = resumed.trials.iloc[len(result.trials):]
-    assert (~new["note"].str.contains("reused")).sum() == 2  # two counted trials (a reused draw is not counted)
+    assert new["counted"].sum() == 2  # two counted trials (a reused draw is not counted)
     assert (resumed.trials["state"] == "COMPLETE").sum() >= done + 1
 
 
@@ -106,7 +107,7 @@ def test_experiment_dir_keeps_the_study_the_best_plan_and_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(X[:5]), first.graph_module(X[:5]))
     again = _run(model, experiment_dir=tmp_path, n_trials=2)  # resumes the same study
-    assert (~again.trials["note"].str.contains("reused")).sum() == 6  # a reused draw is not counted
+    assert again.trials["counted"].sum() == 6  # a reused draw is not counted
 
 
 def test_a_resumed_study_spends_its_trials_on_configurations_it_does_not_hold(tmp_path):
@@ -125,9 +126,25 @@ def test_a_resumed_study_spends_its_trials_on_configurations_it_does_not_hold(tm
     first = _run(model, spec=spec, storage=url, study_name="s", n_trials=4, accuracy_fn=counting)
     second = _run(model, spec=spec, storage=url, study_name="s", n_trials=4, accuracy_fn=counting,
                   load_if_exists=True)
-    evaluated = second.trials[~second.trials["note"].str.contains("reused")]
+    evaluated = second.trials[second.trials["counted"]]
     assert len(evaluated) == 8 and sorted(evaluated["low_rank"]) == [2, 4, 6, 8, 10, 12, 14, 16]
-    reused = second.trials[second.trials["note"].str.contains("reused")]
+    reused = second.trials[~second.trials["counted"]]
     assert all(n.endswith("not counted against n_trials") for n in reused["note"])
     trial_calls = len(calls) - len(first.validation) - len(second.validation) - 2  # minus dense and validations
     assert trial_calls == 8
+
+
+def test_a_search_finishing_on_the_same_trials_returns_the_plan_the_study_holds(tmp_path):
+    """Processes sharing a study agree: the finished plan is written to the study, and a later
+    finish on the same evaluated trials returns it (no second validation or back-off deciding
+    otherwise on another timing)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = LayerConfig("2", params={"method": Categorical(["svd"]), "low_rank": Categorical([4, 8])})
+    model = _mlp()
+    first = _run(model, spec=spec, storage=url, study_name="s", n_trials=2, objective="latency")
+    held = optuna.load_study(study_name="s", storage=url).user_attrs["fxsketch.finished"]
+    assert held["plan"] == first.plan and held["basis"]["trials"] == 2
+    second = _run(model, spec=spec, storage=url, study_name="s", n_trials=2, objective="latency",
+                  load_if_exists=True)  # both ranks are held: nothing new is evaluated
+    assert second.plan == first.plan and second.accuracy == first.accuracy
+    assert second.validation[-1]["source"] == "the plan this study holds as finished, on the same trials"

@@ -44,17 +44,20 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     repeat = key[1] in ctx.seen.get(unit, ())
     ctx.seen.setdefault(unit, set()).add(key[1])  # a pruned draw counts too: the space runs out
     if reason:
+        again = ""
         if repeat:  # pruned before, for the same reason: neither evaluated nor counted again
             trial.set_user_attr(keys.REUSED, -1)
+            again = " (drawn before: not counted against n_trials)"
         else:
             ctx.started += 1
-        trial.set_user_attr(keys.NOTE, f"pruned before evaluation: {reason}")
+        trial.set_user_attr(keys.NOTE, f"pruned before evaluation: {reason}{again}")
         raise optuna.TrialPruned(reason)
     hit = ctx.recall(key, plan, copy_weights)
     twin = _running_twin(trial, unit, key[1]) if hit is None else None
     if twin is not None:  # another worker is evaluating the same values right now: leave them to it
         trial.set_user_attr(keys.REUSED, twin)
-        trial.set_user_attr(keys.NOTE, f"same values as trial {twin}, running in another process: not counted")
+        trial.set_user_attr(keys.NOTE, f"same values as trial {twin}, running in another process: not counted "
+                                       "against n_trials")
         raise optuna.TrialPruned(f"values being evaluated by trial {twin}")
     if hit is None:
         ctx.started += 1  # a configuration the study did not hold: it counts against n_trials
@@ -107,9 +110,17 @@ def ran(trial: optuna.trial.FrozenTrial) -> bool:
 def seed_memo(ctx: TrialContext, study: optuna.Study) -> None:
     """The study's finished configurations (a resumed study's, other workers') are remembered,
     so none is evaluated twice."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
         attrs = t.user_attrs
-        if t.number in ctx.known or keys.ACCURACY not in attrs or keys.UNIT not in attrs:
+        if t.number in ctx.known or keys.UNIT not in attrs or keys.REUSED in attrs:
+            continue
+        if t.state == optuna.trial.TrialState.PRUNED:  # pruned before evaluation: its values are seen
+            if str(attrs.get(keys.NOTE, "")).startswith("pruned before evaluation"):
+                ctx.known.add(t.number)
+                entry = attrs.get(keys.PLAN) if attrs[keys.UNIT] == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)
+                ctx.seen.setdefault(attrs[keys.UNIT], set()).add(plan_key(entry))
+            continue
+        if keys.ACCURACY not in attrs:
             continue
         ctx.known.add(t.number)
         entry = attrs.get(keys.PLAN) if attrs[keys.UNIT] == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)

@@ -22,6 +22,7 @@ from torch import nn
 from fxsketch.allocate import layer_errors
 from fxsketch.deploy import save
 from fxsketch.measure import Speedup, measure_speedup
+from fxsketch import study_format as keys
 from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.plan import plan_cost, speed_bound
 from fxsketch.records import fetch
@@ -81,7 +82,15 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
     plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
     notes = _unit_notes(study, units) if strategy == "layerwise" and not pareto else []
     warm = best_joint(study) if strategy == "layerwise" and ctx.threshold is not None else None
-    if warm is None:
+    basis = _basis(ctx, study)
+    held = study.user_attrs.get(keys.FINISHED) if not pareto else None
+    decided = isinstance(held, dict) and held.get("basis") == basis
+    if decided:  # another process finished on the same trials: return what it decided
+        plan, accuracy = dict(held["plan"]), held["accuracy"]
+        steps = [{"layers": len(plan), "dropped": None, "accuracy": accuracy,
+                  "source": "the plan this study holds as finished, on the same trials"}]
+        module = ctx.build(plan)
+    elif warm is None:
         plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
     else:  # the best whole-model (warm-start) plan, unless the per-unit bests combined beat it
         floor, tried = ctx.speed(None, warm[0]), []
@@ -102,7 +111,8 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
         measured = _time_result(ctx, plan, module)
         if measured is not None and measured.median < 1.0 and not measured.reliable:  # the load may have passed
             measured = _time_result(ctx, plan, module, cap_s=6.0)
-        if measured is not None and _slower(measured) and ctx.objective == "latency" and ctx.speed_fn is None:
+        if (measured is not None and _slower(measured) and ctx.objective == "latency" and ctx.speed_fn is None
+                and not decided):
             plan, accuracy, module, measured = _back_off_slow(ctx, plan, accuracy, module, measured, steps, verbose)
             if not plan:
                 notes.append("no plan was faster than dense on this machine: the model stays dense")
@@ -112,6 +122,8 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
         notes.append("interrupted while timing the returned model: its speed was not measured")
     if measured is not None and not measured.faster:
         notes.append(f"the returned plan is not faster than dense on this machine: {measured.describe()}")
+    if not pareto and not interrupted:
+        study.set_user_attr(keys.FINISHED, {"basis": basis, "plan": plan, "accuracy": accuracy})
     for note in notes:
         log.warning(note)
     if measured is not None and measured.faster and not measured.reliable:
@@ -126,6 +138,15 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
                   params_after=after.params, trials=trials, study=study, records=records, validation=steps,
                   accuracy_threshold=ctx.threshold, pareto=pareto, sensitivity=sensitivity,
                   speedup_estimate=estimate)
+
+
+def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
+    """What a finished plan was decided on: the study's evaluated trials and the bar. Processes
+    that finish on the same basis return the same plan."""
+    done = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if keys.REUSED not in t.user_attrs]
+    return {"trials": len(done), "last": max(done, default=-1), "threshold": ctx.threshold,
+            "objective": ctx.objective, "strategy": ctx.job.strategy}
 
 
 def _time_result(ctx: TrialContext, plan: dict, module: nn.Module, cap_s: float = 3.0) -> Speedup | None:
