@@ -6,7 +6,6 @@ original model's (`fxsketch.examples.minilm`); benchmarks/bench_minilm.py is the
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import fxsketch  # noqa: F401  (registers the ops)
 from fxsketch.kernels import lowrank_conv2d, lowrank_linear
-from torch.testing._internal.optests.generate_tests import OpCheckError
 
 LINEAR_OP = torch.ops.fxsketch.lowrank_linear.default
 CONV_OP = torch.ops.fxsketch.lowrank_conv2d.default
