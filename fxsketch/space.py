@@ -146,6 +146,14 @@ class Categorical(ParamSpec):
                 )
         object.__setattr__(self, "choices", choices)
 
+    def clipped(self, bound: int) -> Categorical | None:
+        """The choices that are not numbers above `bound` (None when none is left)."""
+        kept = tuple(c for c in self.choices
+                     if isinstance(c, bool) or not isinstance(c, (int, float)) or c <= bound)
+        if len(kept) == len(self.choices):
+            return self
+        return Categorical(kept) if kept else None
+
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
         """Ask `trial` to pick one of the choices."""
         return trial.suggest_categorical(name, list(self.choices))
@@ -195,6 +203,14 @@ class Int(ParamSpec):
     def values(self) -> list[int]:
         """`low, low + step, ...` up to `high`."""
         return list(range(self.low, self.high + 1, self.step))
+
+    def clipped(self, bound: int) -> Int | None:
+        """This range up to `bound` (itself when it stays below; None when nothing is left)."""
+        if self.high <= bound:
+            return self
+        if self.low > bound:
+            return None
+        return Int(self.low, self.low + (bound - self.low) // self.step * self.step, self.step, self.log)
 
     def first(self) -> int:
         """The lower bound."""

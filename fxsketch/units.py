@@ -148,6 +148,25 @@ def _unit_space(cfg: LayerConfig, group: list[LayerRecord], default_method: str)
             if auto is None:
                 return None
             space.update({p: auto[p] for p in missing})
+    return _clip(space, methods, group)
+
+
+def _clip(space: dict[str, ParamSpec], methods: list[str], group: list[LayerRecord]) -> dict[str, ParamSpec]:
+    """Size-like ranges clipped to what every layer of the group can take (the largest bound over
+    the searched methods: no value any of them could use is lost). A range wholly past the bound
+    stays as it is: its values are then refused, with the reason, by each trial."""
+    bounds: dict[str, int] = {}
+    for m in methods:
+        per_layer = [get_kind(m).upper_bounds(r) for r in group]
+        for p in set().union(*per_layer):
+            bound = min(b.get(p, math.inf) for b in per_layer)
+            bounds[p] = max(bounds.get(p, bound), bound)
+    for p, bound in bounds.items():
+        clip = getattr(space.get(p), "clipped", None)
+        clipped = clip(bound) if clip is not None else None
+        if clipped is not None and clipped is not space[p]:
+            log.info("the %s range %s is clipped to %d for %s", p, space[p], bound, ", ".join(r.name for r in group))
+            space[p] = clipped
     return space
 
 

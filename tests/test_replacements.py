@@ -11,6 +11,7 @@ import fxsketch
 from fxsketch.calibrate import calibrate
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan
+from fxsketch.units import resolve_units
 from conftest import (
     CALIB, calib_data as _data, calib_mlp as _model, calib_setup as _setup, D, HELD_OUT,
     layer_error as _layer_error, OUT, rel_error as _rel_error,
@@ -150,3 +151,15 @@ def test_a_cached_decomposition_that_is_not_this_layers_is_recomputed(tmp_path, 
     with torch.no_grad():
         assert torch.allclose(fresh(HELD_OUT), again(HELD_OUT), atol=1e-5)
     assert caplog.text.count("does not hold this layer's decomposition: recomputing it") == len(files)
+
+
+def test_a_searched_range_reaching_past_a_layers_bound_is_clipped_there():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    gm = fxsketch.capture(model, torch.randn(2, 64))
+    records = fxsketch.find_layers(gm)
+    spec = fxsketch.load_spec({"layers": [
+        {"layer_names": ["0"], "params": {"method": ["svd"], "low_rank": {"type": "int", "low": 4, "high": 10**6}}},
+        {"layer_names": ["2"], "params": {"method": ["sketch"], "num_terms": [1, 2, 10**9], "low_rank": [2, 4]}}]})
+    units = {u.key: u for u in resolve_units(records, spec, {}, "svd")}
+    assert units["0"].space["low_rank"] == fxsketch.Int(4, 32)  # the layer's rank
+    assert units["2"].space["num_terms"] == fxsketch.Categorical([1, 2])  # 10**9 terms: past the size bound

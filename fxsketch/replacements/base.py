@@ -93,6 +93,11 @@ class ReplacementKind:
         """The efficient search space for `record`, or None when no configuration beats dense."""
         return {}
 
+    def upper_bounds(self, record: LayerRecord) -> dict[str, int]:
+        """The largest value each size-like parameter may take on `record` (a searched range
+        reaching past it is clipped there)."""
+        return {}
+
     def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
         raise NotImplementedError
 

@@ -37,6 +37,9 @@ class SVD(ReplacementKind):
             return f"low_rank must be an integer in [1, {full}] for {record.name} {record.weight_shape}, got {rank!r}"
         return ""
 
+    def upper_bounds(self, record: LayerRecord) -> dict[str, int]:
+        return {"low_rank": min(record.out_features, record.in_features)}
+
     def auto_space(self, record: LayerRecord):
         space = rank_space(efficient_rank_limit(record))
         return None if space is None else {"low_rank": space}

@@ -53,6 +53,10 @@ class Sketch(ReplacementKind):
                     f"weights, at least {SKETCH_SIZE_FLOOR:,}): lower num_terms or low_rank")
         return ""
 
+    def upper_bounds(self, record: LayerRecord) -> dict[str, int]:
+        each = sketch_size_limit(record) // (2 * (record.in_features + record.out_features))  # the other at 1
+        return {"num_terms": each, "low_rank": each}
+
     def auto_space(self, record: LayerRecord):
         # Efficient while 2·l·k·(in+out) < in·out (the seed's rule); the search prunes the
         # (l, k) pairs of these ranges that cross it before evaluating them.

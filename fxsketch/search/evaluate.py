@@ -40,6 +40,9 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     search, else the score."""
     trial.set_user_attr(keys.UNIT, unit)
     key = (unit, plan_key(values))
+    # another worker's twin is looked for before the study's finished trials are read: one that
+    # finishes in between is then found among those
+    twin = _running_twin(trial, unit, key[1]) if not reason else None
     seed_memo(ctx, trial.study)  # what other workers (or an earlier run) finished meanwhile
     repeat = key[1] in ctx.seen.get(unit, ())
     ctx.seen.setdefault(unit, set()).add(key[1])  # a pruned draw counts too: the space runs out
@@ -53,8 +56,7 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
         trial.set_user_attr(keys.NOTE, f"pruned before evaluation: {reason}{again}")
         raise optuna.TrialPruned(reason)
     hit = ctx.recall(key, plan, copy_weights)
-    twin = _running_twin(trial, unit, key[1]) if hit is None else None
-    if twin is not None:  # another worker is evaluating the same values right now: leave them to it
+    if hit is None and twin is not None:  # another worker is evaluating the same values right now: leave them to it
         trial.set_user_attr(keys.REUSED, twin)
         trial.set_user_attr(keys.NOTE, f"same values as trial {twin}, running in another process: not counted "
                                        "against n_trials")
@@ -89,12 +91,13 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
 
 
 def _running_twin(trial: optuna.Trial, unit: str, values: str) -> int | None:
-    """The number of an earlier trial, still running (another worker's), that draws the same
-    values for the same unit; None if there is none. The later trial yields, so of two twins that
-    see each other exactly one goes on."""
+    """The number of another trial, still running (another worker's), that drew the same values
+    for the same unit; None if there is none. Every trial sets its values before it looks, so of
+    two twins the one that looks second always sees the first and yields (both yield, and the
+    values are drawn again later, only when both look at once)."""
     for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         attrs = other.user_attrs
-        if other.number >= trial.number or attrs.get(keys.UNIT) != unit:
+        if other.number == trial.number or attrs.get(keys.UNIT) != unit:
             continue
         theirs = attrs.get(keys.PLAN) if unit == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)
         if theirs is not None and plan_key(theirs) == values:
