@@ -72,6 +72,9 @@ def load_object(ref: str) -> Any:
         if not path.exists():
             raise typer.BadParameter(f"no such file: {path}")
         folder = str(path.resolve().parent)
+        if not path.stem.isidentifier():
+            raise typer.BadParameter(f"{path} cannot be imported as a module (its name {path.stem!r} is not a Python "
+                                     "identifier): rename the file, e.g. to models.py")
         existing = sys.modules.get(path.stem)
         taken = existing.__spec__ if existing is not None else importlib.util.find_spec(path.stem)
         origin = getattr(taken, "origin", None)

@@ -32,6 +32,7 @@ _MEMBERS = re.compile(r"archive_format|archive_version|byteorder|\.data/version|
                       r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+"
                       r"|data/sample_inputs/model\.pt|extra/fxsketch\.json|extra/module_info\.json")
 _LOADING = threading.Lock()
+_TRUST = "If you wrote this file and trust it, call fxsketch.load(path, trusted=True)."
 
 
 class ArtifactError(ValueError):
@@ -205,19 +206,18 @@ def load(path: str | os.PathLike, *, trusted: bool = False) -> nn.Module:
     if damaged:
         raise ArtifactError(f"{os.fspath(path)!r} is damaged: member {damaged!r} does not match the checksum "
                             "stored when it was written; copy or save it again")
-    trust = "If you wrote this file and trust it, call fxsketch.load(path, trusted=True)."
     if not trusted:
         pickled = _pickled_members(os.fspath(path))
         if pickled:
             raise ArtifactError(
                 f"{os.fspath(path)!r} holds pickled Python objects ({', '.join(pickled[:5])}) that torch.export.load "
                 "would unpickle; unpickling runs code stored in the file, so fxsketch refuses it by default "
-                f"(fxsketch.save never writes such objects). {trust}")
+                f"(fxsketch.save never writes such objects). {_TRUST}")
         strangers = _unexpected_members(os.fspath(path))
         if strangers:
             raise ArtifactError(
                 f"{os.fspath(path)!r} holds members fxsketch.save never writes ({'; '.join(strangers[:5])}): torch's "
-                f"reader may read them in place of the real ones, so the file is refused. {trust}")
+                f"reader may read them in place of the real ones, so the file is refused. {_TRUST}")
     try:
         with contextlib.nullcontext() if trusted else _weights_only(os.fspath(path)):
             program = torch.export.load(path)
@@ -269,14 +269,16 @@ def _unexpected_members(path: str) -> list[str]:
 def _weights_only(path: str) -> Iterator[None]:
     """While torch.export.load reads `path`, every unpickling is restricted to tensors and plain
     containers: torch falls back to a full unpickle when the restricted one fails, and a full
-    unpickle runs code stored in the file. One load at a time (the guard swaps `torch.load`)."""
-    real = torch.load
+    unpickle runs code stored in the file. One load at a time (the guard swaps `torch.load`; calls
+    from other threads meanwhile pass through unchanged)."""
+    real, owner = torch.load, threading.get_ident()
 
     def restricted(f: Any, *args: Any, weights_only: Any = None, **kwargs: Any) -> Any:
+        if threading.get_ident() != owner:
+            return real(f, *args, weights_only=weights_only, **kwargs)
         if weights_only is False:
             raise ArtifactError(f"{path!r} holds an object torch can only read by unpickling it in full, which runs "
-                                "code stored in the file: refused. If you wrote this file and trust it, call "
-                                "fxsketch.load(path, trusted=True).")
+                                f"code stored in the file: refused. {_TRUST}")
         return real(f, *args, weights_only=True, **kwargs)
 
     with _LOADING:

@@ -28,22 +28,27 @@ class _OutOfTime(BaseException):
 @contextmanager
 def time_limit(seconds: float | None) -> Iterator[None]:
     """Interrupt the block after `seconds` with `_OutOfTime` (SIGALRM: Python-level code, the
-    main thread, POSIX; elsewhere, and for None, the block runs unbounded). A call stuck inside
-    native code is interrupted only once it returns to Python."""
-    if seconds is None or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    main thread, POSIX; elsewhere, for None, and while another alarm is set (a test runner's),
+    the block runs unbounded). A call stuck inside native code is interrupted only once it
+    returns to Python. The signal handler in place before is restored."""
+    if (seconds is None or threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "setitimer") or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
         yield
         return
+    active = [True]
 
     def expire(signum: int, frame: Any) -> None:
-        raise _OutOfTime
+        if active[0]:  # an alarm that lands after the block has left does nothing
+            raise _OutOfTime
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
     try:
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
         yield
     finally:
+        active[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
 def call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str, limit_s: float | None = None) -> float:

@@ -65,14 +65,15 @@ def open_storage(storage: Any, heartbeat_interval: int | None = None) -> Any:
 
 
 def optimize_study(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_trials: int,
-                   timeout: float | None, catch: tuple, callbacks: list) -> None:
+                   timeout: float | None, catch: tuple, callbacks: list, redraws: int = 0) -> None:
     """`study.optimize` for `n_trials` counted trials, with each trial the `running_trial` while its
     objective runs. A trial that only reused an earlier result (its values already held: attribute
-    `REUSED`) is not counted: the sampler draws again, up to `REDRAWS` times the budget in all.
+    `REUSED`) is not counted: the sampler draws again, up to `redraws` (default `REDRAWS`) times
+    the budget in all; an objective that ignores the draw (a fixed plan) passes `redraws=1`.
     Survives a known race of Optuna's between processes sharing a study: two of them can pop the
     same enqueued trial, and the second one's result is then refused ("Cannot tell a COMPLETE
     trial"); that trial is left to the first process and this one goes on."""
-    counted, attempts = [0], [0]
+    counted, attempts, cap = [0], [0], (redraws or REDRAWS) * n_trials
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def run(trial: optuna.Trial) -> Any:
@@ -85,10 +86,10 @@ def optimize_study(study: optuna.Study, objective: Callable[[optuna.Trial], Any]
                 counted[0] += 1
 
     def enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if counted[0] >= n_trials or attempts[0] >= REDRAWS * n_trials:
+        if counted[0] >= n_trials or attempts[0] >= cap:
             study.stop()
 
-    while counted[0] < n_trials and attempts[0] < REDRAWS * n_trials:
+    while counted[0] < n_trials and attempts[0] < cap:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return

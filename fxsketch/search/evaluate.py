@@ -3,6 +3,7 @@ and record what happened in the trial's attributes (`fxsketch.study_format`)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from typing import Any
@@ -17,6 +18,8 @@ from fxsketch.search.context import TrialContext
 __all__ = ["evaluate", "over_budget", "seed_memo", "ran", "print_trial", "plan_key"]
 
 log = logging.getLogger(__name__)
+
+TWIN_PATIENCE_S = 600.0  # a twin trial running longer is taken for a dead worker's and not waited for
 
 
 def plan_key(values: Any) -> str:
@@ -99,10 +102,17 @@ def _running_twin(trial: optuna.Trial, unit: str, values: str) -> int | None:
         attrs = other.user_attrs
         if other.number == trial.number or attrs.get(keys.UNIT) != unit:
             continue
-        theirs = attrs.get(keys.PLAN) if unit == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)
-        if theirs is not None and plan_key(theirs) == values:
+        started = other.datetime_start
+        if started is not None and (datetime.datetime.now() - started).total_seconds() > TWIN_PATIENCE_S:
+            continue  # running that long: most likely a dead worker's, which nobody will finish
+        if _values(attrs) == values:
             return other.number
     return None
+
+
+def _values(attrs: dict[str, Any]) -> str:
+    """The key of a trial's values from its attributes: its plan (whole model) or its unit's entry."""
+    return plan_key(attrs.get(keys.PLAN) if attrs.get(keys.UNIT) == keys.WHOLE_MODEL else attrs.get(keys.ENTRY))
 
 
 def ran(trial: optuna.trial.FrozenTrial) -> bool:
@@ -120,14 +130,12 @@ def seed_memo(ctx: TrialContext, study: optuna.Study) -> None:
         if t.state == optuna.trial.TrialState.PRUNED:  # pruned before evaluation: its values are seen
             if str(attrs.get(keys.NOTE, "")).startswith("pruned before evaluation"):
                 ctx.known.add(t.number)
-                entry = attrs.get(keys.PLAN) if attrs[keys.UNIT] == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)
-                ctx.seen.setdefault(attrs[keys.UNIT], set()).add(plan_key(entry))
+                ctx.seen.setdefault(attrs[keys.UNIT], set()).add(_values(attrs))
             continue
         if keys.ACCURACY not in attrs:
             continue
         ctx.known.add(t.number)
-        entry = attrs.get(keys.PLAN) if attrs[keys.UNIT] == keys.WHOLE_MODEL else attrs.get(keys.ENTRY)
-        values = plan_key(entry)
+        values = _values(attrs)
         ctx.memo.setdefault((attrs[keys.UNIT], values), (attrs[keys.ACCURACY], attrs[keys.SPEED], t.number))
         ctx.seen.setdefault(attrs[keys.UNIT], set()).add(values)
 

@@ -85,14 +85,20 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
     basis = _basis(ctx, study)
     held = study.user_attrs.get(keys.FINISHED) if not pareto else None
     decided = isinstance(held, dict) and held.get("basis") == basis
-    if decided:  # another process finished on the same trials: return what it decided
-        plan, accuracy = dict(held["plan"]), held["accuracy"]
-        steps = [{"layers": len(plan), "dropped": None, "accuracy": accuracy,
-                  "source": "the plan this study holds as finished, on the same trials"}]
-        module = ctx.build(plan)
-    elif warm is None:
+    if decided:  # another process finished on the same trials and settings: check its plan here
+        module = ctx.build(dict(held["plan"]))
+        try:
+            accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn")
+        except TrialFailed as exc:
+            raise RuntimeError(f"validating the study's finished plan failed: {exc}") from exc
+        decided = ctx.threshold is None or accuracy >= ctx.threshold
+        if decided:
+            plan = dict(held["plan"])
+            steps = [{"layers": len(plan), "dropped": None, "accuracy": accuracy,
+                      "source": "the plan this study holds as finished, on the same trials"}]
+    if not decided and warm is None:
         plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
-    else:  # the best whole-model (warm-start) plan, unless the per-unit bests combined beat it
+    elif not decided:  # the best whole-model (warm-start) plan, unless the per-unit bests combined beat it
         floor, tried = ctx.speed(None, warm[0]), []
         done = _validate(ctx, plan, accuracies, verbose, floor=floor, steps=tried) if plan else None
         if done is None:
@@ -145,8 +151,13 @@ def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
     that finish on the same basis return the same plan."""
     done = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if keys.REUSED not in t.user_attrs]
+    options, calibration = ctx.job.search, ctx.job.calibration
     return {"trials": len(done), "last": max(done, default=-1), "threshold": ctx.threshold,
-            "objective": ctx.objective, "strategy": ctx.job.strategy}
+            "objective": ctx.objective, "strategy": ctx.job.strategy,
+            "units": sorted([key, sorted(u.layers), repr(u.space)] for key, u in ctx.units.items()),
+            "budget": [options.max_flops, options.max_params], "method": ctx.default_method,
+            "calibration": [calibration.refit, calibration.recover_steps, calibration.recover_lr,
+                            bool(ctx.job.batches)]}
 
 
 def _time_result(ctx: TrialContext, plan: dict, module: nn.Module, cap_s: float = 3.0) -> Speedup | None:
@@ -261,6 +272,8 @@ def sensitivity_table(ctx: TrialContext, units: list[Unit]) -> pd.DataFrame:
         rows.append(row)
     ctx.cache.clear()
     return pd.DataFrame(rows)
+
+
 def keep_best(result: Result, folder: Path, inputs: tuple) -> None:
     """Save the best plan and model into an experiment folder (the model only when it can be saved)."""
     result.save_plan(folder / "best_plan.json")

@@ -49,7 +49,8 @@ def flat_values(units: Sequence[Unit], plan: dict[str, dict[str, Any]]) -> dict[
     return {f"{u.key}.{k}": v for u in units for k, v in plan.get(u.layers[0], {"method": "dense"}).items()}
 
 
-def evaluate_plan(ctx: TrialContext, trial: optuna.Trial, plan: dict, flat: dict, reason: str = ""):
+def evaluate_plan(ctx: TrialContext, trial: optuna.Trial, plan: dict, flat: dict,
+                  reason: str = "") -> tuple[float, float] | float:
     """Evaluate a whole-model `plan` as trial `trial` (pruned when `reason` or a budget says so)."""
     trial.set_user_attr(keys.ENTRY, flat)
     trial.set_user_attr(keys.PLAN, plan)

@@ -74,7 +74,7 @@ def _allocatable(units: list[Unit]) -> list[Unit]:
             and ("method" not in u.space or u.space["method"].first() in ALLOCATABLE)]
 
 
-def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_trials: int, callbacks) -> None:
+def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_trials: int, callbacks: list) -> None:
     """The layerwise search's warm start, in whole-model trials.
 
     1. The allocation (`fxsketch.allocate` on the cached decompositions) at a FLOP budget found by
@@ -135,7 +135,7 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
             rejected.add(unit.key)
 
 
-def _joint_runner(ctx: TrialContext, study: optuna.Study, units: list[Unit], callbacks):
+def _joint_runner(ctx: TrialContext, study: optuna.Study, units: list[Unit], callbacks: list):
     """`run(plan, note) -> score`: one whole-model trial of `plan` (a repeated plan reuses its result)."""
     def run(plan: dict, note: str) -> float:
         hit = ctx.recall((keys.WHOLE_MODEL, plan_key(plan)), plan)
@@ -149,7 +149,7 @@ def _joint_runner(ctx: TrialContext, study: optuna.Study, units: list[Unit], cal
             out["score"] = evaluate_plan(ctx, trial, plan, flat)
             return out["score"]
 
-        optimize_study(study, objective, 1, None, (TrialFailed,), list(callbacks))
+        optimize_study(study, objective, 1, None, (TrialFailed,), list(callbacks), redraws=1)  # one fixed plan
         return out["score"]
 
     return run
