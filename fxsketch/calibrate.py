@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from fxsketch.capture import as_inputs, describe_inputs, find_layers, input_of
 from fxsketch.records import LayerRecord
 
-__all__ = ["LayerStats", "calibrate", "iterate_batches", "mask_fn", "layer_rows", "check_width", "empty_stats", "batch_inputs"]
+__all__ = ["LayerStats", "calibrate", "iterate_batches", "mask_fn", "layer_rows", "check_width", "empty_stats",
+           "batch_inputs"]
 
 
 @dataclass

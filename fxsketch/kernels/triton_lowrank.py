@@ -158,8 +158,9 @@ def _prune(configs, named_args, **kwargs):
 @functools.cache
 def _autotuned():
     # a later chunk adds onto y: benchmarking it must not leave its repeats there
-    return triton.autotune(configs=_cuda_configs(), key=["M_BUCKET", "K", "N", "R", "IDENTITY_B", "HAS_BIAS", "PRECISION"],
-                           prune_configs_by={"early_config_prune": _prune}, restore_value=["y_ptr"])(_lowrank_fwd_kernel)
+    key = ["M_BUCKET", "K", "N", "R", "IDENTITY_B", "HAS_BIAS", "PRECISION"]
+    return triton.autotune(configs=_cuda_configs(), key=key, prune_configs_by={"early_config_prune": _prune},
+                           restore_value=["y_ptr"])(_lowrank_fwd_kernel)
 
 
 def interpreting() -> bool:
