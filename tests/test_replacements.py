@@ -163,3 +163,17 @@ def test_a_searched_range_reaching_past_a_layers_bound_is_clipped_there():
     units = {u.key: u for u in resolve_units(records, spec, {}, "svd")}
     assert units["0"].space["low_rank"] == fxsketch.Int(4, 32)  # the layer's rank
     assert units["2"].space["num_terms"] == fxsketch.Categorical([1, 2])  # 10**9 terms: past the size bound
+
+
+def test_a_calibrated_sketch_stays_bounded_with_fewer_calibration_rows_than_inputs():
+    """4 rows for a 1024-input layer: the refit's least squares is singular off the rows' span; it
+    must not fit noise there (it used to give outputs 40x the dense layer's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 32),
+                          nn.ReLU(), nn.Linear(32, 10)).eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    plan = {"3": {"method": "sketch", "num_terms": 1, "low_rank": 4}}
+    gm = fxsketch.rewrite(model, plan, x, calibration_data=[x, x + 1])
+    with torch.no_grad():
+        dense, ours = model(x), gm(x)
+    assert (ours - dense).abs().max() <= 0.5 * dense.abs().max()

@@ -10,6 +10,8 @@ import torch
 
 __all__ = ["refit_outer", "refit_sketch"]
 
+SKETCH_RIDGE = 1e-4  # of the mean input energy, on S2's least squares (see refit_sketch)
+
 
 def _solve_spd(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """M⁻¹ rhs for a symmetric positive semi-definite M, with a small ridge for singular cases."""
@@ -39,9 +41,13 @@ def refit_sketch(S1: torch.Tensor, S2: torch.Tensor, U1: torch.Tensor, U2: torch
     u1 = U1.reshape(l * k, -1) * scale
     s2 = S2.reshape(l * k, -1)
     CU2 = C @ u2
+    # Directions the calibration rows never reach (fewer rows than inputs) leave u2ᵀ C u2 nearly
+    # singular: a ridge in the input space's own scale keeps S2 bounded there instead of letting
+    # it fit noise (without it, 4 rows for 1024 inputs gave outputs 40x too large)
+    gram = u2.T @ CU2 + SKETCH_RIDGE * C.diagonal().mean().clamp_min(1e-300) * (u2.T @ u2)
     for _ in range(iterations):
         residual = target - s1 @ u1
-        s2 = _solve_spd(u2.T @ CU2, CU2.T @ residual) / scale
+        s2 = _solve_spd(gram, CU2.T @ residual) / scale
         rest = target - u2 @ (s2 * scale)
         s1 = _solve_spd(u1 @ u1.T, u1 @ rest.T).T
     return s1.reshape(d, l, k).permute(1, 0, 2), s2.reshape(l, k, -1)
