@@ -180,15 +180,22 @@ def _with_member(src, dst, old: str, new: str, data: bytes, keep_old: bool = Fal
             b.writestr(info, a.read(info.filename))
 
 
-@pytest.mark.parametrize("casing", ["model.PT", "model.Pt", "model.pT", "MODEL.pt", "Model.pt"])
-def test_a_pickle_under_another_casing_of_a_member_name_never_runs(tmp_path, casing):
+def _evil_artifact(tmp_path, name: str):
+    """good.pt2 saved, and evil.pt2: the same with its sample inputs replaced by a payload stored
+    as member `data/sample_inputs/{name}`; returns the file the payload would create."""
     _, gm, x, _ = _rewritten()
     fxsketch.save(gm, tmp_path / "good.pt2", x)
     marker = tmp_path / "pwned"
     payload = io.BytesIO()
     torch.save(_Payload(marker), payload)
     _with_member(tmp_path / "good.pt2", tmp_path / "evil.pt2", "data/sample_inputs/model.pt",
-                 f"data/sample_inputs/{casing}", payload.getvalue())
+                 f"data/sample_inputs/{name}", payload.getvalue())
+    return marker
+
+
+@pytest.mark.parametrize("casing", ["model.PT", "model.Pt", "model.pT", "MODEL.pt", "Model.pt"])
+def test_a_pickle_under_another_casing_of_a_member_name_never_runs(tmp_path, casing):
+    marker = _evil_artifact(tmp_path, casing)
     with pytest.raises(ArtifactError, match=re.escape(f"sample_inputs/{casing}")):  # named, whichever check
         fxsketch.load(tmp_path / "evil.pt2")
     assert not marker.exists()
@@ -207,19 +214,14 @@ def test_a_second_member_differing_only_in_case_is_refused(tmp_path):
 
 def test_torch_never_falls_back_to_a_full_unpickle_when_untrusted(tmp_path, monkeypatch):
     """Defence in depth: with the member checks blinded, the full-unpickle fallback is still refused."""
-    _, gm, x, _ = _rewritten()
-    fxsketch.save(gm, tmp_path / "good.pt2", x)
-    marker = tmp_path / "pwned"
-    payload = io.BytesIO()
-    torch.save(_Payload(marker), payload)
-    _with_member(tmp_path / "good.pt2", tmp_path / "evil.pt2", "data/sample_inputs/model.pt",
-                 "data/sample_inputs/model.pt", payload.getvalue())
+    marker = _evil_artifact(tmp_path, "model.pt")
+    x, real = _rewritten()[2], torch.load
     monkeypatch.setattr(fxsketch.deploy, "_pickled_members", lambda path: [])
     monkeypatch.setattr(fxsketch.deploy, "_unexpected_members", lambda path: [])
     with pytest.raises(ArtifactError, match=r"unpickling it in full"):
         fxsketch.load(tmp_path / "evil.pt2")
     assert not marker.exists()
-    assert torch.load is not None and fxsketch.load(tmp_path / "good.pt2")(x).shape == (4, 4)  # torch.load restored
+    assert torch.load is real and fxsketch.load(tmp_path / "good.pt2")(x).shape == (4, 4)  # torch.load restored
 
 
 @pytest.mark.parametrize("kept", [0.99, 0.9, 0.5, 0.01])

@@ -14,19 +14,24 @@ from fxsketch import Categorical, LayerConfig
 from conftest import agreement as _agreement, mlp as _mlp, MLP_X as X, replaced as _replaced, run_search as _run
 
 
+
+def _counting(model):
+    """An accuracy function of `model` that records each call, and the list it records into."""
+    base, calls = _agreement(model), []
+
+    def counting(m):
+        calls.append(1)
+        return base(m)
+    return counting, calls
+
 def test_sqlite_storage_resume_adds_trials_without_repeating_configurations(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     first = _run(storage=url, study_name="s", n_trials=4)
     assert len(first.trials) == 4
     with pytest.raises(ValueError, match="load_if_exists=True"):
         _run(storage=url, study_name="s", n_trials=4)
-    calls = []
     model = _mlp()
-    base = _agreement(model)
-
-    def counting(m):
-        calls.append(1)
-        return base(m)
+    counting, calls = _counting(model)
 
     resumed = _run(model, storage=url, study_name="s", n_trials=4, load_if_exists=True, accuracy_fn=counting)
     # this call's 4 trials are 4 configurations the study did not hold (a draw of a stored one is
@@ -116,12 +121,7 @@ def test_a_resumed_study_spends_its_trials_on_configurations_it_does_not_hold(tm
     url = f"sqlite:///{tmp_path / 'study.db'}"
     spec = LayerConfig("2", params={"method": Categorical(["svd"]), "low_rank": Categorical([2, 4, 6, 8, 10, 12, 14, 16])})
     model = _mlp()
-    base = _agreement(model)
-    calls = []
-
-    def counting(m):
-        calls.append(1)
-        return base(m)
+    counting, calls = _counting(model)
 
     first = _run(model, spec=spec, storage=url, study_name="s", n_trials=4, accuracy_fn=counting)
     second = _run(model, spec=spec, storage=url, study_name="s", n_trials=4, accuracy_fn=counting,

@@ -15,7 +15,7 @@ from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.plan import plan_cost
 from fxsketch.search.context import TrialContext
 
-__all__ = ["evaluate", "over_budget", "seed_memo", "ran", "print_trial", "plan_key"]
+__all__ = ["evaluate", "over_budget", "remember", "ran", "print_trial", "plan_key"]
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,10 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     search, else the score."""
     trial.set_user_attr(keys.UNIT, unit)
     key = (unit, plan_key(values))
-    # another worker's twin is looked for before the study's finished trials are read: one that
-    # finishes in between is then found among those
-    twin = _running_twin(trial, unit, key[1]) if not reason else None
-    seed_memo(ctx, trial.study)  # what other workers (or an earlier run) finished meanwhile
+    # one read of the study: what other workers (or an earlier run) finished, and what they run now
+    trials = trial.study.get_trials(deepcopy=False)
+    remember(ctx, trials)
+    twin = _running_twin(trial, trials, unit, key[1]) if not reason else None
     repeat = key[1] in ctx.seen.get(unit, ())
     ctx.seen.setdefault(unit, set()).add(key[1])  # a pruned draw counts too: the space runs out
     if reason:
@@ -64,14 +64,13 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
         trial.set_user_attr(keys.NOTE, f"same values as trial {twin}, running in another process: not counted "
                                        "against n_trials")
         raise optuna.TrialPruned(f"values being evaluated by trial {twin}")
-    if hit is None:
-        ctx.started += 1  # a configuration the study did not hold: it counts against n_trials
     if hit is not None:
         accuracy, speed, first = hit
         what = "plan" if unit == keys.WHOLE_MODEL else "values"
         trial.set_user_attr(keys.NOTE, f"same {what} as trial {first}: result reused, not counted against n_trials")
         trial.set_user_attr(keys.REUSED, first)
     else:
+        ctx.started += 1  # a configuration the study did not hold: it counts against n_trials
         module = ctx.build(plan, copy_weights=copy_weights)
         try:
             accuracy = call_metric(ctx.accuracy_fn, module, "accuracy_fn", ctx.trial_limit())
@@ -93,14 +92,15 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     return score
 
 
-def _running_twin(trial: optuna.Trial, unit: str, values: str) -> int | None:
+def _running_twin(trial: optuna.Trial, trials: list[optuna.trial.FrozenTrial], unit: str, values: str) -> int | None:
     """The number of another trial, still running (another worker's), that drew the same values
     for the same unit; None if there is none. Every trial sets its values before it looks, so of
     two twins the one that looks second always sees the first and yields (both yield, and the
     values are drawn again later, only when both look at once)."""
-    for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    for other in trials:
         attrs = other.user_attrs
-        if other.number == trial.number or attrs.get(keys.UNIT) != unit:
+        if (other.state != optuna.trial.TrialState.RUNNING or other.number == trial.number
+                or attrs.get(keys.UNIT) != unit):
             continue
         started = other.datetime_start
         if started is not None and (datetime.datetime.now() - started).total_seconds() > TWIN_PATIENCE_S:
@@ -120,12 +120,13 @@ def ran(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state != optuna.trial.TrialState.FAIL or keys.NOTE in trial.user_attrs
 
 
-def seed_memo(ctx: TrialContext, study: optuna.Study) -> None:
-    """The study's finished configurations (a resumed study's, other workers') are remembered,
-    so none is evaluated twice."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
+def remember(ctx: TrialContext, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """The finished configurations among `trials` (a resumed study's, other workers') are
+    remembered, so none is evaluated twice; values pruned before evaluation count as seen."""
+    for t in trials:
         attrs = t.user_attrs
-        if t.number in ctx.known or keys.UNIT not in attrs or keys.REUSED in attrs:
+        if (t.number in ctx.known or keys.UNIT not in attrs or keys.REUSED in attrs
+                or t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
             continue
         if t.state == optuna.trial.TrialState.PRUNED:  # pruned before evaluation: its values are seen
             if str(attrs.get(keys.NOTE, "")).startswith("pruned before evaluation"):

@@ -18,7 +18,7 @@ from fxsketch.capture import capture, find_layers, other_modules
 from fxsketch.plan import Budget, plan_cost
 from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.search.context import SearchJob, TrialContext
-from fxsketch.search.evaluate import print_trial, seed_memo
+from fxsketch.search.evaluate import print_trial, remember
 from fxsketch.search.joint import run_joint
 from fxsketch.search.layerwise import run_layerwise
 from fxsketch.search.warm import unit_sensitivity, warm_start_plans
@@ -88,7 +88,7 @@ def run_strategy(ctx: TrialContext, study: optuna.Study) -> None:
     resumed study already evaluated). With a `timeout`, no trial's metric call runs past it."""
     job = ctx.job
     ctx.deadline = None if job.timeout is None else time.monotonic() + job.timeout
-    seed_memo(ctx, study)
+    remember(ctx, study.get_trials(deepcopy=False))
     callbacks = [*([print_trial] if job.verbose else []), *job.search.callbacks]
     units = list(ctx.units.values())
     try:
