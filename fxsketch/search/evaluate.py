@@ -46,13 +46,13 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     # one read of the study: what other workers (or an earlier run) finished, and what they run now
     trials = trial.study.get_trials(deepcopy=False)
     remember(ctx, trials)
-    twin = _running_twin(trial, trials, unit, key[1]) if not reason else None
+    twin = _running_twin(trial, trials, unit, key[1])
     repeat = key[1] in ctx.seen.get(unit, ())
     ctx.seen.setdefault(unit, set()).add(key[1])  # a pruned draw counts too: the space runs out
     if reason:
         again = ""
-        if repeat:  # pruned before, for the same reason: neither evaluated nor counted again
-            trial.set_user_attr(keys.REUSED, -1)
+        if repeat or twin is not None:  # pruned before (or right now, elsewhere): not counted again
+            trial.set_user_attr(keys.REUSED, -1 if twin is None else twin)
             again = " (drawn before: not counted against n_trials)"
         else:
             ctx.started += 1
