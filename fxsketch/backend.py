@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from fxsketch.capture import module_type_of, call_arguments, functional_record, is_functional_layer
-from fxsketch.nn import OP_TENSORS, LowRankConv2d, LowRankLinear, op_call
+from fxsketch.nn import LowRankConv2d, LowRankLinear, op_call
 from fxsketch.plan import build_entry, normalize_plan
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import FactorCache
@@ -163,7 +163,7 @@ def _replace(gm, name, layers, entry, cache) -> bool:
             return False
         module = _as_single_op(module, record)
     base = private_path(gm, name)
-    for key in OP_TENSORS:
+    for key in op_call(module).tensors:
         value = getattr(module, key)
         if value is not None:
             _register_constant(gm, f"{base}_{key}", value.detach())

@@ -206,6 +206,8 @@ def find_layers(gm: torch.fx.GraphModule) -> list[LayerRecord]:
             records[rec.name].nodes.append(node)
             records[rec.name].tokens += rec.tokens
         else:
+            weight = fetch(gm, rec.weight_target)
+            rec.device, rec.dtype = weight.device.type, weight.dtype
             records[rec.name] = rec
     return list(records.values())
 

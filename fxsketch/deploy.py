@@ -18,6 +18,7 @@ from torch import nn
 
 from fxsketch.capture import as_inputs, describe_inputs
 from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
+from fxsketch.kernels.int8 import int8_linear_reference, int8_lowrank_linear_reference
 from fxsketch.version import __version__
 
 __all__ = ["save", "load", "package", "read_metadata", "ArtifactError"]
@@ -139,6 +140,8 @@ def package(
     program = program.run_decompositions({
         torch.ops.fxsketch.lowrank_linear.default: lowrank_linear_aten,
         torch.ops.fxsketch.lowrank_conv2d.default: lowrank_conv2d_aten,
+        torch.ops.fxsketch.int8_linear.default: int8_linear_reference,
+        torch.ops.fxsketch.int8_lowrank_linear.default: int8_lowrank_linear_reference,
     })
     metadata = {"fxsketch_version": __version__,
                 "fxsketch_plan": json.dumps(getattr(module, "meta", {}).get("fxsketch_plan", {}))}

@@ -10,14 +10,15 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from fxsketch.kernels import lowrank_conv2d, lowrank_linear
+from fxsketch.kernels import int8_linear, int8_lowrank_linear, lowrank_conv2d, lowrank_linear, quantize_weight
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "SKLinear", "SKConv2d", "OP_TENSORS", "op_call", "direct_call"]
+__all__ = ["LowRankLinear", "LowRankConv2d", "Int8Linear", "Int8LowRankLinear", "SKLinear", "SKConv2d", "OpCall",
+           "op_call", "direct_call"]
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -127,6 +128,67 @@ class LowRankConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, rank={self.rank}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
         )
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights (one float32 scale per output channel, stored as plain tensors)
+    whose input is quantized to int8 on every call: `fxsketch::int8_linear`. The weights do not
+    train; the bias does, and gradients reach the input."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Quantize a float weight (out × in) per output channel; the bias keeps the weight's dtype."""
+        with torch.device(weight.device):
+            layer = cls(weight.shape[1], weight.shape[0], bias is not None)
+        q, scale = quantize_weight(weight)
+        _copy_into(layer, weight_q=q, weight_scale=scale)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(weight.dtype).clone())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight_q, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8LowRankLinear(nn.Module):
+    """`LowRankLinear` with both factors int8 (`fxsketch::int8_lowrank_linear`): the rank-R
+    intermediate is quantized again before the second factor."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.register_buffer("B_q", torch.zeros(rank, in_features, dtype=torch.int8))
+        self.register_buffer("B_scale", torch.ones(rank))
+        self.register_buffer("A_q", torch.zeros(out_features, rank, dtype=torch.int8))
+        self.register_buffer("A_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8LowRankLinear":
+        """Quantize float factors B (R × in) and A (out × R), each per output channel."""
+        with torch.device(B.device):
+            layer = cls(B.shape[1], A.shape[0], B.shape[0], bias is not None)
+        (B_q, B_scale), (A_q, A_scale) = quantize_weight(B), quantize_weight(A)
+        _copy_into(layer, B_q=B_q, B_scale=B_scale, A_q=A_q, A_scale=A_scale)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(B.dtype).clone())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_lowrank_linear(x, self.B_q, self.B_scale, self.A_q, self.A_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
 def _scaled_signs(shape: tuple[int, ...], k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -254,26 +316,39 @@ class SKConv2d(_Sketched):
                 f"padding={self.padding}, dilation={self.dilation}")
 
 
-OP_TENSORS = ("B", "A", "bias")  # the tensors a plain low-rank layer passes its op, in order
+class OpCall(NamedTuple):
+    """How a layer that is exactly one fxsketch op calls it: the op (its Python entry), its
+    dispatcher overload, the names of the module's tensors it takes after the input, in order,
+    and its static arguments."""
+
+    op: Callable
+    overload: Any
+    tensors: tuple[str, ...]
+    static: tuple
 
 
-def op_call(module: nn.Module) -> tuple[Callable, Any, tuple] | None:
-    """(op, its dispatcher overload, static arguments) when `module` is exactly one fxsketch op on
-    its `OP_TENSORS` (the plain low-rank layers); None for layers with their own forward logic."""
-    if type(module) is LowRankLinear:
-        return lowrank_linear, torch.ops.fxsketch.lowrank_linear.default, ()
-    if type(module) is LowRankConv2d:
+def op_call(module: nn.Module) -> OpCall | None:
+    """The `OpCall` of `module` when it is exactly one fxsketch op on its own tensors (the plain
+    low-rank and int8 layers); None for layers with their own forward logic."""
+    kind = type(module)
+    if kind is LowRankLinear:
+        return OpCall(lowrank_linear, torch.ops.fxsketch.lowrank_linear.default, ("B", "A", "bias"), ())
+    if kind is LowRankConv2d:
         geometry = (list(module.stride), list(module.padding), list(module.dilation))
-        return lowrank_conv2d, torch.ops.fxsketch.lowrank_conv2d.default, geometry
+        return OpCall(lowrank_conv2d, torch.ops.fxsketch.lowrank_conv2d.default, ("B", "A", "bias"), geometry)
+    if kind is Int8Linear:
+        return OpCall(int8_linear, torch.ops.fxsketch.int8_linear.default, ("weight_q", "weight_scale", "bias"), ())
+    if kind is Int8LowRankLinear:
+        return OpCall(int8_lowrank_linear, torch.ops.fxsketch.int8_lowrank_linear.default,
+                      ("B_q", "B_scale", "A_q", "A_scale", "bias"), ())
     return None
 
 
 def direct_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`module` as the rewritten graph calls it: a plain low-rank layer as its op, skipping the
-    module call (what a timer of the rewritten graph's layers must time)."""
+    """`module` as the rewritten graph calls it: a single-op layer as its op, skipping the module
+    call (what a timer of the rewritten graph's layers must time)."""
     call = op_call(module)
     if call is None:
         return module
-    op, _, static = call
-    tensors = [getattr(module, name) for name in OP_TENSORS]
-    return lambda x: op(x, *tensors, *static)
+    tensors = [getattr(module, name) for name in call.tensors]
+    return lambda x: call.op(x, *tensors, *call.static)

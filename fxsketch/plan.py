@@ -89,8 +89,8 @@ def is_dense(entry: Mapping[str, Any] | None) -> bool:
 class PlanCost:
     """What a plan costs per forward on the example inputs, over the layers it was asked about.
 
-    `bytes` counts the weights and the activations each layer reads and writes (low-rank layers
-    also their rank-wide intermediate) at `ITEMSIZE` bytes an element."""
+    `bytes` counts the weights at their stored width and the activations each layer reads and
+    writes (low-rank layers also their rank-wide intermediate) at `ITEMSIZE` bytes an element."""
 
     flops: int
     params: int
@@ -111,18 +111,21 @@ def plan_cost(records: Sequence[LayerRecord], plan: Mapping[str, Mapping[str, An
         cost = layer_cost(record, plan.get(record.name))
         flops += cost.flops_per_token * record.tokens
         params += cost.params
-        moved += cost.params + record.tokens * (record.in_features + record.out_features + 2 * (cost.rank or 0))
-    return PlanCost(flops, params, moved * ITEMSIZE)
+        moved += (cost.params * cost.bits // 8
+                  + ITEMSIZE * record.tokens * (record.in_features + record.out_features + 2 * (cost.rank or 0)))
+    return PlanCost(flops, params, moved)
 
 
 def speed_bound(records: Sequence[LayerRecord], plan: Mapping[str, Mapping[str, Any]]) -> float:
-    """The most `plan` can speed up the layers it replaces: the larger of their FLOP ratio and their
-    byte ratio. A whole-model speedup above it beats physics, not the model."""
+    """The most `plan` can speed up the layers it replaces: the larger of their compute ratio and
+    their byte ratio. Compute counts a FLOP on b-bit operands as b/32 of a float32 one (a SIMD
+    register holds 32/b times as many). A whole-model speedup above it beats physics, not the model."""
     replaced = [r for r in records if not r.unsupported and not is_dense(plan.get(r.name))]
     before, after = plan_cost(replaced, {}), plan_cost(replaced, plan)
-    if not after.flops or not after.bytes:
+    work = sum(c.flops_per_token * c.bits / 32 * r.tokens for r in replaced for c in [layer_cost(r, plan.get(r.name))])
+    if not work or not after.bytes:
         return 1.0
-    return max(before.flops / after.flops, before.bytes / after.bytes, 1.0)
+    return max(before.flops / work, before.bytes / after.bytes, 1.0)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class LayerRecord:
         nodes: the graph nodes computing this layer.
         weight_target / bias_target: attribute paths of the weight and bias in the graph module.
         transposed: the weight is stored (in, out), as in `x·W + b` (transformers' Conv1D).
+        device / dtype: where the weight lives (`"cpu"`, `"cuda"`, `"meta"`) and its dtype: which
+            precision kinds are offered for it.
     """
 
     name: str
@@ -54,6 +56,8 @@ class LayerRecord:
     weight_target: str = ""
     bias_target: str | None = None
     transposed: bool = False
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
 
     def weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The stored weight as the (out, in·kh·kw) matrix every factorization works on."""

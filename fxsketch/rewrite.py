@@ -15,7 +15,7 @@ from torch import nn
 
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, input_of
-from fxsketch.nn import OP_TENSORS, op_call
+from fxsketch.nn import op_call
 from fxsketch.plan import Plan, build_entry, find_record, normalize_plan
 from fxsketch.records import LayerRecord, fetch
 from fxsketch.replacements import FactorCache
@@ -170,7 +170,7 @@ def emit(graph: torch.fx.Graph, x: torch.fx.Node, module: nn.Module, attr: Calla
     """The node computing `module(x)`: the rewrite's, the compile backend's and the timers' one way
     of calling a replacement.
 
-    A plain low-rank layer becomes one call of its fxsketch op on its tensors, read through
+    A single-op layer (plain low-rank, int8) becomes one call of its fxsketch op on its tensors, read through
     `attr(tensor name)` (its module stays at `path` as their owner, which saves a module call per
     layer); with `dispatcher` the call names the op's overload itself (graphs handed to a compiler).
     Layers with their own forward logic (the sketch kinds) stay `call_module(path)`.
@@ -180,9 +180,8 @@ def emit(graph: torch.fx.Graph, x: torch.fx.Node, module: nn.Module, attr: Calla
         if path is None:
             raise ValueError(f"{type(module).__name__} is not a single fxsketch op: it needs a module path")
         return graph.call_module(path, (x,))
-    op, overload, static = call
-    tensors = [attr(name) if getattr(module, name) is not None else None for name in OP_TENSORS]
-    return graph.call_function(overload if dispatcher else op, (x, *tensors, *static))
+    tensors = [attr(name) if getattr(module, name) is not None else None for name in call.tensors]
+    return graph.call_function(call.overload if dispatcher else call.op, (x, *tensors, *call.static))
 
 
 def _owner_is_replaceable(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node]) -> bool:

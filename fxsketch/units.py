@@ -45,8 +45,11 @@ def resolve_units(
     configs: TuningConfigs,
     others: Mapping[str, str] | None = None,
     default_method: str = DEFAULT_METHOD,
+    precision: bool = False,
 ) -> list[Unit]:
-    """Resolve each LayerConfig's selector and parameter space into tuning units.
+    """Resolve each LayerConfig's selector and parameter space into tuning units. With
+    `precision`, "auto" spaces also offer the reduced precisions each layer's device runs fast
+    (for a search that measures time; a FLOP count does not see them).
 
     Raises:
         ValueError: a selector matches nothing, two configs select the same layer, or a space names
@@ -69,7 +72,7 @@ def resolve_units(
                 key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
                 units.append(Unit(key, [r.name for r in group], {}, cfg.copy_weights, default_method, cfg.params))
                 continue
-            space = _unit_space(cfg, group, default_method)
+            space = _unit_space(cfg, group, default_method, precision)
             problem = _space_problem(space, group, default_method) if space is not None else ""
             if problem:
                 raise ValueError(f"config {index}: {problem}")
@@ -124,12 +127,13 @@ def _joint_groups(records: list[LayerRecord], cfg: LayerConfig) -> list[list[Lay
     return list(groups.values())
 
 
-def _unit_space(cfg: LayerConfig, group: list[LayerRecord], default_method: str) -> dict[str, ParamSpec] | None:
+def _unit_space(cfg: LayerConfig, group: list[LayerRecord], default_method: str,
+                precision: bool = False) -> dict[str, ParamSpec] | None:
     # The most constrained layer of a joint group decides the automatic ranges, so every value
     # drawn is valid and efficient for all of them.
     ref = min(group, key=lambda r: r.out_features * r.in_features / (r.out_features + r.in_features))
     if cfg.params == "auto":
-        return get_kind(default_method).auto_space(ref)
+        return _auto_space(group, ref, default_method, precision)
     space = dict(cfg.params)
     methods = unit_methods(space, default_method)
     allowed = {"method"}.union(*(get_kind(m).param_names for m in methods))
@@ -144,11 +148,26 @@ def _unit_space(cfg: LayerConfig, group: list[LayerRecord], default_method: str)
         kind = get_kind(m)
         missing = [p for p in kind.param_names if p not in space and p not in kind.defaults]
         if missing:
-            auto = kind.auto_space(ref)
+            auto = kind.auto_space(ref, precision)
             if auto is None:
                 return None
             space.update({p: auto[p] for p in missing})
     return _clip(space, methods, group)
+
+
+def _auto_space(group: list[LayerRecord], ref: LayerRecord, default_method: str,
+                precision: bool) -> dict[str, ParamSpec] | None:
+    """`default_method`'s efficient space for `ref`; with `precision`, its reduced precisions and,
+    as other values of `method`, every automatic kind (int8) all of `group` runs fast; None when
+    nothing beats dense."""
+    space = get_kind(default_method).auto_space(ref, precision)
+    extra = [k.name for k in KINDS.values() if precision and k.automatic and k.name != default_method
+             and all(k.offered(r) for r in group)]
+    if not extra:
+        return space
+    if space is None:
+        return {"method": Categorical(extra)}
+    return {"method": Categorical([default_method, *extra]), **space}
 
 
 def _clip(space: dict[str, ParamSpec], methods: list[str], group: list[LayerRecord]) -> dict[str, ParamSpec]:
@@ -245,9 +264,19 @@ def invalid_reason(records: Mapping[str, LayerRecord], unit: Unit, entry: Mappin
 def warm_params(unit: Unit, entry: Mapping[str, Any] | None) -> dict[str, Any]:
     """The trial parameters that make `unit` draw a warm-start plan's `entry` ({} when its space
     holds no such value)."""
-    if entry is None or "low_rank" not in unit.space or not unit.space["low_rank"].contains(entry["low_rank"]):
+    if entry is None or unit.define_by_run is not None:
         return {}
-    params = {f"{unit.key}:low_rank": entry["low_rank"]}
+    method = entry.get("method", unit.method)
+    params: dict[str, Any] = {}
     if "method" in unit.space:
-        params[f"{unit.key}:method"] = entry["method"]
+        if not unit.space["method"].contains(method):
+            return {}
+        params[f"{unit.key}:method"] = method
+    kind = get_kind(method)
+    for p in kind.param_names:
+        if p in unit.space:
+            value = entry.get(p, kind.defaults.get(p))
+            if not unit.space[p].contains(value):
+                return {}
+            params[f"{unit.key}:{p}"] = value
     return params

@@ -197,7 +197,7 @@ def test_optimize_val_loss_min_with_checkpoints(tmp_path):
         assert t.user_attrs[CHECKPOINT_ATTR] == str(path) and path.exists()
         ckpt = torch.load(path, weights_only=False)
         assert ckpt["fxsketch"]["trial"] == t.number and ckpt["fxsketch"]["metric"] == "val_loss"
-        assert ckpt["fxsketch"]["user_attrs"]["fxsketch.entry"] == {"method": "svd", "low_rank": rank}
+        assert ckpt["fxsketch"]["user_attrs"]["fxsketch.entry"] == {"method": "svd", "low_rank": rank, "precision": "float"}
         rebuilt = fxsketch.rewrite(DigitsLit().net, {"0": {"method": "svd", "low_rank": rank}}, x[:8])
         state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
         rebuilt.load_state_dict(state)
@@ -275,7 +275,7 @@ def test_pruning_inside_optimize():
     assert second.user_attrs["fxsketch.entry"]["low_rank"] == 1
     assert second.user_attrs[PRUNED_ATTR] == 5 and list(second.intermediate_values) == [5]
     assert second.state == optuna.trial.TrialState.PRUNED
-    assert result.plan == {"0": {"method": "svd", "low_rank": 24}}
+    assert result.plan == {"0": {"method": "svd", "low_rank": 24, "precision": "float"}}
 
 
 def test_pruning_through_the_tuner_search():

@@ -129,7 +129,7 @@ def test_latency_objective_times_feasible_trials_only_and_the_result_on_the_whol
     assert set(done.index) == {1, 64}
     assert done.loc[1, "accuracy"] < 0.9 and math.isnan(done.loc[1, "speed"]) and done.loc[1, "score"] == -math.inf
     assert done.loc[64, "accuracy"] >= 0.9 and math.isfinite(done.loc[64, "speed"]) and done.loc[64, "speed"] > 0
-    assert result.plan == {"2": {"method": "svd", "low_rank": 64}}
+    assert result.plan == {"2": {"method": "svd", "low_rank": 64, "precision": "float"}}
     assert result.speedup > 0 and result.speedup_estimate == done.loc[64, "speed"]
     assert "per-layer estimate" in result.summary()
 

@@ -32,7 +32,7 @@ def test_failing_and_nan_accuracy_are_recorded_and_search_goes_on():
     assert sorted(failed["low_rank"]) == [4, 8]
     notes = " ".join(failed["note"])
     assert "evaluation server down" in notes and "NaN" in notes
-    assert result.plan == {"2": {"method": "svd", "low_rank": 12}}
+    assert result.plan == {"2": {"method": "svd", "low_rank": 12, "precision": "float"}}
 
 
 

@@ -136,7 +136,7 @@ def test_a_killed_worker_trial_is_failed_and_retried(tmp_path):
     retry = trials[1]
     assert retry.system_attrs.get("failed_trial") == 0 and retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.params == {"2:low_rank": 6}
-    assert result.plan == {"2": {"method": "svd", "low_rank": 6}}
+    assert result.plan == {"2": {"method": "svd", "low_rank": 6, "precision": "float"}}
 
 
 def test_a_trial_another_process_finished_first_does_not_stop_the_worker(tmp_path):

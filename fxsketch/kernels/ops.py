@@ -1,5 +1,9 @@
 """Registration of the fxsketch op family with `torch.library`.
 
+`fxsketch::int8_linear(x, weight_q, weight_scale, bias)` is a Linear with int8 weights (one scale
+per output channel) and dynamically quantized int8 activations; `fxsketch::int8_lowrank_linear`
+runs the two factors of a low-rank layer that way. Their bodies are in `fxsketch.kernels.int8`.
+
 `fxsketch::lowrank_linear(x, B, A, bias)` computes `(x · Bᵀ) · Aᵀ + bias` for x of shape (..., K),
 B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. Both have a fake
 implementation (so `torch.export` and `torch.compile` trace them as single ops) and an autograd
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
 from fxsketch.kernels.choose import choose
+from fxsketch.kernels.int8 import fbgemm_available, int8_linear_fbgemm, int8_linear_reference
 
 BACKENDS = ("aten", "triton")
 _ENV = "FXSKETCH_KERNEL"
@@ -33,6 +38,9 @@ _LIB.define(
     "lowrank_conv2d(Tensor x, Tensor B, Tensor A, Tensor? bias, SymInt[2] stride, "
     "SymInt[2] padding, SymInt[2] dilation) -> Tensor"
 )
+_LIB.define("int8_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None) -> Tensor")
+_LIB.define("int8_lowrank_linear(Tensor x, Tensor B_q, Tensor B_scale, Tensor A_q, Tensor A_scale, "
+            "Tensor? bias=None) -> Tensor")
 
 
 def _forced_kernel() -> str | None:
@@ -102,11 +110,23 @@ def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation):
     return fused() if _pick("conv2d", x, B, A, bias, fused, chain, geometry) == "triton" else chain()
 
 
+def _int8_linear_impl(x, weight_q, weight_scale, bias=None):
+    fast = (x.device.type == "cpu" and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and _forced_kernel() != "aten" and fbgemm_available())
+    return (int8_linear_fbgemm if fast else int8_linear_reference)(x, weight_q, weight_scale, bias)
+
+
+def _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias=None):
+    return _int8_linear_impl(_int8_linear_impl(x, B_q, B_scale), A_q, A_scale, bias)
+
+
 # The lower-level Library API keeps per-call overhead near a plain ATen call (~2 µs instead of
 # ~7 µs for `torch.library.custom_op`), which shows at decode-sized inputs. One implementation
 # serves every device and picks its kernel per call, so FXSKETCH_KERNEL also reaches CPU tensors.
 _LIB.impl("lowrank_linear", _lowrank_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("lowrank_conv2d", _lowrank_conv2d_impl, "CompositeExplicitAutograd")
+_LIB.impl("int8_linear", _int8_linear_impl, "CompositeExplicitAutograd")
+_LIB.impl("int8_lowrank_linear", _int8_lowrank_linear_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fxsketch::lowrank_linear")
@@ -119,6 +139,44 @@ def _lowrank_linear_fake(x, B, A, bias=None):
 @torch.library.register_fake("fxsketch::lowrank_conv2d")
 def _lowrank_conv2d_fake(x, B, A, bias, stride, padding, dilation):
     return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
+
+
+@torch.library.register_fake("fxsketch::int8_linear")
+def _int8_linear_fake(x, weight_q, weight_scale, bias=None):
+    torch._check(x.shape[-1] == weight_q.shape[1],
+                 lambda: f"int8_linear: x has {x.shape[-1]} features, the weight expects {weight_q.shape[1]}")
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+@torch.library.register_fake("fxsketch::int8_lowrank_linear")
+def _int8_lowrank_linear_fake(x, B_q, B_scale, A_q, A_scale, bias=None):
+    torch._check(x.shape[-1] == B_q.shape[1], lambda: f"int8_lowrank_linear: x has {x.shape[-1]} features, B expects {B_q.shape[1]}")
+    torch._check(A_q.shape[1] == B_q.shape[0], lambda: f"int8_lowrank_linear: A has rank {A_q.shape[1]}, B has {B_q.shape[0]}")
+    return x.new_empty((*x.shape[:-1], A_q.shape[0]))
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return q.to(like.dtype) * scale.to(like.dtype)[:, None]
+
+
+def _int8_setup(ctx, inputs, output):
+    # (x, q, scale[, q, scale], bias?): an even count of tensors after x means bias was left out
+    pairs = inputs[1:] if len(inputs[1:]) % 2 == 0 else inputs[1:-1]
+    ctx.save_for_backward(*pairs)
+    ctx.has_bias = len(inputs) - 1 > len(pairs) and inputs[-1] is not None
+
+
+def _int8_backward(ctx, gy):
+    # int8 weights do not train; the input's gradient passes straight through the quantization
+    pairs = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    g = gy
+    for i in range(len(pairs) - 2, -1, -2):  # the last factor first
+        g = g @ _dequantized(pairs[i], pairs[i + 1], gy)
+    grads = [g if needs[0] else None, *(None,) * len(pairs)]
+    if len(needs) > len(grads):
+        grads.append(gy.reshape(-1, gy.shape[-1]).sum(0) if (ctx.has_bias and needs[-1]) else None)
+    return tuple(grads)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -165,6 +223,8 @@ def _conv_backward(ctx, gy):
 
 torch.library.register_autograd("fxsketch::lowrank_linear", _linear_backward, setup_context=_linear_setup)
 torch.library.register_autograd("fxsketch::lowrank_conv2d", _conv_backward, setup_context=_conv_setup)
+torch.library.register_autograd("fxsketch::int8_linear", _int8_backward, setup_context=_int8_setup)
+torch.library.register_autograd("fxsketch::int8_lowrank_linear", _int8_backward, setup_context=_int8_setup)
 
 
 def _eager_inference(x: torch.Tensor, B: torch.Tensor) -> bool:
@@ -206,3 +266,19 @@ def lowrank_conv2d(
     if _eager_inference(x, B):
         return _lowrank_conv2d_impl(x, B, A, bias, list(stride), list(padding), list(dilation))
     return torch.ops.fxsketch.lowrank_conv2d(x, B, A, bias, list(stride), list(padding), list(dilation))
+
+
+def int8_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x · (weight_q · weight_scale)ᵀ + bias` with x quantized to int8 on the fly, through the fxsketch op."""
+    if _eager_inference(x, weight_scale):
+        return _int8_linear_impl(x, weight_q, weight_scale, bias)
+    return torch.ops.fxsketch.int8_linear(x, weight_q, weight_scale, bias)
+
+
+def int8_lowrank_linear(x: torch.Tensor, B_q: torch.Tensor, B_scale: torch.Tensor, A_q: torch.Tensor,
+                        A_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A low-rank Linear whose two factors are int8 layers (`int8_linear` on B, then on A)."""
+    if _eager_inference(x, B_scale):
+        return _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias)
+    return torch.ops.fxsketch.int8_lowrank_linear(x, B_q, B_scale, A_q, A_scale, bias)

@@ -1,6 +1,6 @@
 """Replacement kinds: how a Linear/Conv2d is replaced, what it costs, and its search space."""
 
-from fxsketch.replacements import lowrank, sketch  # noqa: F401  (each module registers its kinds)
+from fxsketch.replacements import lowrank, precision, sketch  # noqa: F401  (each module registers its kinds)
 from fxsketch.replacements.base import Cost, FactorCache, ReplacementKind, dense_cost
 from fxsketch.replacements.registry import KINDS, get_kind, register_kind
 

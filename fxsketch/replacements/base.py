@@ -24,11 +24,14 @@ __all__ = ["Cost", "ReplacementKind", "FactorCache", "dense_cost", "lowrank_cost
 
 @dataclass(frozen=True)
 class Cost:
-    """Exact cost of one layer: stored numbers and FLOPs per output position (token or pixel)."""
+    """Exact cost of one layer: stored numbers and FLOPs per output position (token or pixel).
+    `bits` is the width of the stored weights and of the GEMMs' operands: an 8-bit GEMM moves a
+    quarter of the bytes and does at most four times the multiply-adds per SIMD instruction."""
 
     params: int
     flops_per_token: int
     rank: int | None = None
+    bits: int = 32
 
 
 def dense_cost(record: LayerRecord) -> Cost:
@@ -36,9 +39,10 @@ def dense_cost(record: LayerRecord) -> Cost:
     return Cost(params=out * inner + _bias(record), flops_per_token=2 * out * inner)
 
 
-def lowrank_cost(record: LayerRecord, rank: int) -> Cost:
+def lowrank_cost(record: LayerRecord, rank: int, bits: int = 32) -> Cost:
     out, inner = record.out_features, record.in_features
-    return Cost(params=rank * (inner + out) + _bias(record), flops_per_token=2 * rank * (inner + out), rank=rank)
+    return Cost(params=rank * (inner + out) + _bias(record), flops_per_token=2 * rank * (inner + out), rank=rank,
+                bits=bits)
 
 
 def _bias(record: LayerRecord) -> int:
@@ -73,11 +77,17 @@ class ReplacementKind:
         name: the `method` value that selects this kind in specs and plans.
         param_names: the parameters a plan entry of this kind carries.
         defaults: values used when a spec does not search a parameter.
+        automatic: `params="auto"` offers it beside the spec's method where `offered` says so.
     """
 
     name: str = ""
     param_names: tuple[str, ...] = ()
     defaults: dict[str, Any] = {}
+    automatic: bool = False  # offered by "auto" spaces beside the low-rank kind, wherever `offered` says
+
+    def offered(self, record: LayerRecord) -> bool:
+        """Whether automatic spaces offer this kind for `record`: its device and dtype run it fast."""
+        return not self.unsupported(record)
 
     def unsupported(self, record: LayerRecord) -> str:
         """Why this kind cannot replace `record` ("" when it can)."""
@@ -89,8 +99,9 @@ class ReplacementKind:
         """Why `params` cannot be built for `record` ("" when they can)."""
         return ""
 
-    def auto_space(self, record: LayerRecord) -> dict[str, ParamSpec] | None:
-        """The efficient search space for `record`, or None when no configuration beats dense."""
+    def auto_space(self, record: LayerRecord, precision: bool = False) -> dict[str, ParamSpec] | None:
+        """The efficient search space for `record`, or None when no configuration beats dense.
+        With `precision`, also the reduced precisions this kind can take on `record`'s device."""
         return {}
 
     def upper_bounds(self, record: LayerRecord) -> dict[str, int]:

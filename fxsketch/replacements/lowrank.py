@@ -6,17 +6,26 @@ from typing import Any
 
 import torch
 
-from fxsketch.nn import LowRankConv2d, LowRankLinear
+from fxsketch.nn import Int8LowRankLinear, LowRankConv2d, LowRankLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
     Cost, FactorCache, ReplacementKind, efficient_rank_limit, lowrank_cost, rank_space,
 )
+from fxsketch.replacements.precision import fast_int8
 from fxsketch.replacements.refit import refit_outer
 from fxsketch.replacements.registry import register_kind
+from fxsketch.space import Categorical
 
 
-def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None):
-    """A LowRankLinear/LowRankConv2d holding B (R × in) and A (out × R) for `record`."""
+PRECISIONS = ("float", "int8")  # of the factors: the layer's own dtype, or int8 (Linear only)
+
+
+def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
+                   precision: str = "float"):
+    """A LowRankLinear/LowRankConv2d holding B (R × in) and A (out × R) for `record`; with
+    `precision="int8"` an Int8LowRankLinear of them."""
+    if precision == "int8":
+        return Int8LowRankLinear.from_factors(B, A, bias)
     if record.op_type == "Linear":
         return LowRankLinear.from_factors(B, A, bias)
     c, kh, kw = record.weight_shape[1:]
@@ -28,29 +37,38 @@ def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: 
 @register_kind
 class SVD(ReplacementKind):
     name = "svd"
-    param_names = ("low_rank",)
-    defaults: dict[str, Any] = {}
+    param_names = ("low_rank", "precision")
+    defaults: dict[str, Any] = {"precision": "float"}
 
     def invalid(self, record: LayerRecord, params: dict[str, Any]) -> str:
         rank, full = params.get("low_rank"), min(record.out_features, record.in_features)
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= full:
             return f"low_rank must be an integer in [1, {full}] for {record.name} {record.weight_shape}, got {rank!r}"
+        precision = params.get("precision", "float")
+        if precision not in PRECISIONS:
+            return f"precision must be one of {PRECISIONS}, got {precision!r}"
+        if precision == "int8" and record.op_type != "Linear":
+            return f"int8 factors are for Linear layers; {record.name} is a {record.op_type}: use precision 'float'"
         return ""
 
     def upper_bounds(self, record: LayerRecord) -> dict[str, int]:
         return {"low_rank": min(record.out_features, record.in_features)}
 
-    def auto_space(self, record: LayerRecord):
+    def auto_space(self, record: LayerRecord, precision: bool = False):
         space = rank_space(efficient_rank_limit(record))
-        return None if space is None else {"low_rank": space}
+        if space is None:
+            return None
+        if precision and fast_int8(record):
+            return {"low_rank": space, "precision": Categorical(list(PRECISIONS))}
+        return {"low_rank": space}
 
     def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
-        return lowrank_cost(record, int(params["low_rank"]))
+        return lowrank_cost(record, int(params["low_rank"]), 8 if params.get("precision") == "int8" else 32)
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
-        rank = int(params["low_rank"])
+        rank, precision = int(params["low_rank"]), params.get("precision", "float")
         if not copy_weights:
-            return fresh_lowrank_module(record, rank, bias is not None).to(weight.device, weight.dtype)
+            return fresh_lowrank_module(record, rank, bias is not None, precision).to(weight.device, weight.dtype)
         W = weight.reshape(record.out_features, -1)
         U, S, Vh = cache.svd(record.name, W, rank)
         root = S.sqrt()
@@ -61,7 +79,7 @@ class SVD(ReplacementKind):
             target, C = cache.target(record.name, W, centered)
             A = refit_outer(target, B.to(torch.float64), C)
             bias = cache.bias(record.name, W, (A, B), bias)
-        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias)
+        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias, precision)
 
 
 @register_kind
@@ -74,22 +92,23 @@ class WhitenedSVD(SVD):
     name = "whitened_svd"
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
-        rank = int(params["low_rank"])
+        rank, precision = int(params["low_rank"]), params.get("precision", "float")
         if not copy_weights:
-            return fresh_lowrank_module(record, rank, bias is not None).to(weight.device, weight.dtype)
+            return fresh_lowrank_module(record, rank, bias is not None, precision).to(weight.device, weight.dtype)
         W = weight.reshape(record.out_features, -1)
         centered = cache.centers(record.name, bias is not None)
         A, B = cache.whitened_factors(record.name, W, centered, weight.dtype)
         A, B = A[:, :rank], B[:rank]
         if centered:  # decomposed around the input mean: the bias carries the mean output
             bias = cache.bias(record.name, W, (A, B), bias)
-        return lowrank_module(record, B, A, bias)
+        return lowrank_module(record, B, A, bias, precision)
 
 
-def fresh_lowrank_module(record: LayerRecord, rank: int, bias: bool):
+def fresh_lowrank_module(record: LayerRecord, rank: int, bias: bool, precision: str = "float"):
     """A randomly initialized low-rank layer of `record`'s geometry (for `copy_weights=False`)."""
     if record.op_type == "Linear":
-        return LowRankLinear(record.in_features, record.out_features, rank, bias=bias)
+        layer = LowRankLinear(record.in_features, record.out_features, rank, bias=bias)
+        return layer if precision == "float" else lowrank_module(record, layer.B, layer.A, layer.bias, precision)
     c, kh, kw = record.weight_shape[1:]
     g = record.conv
     return LowRankConv2d(c, record.out_features, rank, (kh, kw), g["stride"], g["padding"], g["dilation"], bias)

@@ -57,7 +57,7 @@ class Sketch(ReplacementKind):
         each = sketch_size_limit(record) // (2 * (record.in_features + record.out_features))  # the other at 1
         return {"num_terms": each, "low_rank": each}
 
-    def auto_space(self, record: LayerRecord):
+    def auto_space(self, record: LayerRecord, precision: bool = False):
         # Efficient while 2·l·k·(in+out) < in·out (the seed's rule); the search prunes the
         # (l, k) pairs of these ranges that cross it before evaluating them.
         k_limit = efficient_rank_limit(record) // 2

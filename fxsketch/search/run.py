@@ -43,7 +43,7 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
     gm = capture(model, job.inputs)
     records = find_layers(gm)
     others = other_modules(gm, records)
-    units = resolve_units(records, configs, others, default_method)
+    units = resolve_units(records, configs, others, default_method, precision=options.objective != "flops")
     if not units:
         selected = {n for c in configs for n in match_layers(records, c.layer_names, other_modules=others)}
         why = [f"{r.name} ({r.module_type}): {r.unsupported or 'no configuration is cheaper than the dense layer'}"

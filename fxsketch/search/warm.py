@@ -19,13 +19,14 @@ from fxsketch import study_format as keys
 from fxsketch.allocate import ALLOCATABLE, allocate_units, layer_errors, target_error_units, unit_choices, unit_weights
 from fxsketch.metrics import TrialFailed
 from fxsketch.plan import Budget, plan_cost
+from fxsketch.replacements import get_kind
 from fxsketch.search.context import TrialContext
 from fxsketch.search.evaluate import plan_key
 from fxsketch.search.joint import evaluate_plan, flat_values
 from fxsketch.units import Unit, invalid_reason, unit_methods
 from fxsketch.workers import optimize_study
 
-__all__ = ["unit_sensitivity", "warm_start_plans", "warm_joint", "WARM_TRIALS"]
+__all__ = ["unit_sensitivity", "warm_start_plans", "warm_joint", "precision_plan", "WARM_TRIALS"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,14 @@ def unit_sensitivity(ctx: TrialContext, units: list[Unit], sensitivity: Any, bat
 
 
 def warm_start_plans(ctx: TrialContext, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:
-    """Plans to try first: each layer's cheapest rank under 1% and 5% output error, then the
-    allocations at 25% and 50% of the FLOPs (with a FLOP budget: the allocations under it)."""
+    """Plans to try first: every layer in reduced precision (`precision_plan`, without a FLOP
+    budget), each layer's cheapest rank under 1% and 5% output error, then the allocations at 25%
+    and 50% of the FLOPs (with a FLOP budget: the allocations under it)."""
+    precise = precision_plan(units)
+    first = [precise] if precise and ctx.budget.flops is None else []
     usable = _allocatable(units)
     if not usable:
-        return []
+        return first
 
     weights = ctx.weights(usable)
     plans = [target_error_units(usable, ctx.records, ctx.cache, weights, tol) for tol in (0.01, 0.05)]
@@ -63,7 +67,32 @@ def warm_start_plans(ctx: TrialContext, units: list[Unit]) -> list[dict[str, dic
                                         sensitivity=ctx.sensitivity))
         except ValueError as exc:
             log.info("no warm start at %s: %s", budget, exc)
-    return plans
+    return first + plans
+
+
+def precision_plan(units: list[Unit]) -> dict[str, dict[str, Any]]:
+    """Every unit whose space offers an automatic precision kind (int8) as its method, in it:
+    the plan that changes precision only, which often keeps accuracy where low rank does not."""
+    plan = {}
+    for unit in units:
+        spec = unit.space.get("method") if unit.define_by_run is None else None
+        offered = [m for m in (spec.values() or []) if get_kind(m).automatic] if spec is not None else []
+        plan.update({name: {"method": offered[0]} for name in unit.layers} if offered else {})
+    return plan
+
+
+def _lifted(plan: dict[str, dict[str, Any]], units: list[Unit], precise: dict[str, dict[str, Any]]) -> dict:
+    """`plan` with its low-rank factors in int8 where the unit's space offers it, and the layers
+    it leaves dense in `precise`'s entry: the allocation on top of a precision that kept accuracy."""
+    out = dict(precise)
+    for unit in units:
+        for name in unit.layers:
+            entry = plan.get(name)
+            if entry is None:
+                continue
+            space = unit.space.get("precision")
+            out[name] = {**entry, "precision": "int8"} if space is not None and space.contains("int8") else entry
+    return out
 
 
 WARM_TRIALS = 6  # the most whole-model warm-start trials before the per-unit search (a third of n_trials)
@@ -103,6 +132,13 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
         return
     trial = _joint_runner(ctx, study, units, callbacks)
     lo, hi, budget, used, best = 0.0, upper, min(0.5, upper), 0, None
+    precise = precision_plan(units) if ctx.budget.flops is None else {}
+    if precise:  # first the precision alone; if it keeps accuracy, every allocation builds on it
+        fresh = (keys.WHOLE_MODEL, plan_key(precise)) not in ctx.memo
+        score = trial(precise, "warm start: every tuned layer in reduced precision")
+        used += bool(fresh)
+        best = (precise, score) if math.isfinite(score) else None
+        precise = precise if best is not None else {}
     for _ in range(4 * limit):  # plans repeat at nearby budgets: those cost no trial
         if used >= limit or hi - lo < 0.01:
             break
@@ -111,6 +147,7 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
                                   sensitivity=ctx.sensitivity)
         except ValueError:  # below the cheapest plan
             plan = {}
+        plan = _lifted(plan, usable, precise) if plan and precise else plan
         fresh = plan and (keys.WHOLE_MODEL, plan_key(plan)) not in ctx.memo
         score = trial(plan, f"warm start: the allocation at {budget:.1%} of the tuned layers' FLOPs") if plan else -math.inf
         used += bool(fresh)
@@ -164,16 +201,19 @@ def _cheaper_step(ctx: TrialContext, usable: list[Unit], plan: dict, weights, re
             continue
         method = unit.space["method"].first() if "method" in unit.space else unit.method
         current = plan.get(unit.layers[0])
+        rank = None if current is None else current.get("low_rank")  # a precision-only entry has none
+        precision = {} if current is None or "precision" not in unit.space else {
+            "precision": current.get("precision", "int8" if rank is None else "float")}
         lower = [r for r in sorted(unit.space["low_rank"].values())
-                 if (current is None or r < current["low_rank"])
-                 and not invalid_reason(ctx.records, unit, {"method": method, "low_rank": r})]
+                 if (rank is None or r < rank)
+                 and not invalid_reason(ctx.records, unit, {"method": method, "low_rank": r, **precision})]
         if not lower:
             continue
-        entry = {"method": method, "low_rank": lower[-1]}
+        entry = {"method": method, "low_rank": lower[-1], **precision}
 
         def cost_error(e):
             records = [ctx.records[n] for n in unit.layers]
-            if e is None:
+            if e is None or "low_rank" not in e:
                 return plan_cost(records, {}).flops, 0.0
             flops = plan_cost(records, {n: e for n in unit.layers}).flops
             error = sum(layer_errors(ctx.cache, ctx.records[n], e["method"], weights[n], [e["low_rank"]])[0]

@@ -1,0 +1,197 @@
+"""fxsketch beside the one-line alternatives a user already has, on the pretrained all-MiniLM-L6-v2.
+
+Each row is one way to make the model faster, measured in one run on this machine: speed is the
+dense float32 model's time over the variant's, both timed interleaved in the same rounds after
+warm-up (median, with the interquartile range of the per-round ratio); fidelity is the mean cosine
+between the variant's and the dense model's sentence embeddings on held-out evaluation sentences;
+size is the bytes of the module's state. Shapes: 32 × 64 tokens and 1 × 64.
+
+Peers: `model.to(torch.bfloat16)`; `torch.ao.quantization.quantize_dynamic` (int8, FBGEMM);
+torchao's int8 dynamic-activation/int8-weight under `torch.compile` and ONNX Runtime's dynamic int8
+when those packages are installed (`pip install 'fxsketch[peers]'`; a missing one is named).
+fxsketch rows: `fxsketch.rewrite` with the plans saved under `--plans` (default
+benchmarks/results/peers/), each row naming the command that rebuilds it.
+
+Targets (issue "beat the one-line alternatives"): at fidelity ≥ 0.95, ≥ 1.15× the speed of the best
+peer keeping ≥ 0.95; at ≥ 0.99, at least the best peer keeping ≥ 0.99; both by a plan `optimize`
+finds with its default space. The verdict lines say which rows qualify; the script always exits 0.
+
+Run:  python benchmarks/bench_peers.py [--quick] [--threads N] [--plans DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import statistics
+import tempfile
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fxsketch  # noqa: E402
+from fxsketch.examples import minilm as M  # noqa: E402
+from fxsketch.measure import time_rounds  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of the module's saved state (a quantized torchao/ao module counts its packed weights)."""
+    buf = io.BytesIO()
+    try:
+        torch.save(module.state_dict(), buf)
+    except Exception:  # noqa: BLE001 - some peers' packed weights do not serialize
+        return -1
+    return buf.tell()
+
+
+class Float32Out(nn.Module):
+    """A variant whose hidden states come back in float32 (bf16 peers), so pooling compares alike."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.module(ids, mask)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]
+        return hidden.float()
+
+
+def peer_bf16(model: nn.Module, x: tuple) -> nn.Module:
+    return Float32Out(copy.deepcopy(model).to(torch.bfloat16))
+
+
+def peer_quantize_dynamic(model: nn.Module, x: tuple) -> nn.Module:
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+def peer_torchao(model: nn.Module, x: tuple) -> nn.Module:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    m = copy.deepcopy(model)
+    quantize_(m, Int8DynamicActivationInt8WeightConfig())
+    return torch.compile(m)
+
+
+def peer_onnxruntime(model: nn.Module, x: tuple) -> nn.Module:
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder = tempfile.mkdtemp()
+    path, qpath = os.path.join(folder, "m.onnx"), os.path.join(folder, "m.int8.onnx")
+    torch.onnx.export(Float32Out(model), x, path, input_names=["ids", "mask"], output_names=["hidden"],
+                      dynamic_axes={"ids": {0: "b", 1: "t"}, "mask": {0: "b", 1: "t"}}, dynamo=False)
+    quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(qpath, options, providers=["CPUExecutionProvider"])
+
+    class Session(nn.Module):
+        def forward(self, ids, mask):
+            return torch.from_numpy(session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0])
+
+    return Session()
+
+
+PEERS = {
+    "model.to(torch.bfloat16)": peer_bf16,
+    "torch.ao quantize_dynamic int8": peer_quantize_dynamic,
+    "torchao int8 dyn-act/int8-weight + torch.compile": peer_torchao,
+    "ONNX Runtime quantize_dynamic int8": peer_onnxruntime,
+}
+
+
+def fxsketch_plans(gm: torch.fx.GraphModule) -> dict[str, dict]:
+    """Hand-built plans (not found by `optimize`): every encoder Linear int8; and int8 factors at
+    75% of the encoder's Linear FLOPs (svd, uniform rank)."""
+    records = M.encoder_records(gm)
+    int8 = {r.name: {"method": "int8"} for r in records}
+    lowrank = {name: {**entry, "precision": "int8"} for name, entry in M.uniform_plan(records, 0.75, "svd").items()}
+    return {"fxsketch int8, every encoder Linear (hand plan)": int8,
+            "fxsketch svd 75% FLOPs, int8 factors (hand plan)": lowrank}
+
+
+def measure(dense: nn.Module, variant: nn.Module, x: tuple, cap_s: float) -> tuple[float, float, float]:
+    """(median, low quartile, high quartile) of dense time / variant time over interleaved rounds."""
+    rounds = time_rounds([dense, variant], x, cap_s=cap_s)
+    ratios = sorted(rounds.ratios())
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[0], q[2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer evaluation sentences, shorter timing")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plans", default=os.path.join(HERE, "results", "peers"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cap_s = 2.0 if args.quick else 6.0
+    model, x32, _, evaluation = M.make_minilm(n_calibration=0, n_evaluation=64 if args.quick else 256)
+    model.eval()
+    x1 = tuple(t[:1] for t in x32)
+    reference = M.embed(model, evaluation)
+    gm = fxsketch.capture(model, x32)
+    os.makedirs(args.plans, exist_ok=True)
+
+    variants: dict[str, tuple[nn.Module | None, str]] = {}
+    for name, build in PEERS.items():
+        try:
+            variants[name] = (build(model, x32), build.__name__)
+        except ImportError as exc:
+            variants[name] = (None, f"not installed ({exc.name}): pip install 'fxsketch[peers]'")
+        except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
+            variants[name] = (None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+    for name, plan in fxsketch_plans(gm).items():
+        path = os.path.join(args.plans, name.split(" (")[0].replace(" ", "_").replace(",", "").replace("%", "") + ".json")
+        with open(path, "w") as f:
+            json.dump(plan, f, indent=1)
+        variants[name] = (fxsketch.rewrite(model, plan, x32), f"fxsketch.rewrite(model, {os.path.relpath(path)!r}, x)")
+
+    print(f"all-MiniLM-L6-v2, {args.threads} threads, {torch.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; fidelity on {len(evaluation) * 32} sentences")
+    print(f"{'case':52} {'speed 32x64':>20} {'speed 1x64':>20} {'fidelity':>9} {'size MB':>8}  command")
+    dense_size = state_bytes(model)
+    print(f"{'dense float32 (baseline)':52} {'1.00x':>20} {'1.00x':>20} {1.0:9.4f} {dense_size / 1e6:8.1f}  model")
+    rows = []
+    for name, (module, how) in variants.items():
+        if module is None:
+            print(f"{name:52} {how}")
+            continue
+        fid = M.fidelity(reference, M.embed(module, evaluation))
+        speeds = [measure(model, module, x, cap_s) for x in (x32, x1)]
+        cells = [f"{m:.2f}x [{lo:.2f}-{hi:.2f}]" for m, lo, hi in speeds]
+        size = state_bytes(module)
+        print(f"{name:52} {cells[0]:>20} {cells[1]:>20} {fid:9.4f} {size / 1e6 if size >= 0 else float('nan'):8.1f}  {how}")
+        rows.append((name, speeds[0][0], fid))
+
+    print()
+    for bar in (0.99, 0.95):
+        peers = [(s, n) for n, s, f in rows if f >= bar and not n.startswith("fxsketch")]
+        ours = [(s, n) for n, s, f in rows if f >= bar and n.startswith("fxsketch")]
+        best_peer = max(peers, default=(None, "none"))
+        best_ours = max(ours, default=(None, "none"))
+        need = 1.15 if bar == 0.95 else 1.0
+        if best_peer[0] is None or best_ours[0] is None:
+            verdict = "no comparison"
+        else:
+            met = best_ours[0] >= need * best_peer[0]
+            verdict = f"{'met' if met else 'NOT met'} by a hand plan ({best_ours[0] / best_peer[0]:.2f}x the best peer)"
+        print(f"fidelity >= {bar}: best peer {best_peer[1]} ({best_peer[0] or 0:.2f}x), best fxsketch "
+              f"{best_ours[1]} ({best_ours[0] or 0:.2f}x); target >= {need:.2f}x the peer: {verdict}")
+    print("optimize rows: not yet run here (the default search space does not offer precision kinds yet), "
+          "so no target counts as met")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Bodies of the int8 ops: weights stored as int8 with one float scale per output channel,
+activations quantized dynamically (per tensor, affine, 8 bits) on every call.
+
+`int8_linear_reference` is the definition every path is tested against, written in tensor ops only
+(no `.item()`), so it runs on any device, `meta` included, and traces. `int8_linear_fbgemm` is the
+CPU path: FBGEMM's dynamic int8 GEMM on a weight packed once per weight tensor.
+
+Weights are quantized to ±63 (`WEIGHT_QMAX`), not ±127: on CPUs without VNNI, FBGEMM multiplies
+uint8 activations by int8 weights with `vpmaddubsw`, which saturates the int16 sum of two products
+once both exceed 2¹⁵ (255·127·2 does); 255·63·2 never does, so every CPU computes exactly the
+reference. On MiniLM the seventh bit moved fidelity from 0.9926 to 0.9919; the eighth bit of the
+activations (FBGEMM's `reduce_range`) is worth far more (0.9755 without it).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["WEIGHT_QMAX", "quantize_weight", "activation_qparams", "int8_linear_reference",
+           "int8_lowrank_linear_reference", "int8_linear_fbgemm", "fbgemm_available"]
+
+WEIGHT_QMAX = 63
+_QMIN, _QMAX = 0, 255  # activations: unsigned 8-bit, affine
+_SMALL_SCALE = 6.1e-5  # ATen's smallest activation scale (ChooseQuantizationParams)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per output row) with `weight ≈ q · scale[:, None]`, symmetric,
+    rounded to nearest. Rows of zeros get scale 1."""
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    scale = w.abs().amax(1) / WEIGHT_QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / scale[:, None]), -WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    return q, scale
+
+
+def activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of x's dynamic per-tensor quantization, as 0-d tensors: ATen's
+    ChooseQuantizationParams for [min(x, 0), max(x, 0)] onto 0..255, in float64 as ATen computes."""
+    lo = x.detach().min().double().clamp(max=0)
+    hi = x.detach().max().double().clamp(min=0)
+    scale = (hi - lo) / (_QMAX - _QMIN)
+    scale = torch.where((scale.float() == 0) | torch.isinf(1 / scale.float()), torch.full_like(scale, 0.1), scale)
+    # a tiny range is widened to the smallest scale (ATen's rule, kept so every path agrees)
+    small = scale < _SMALL_SCALE
+    grow = torch.where(small, _SMALL_SCALE / scale, torch.ones_like(scale))
+    span = _SMALL_SCALE * (_QMAX - _QMIN)
+    lo, hi = (torch.where(small & (lo == 0), torch.zeros_like(lo), torch.where(small & (hi == 0), -span, lo * grow)),
+              torch.where(small & (lo == 0), torch.full_like(hi, span), torch.where(small & (hi == 0), hi * 0, hi * grow)))
+    scale = torch.where(small, torch.full_like(scale, _SMALL_SCALE), scale)
+    from_min, from_max = _QMIN - lo / scale, _QMAX - hi / scale
+    error_min = abs(_QMIN) - (lo / scale).abs()
+    error_max = abs(_QMAX) - (hi / scale).abs()
+    zero = torch.where(error_min < error_max, from_min, from_max)
+    zero = torch.round(zero).clamp(_QMIN, _QMAX)
+    return scale.float(), zero
+
+
+def int8_linear_reference(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`dq(x) · (weight_q · weight_scale)ᵀ + bias`, x quantized as `activation_qparams` says; the
+    arithmetic in x's dtype."""
+    scale, zero = activation_qparams(x)
+    scale, zero = scale.to(x.dtype), zero.to(x.dtype)
+    xq = torch.clamp(torch.round(x / scale) + zero, _QMIN, _QMAX)
+    w = weight_q.to(x.dtype) * weight_scale.to(x.dtype)[:, None]
+    return F.linear((xq - zero) * scale, w, None if bias is None else bias.to(x.dtype))
+
+
+def int8_lowrank_linear_reference(x: torch.Tensor, B_q: torch.Tensor, B_scale: torch.Tensor, A_q: torch.Tensor,
+                                  A_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference of `fxsketch::int8_lowrank_linear`: each factor an `int8_linear_reference`."""
+    return int8_linear_reference(int8_linear_reference(x, B_q, B_scale), A_q, A_scale, bias)
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    """Whether this torch build runs FBGEMM's dynamic int8 linear (x86 CPUs), tried once on a tiny
+    layer: a build without it, or a torch that retired quantized tensors, takes the reference."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    q, scale = quantize_weight(torch.ones(2, 4))
+    try:
+        y = int8_linear_fbgemm(torch.ones(1, 4), q, scale, torch.zeros(2))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(y, torch.full((1, 2), 4.0)))
+
+
+# weight tensor -> (the versions it was packed at, packed weight); entries go with their weights
+_PACKED = WeakIdKeyDictionary()
+
+
+def _packed(weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+    stamp = (weight_q._version, weight_scale.data_ptr(), weight_scale._version,
+             None if bias is None else (bias.data_ptr(), bias._version))
+    hit = _PACKED.get(weight_q)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    n = weight_q.shape[0]
+    with warnings.catch_warnings():  # quantized tensors are deprecated; this one lives only until packed
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch._make_per_channel_quantized_tensor(
+            weight_q.detach().contiguous(), weight_scale.detach().double(), torch.zeros(n, dtype=torch.long), 0)
+    packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float().contiguous())
+    _PACKED[weight_q] = (stamp, packed)
+    return packed
+
+
+def int8_linear_fbgemm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference computed by FBGEMM (float32 CPU tensors); the weight is packed on first use
+    and again only when one of the tensors changes in place."""
+    packed = _packed(weight_q, weight_scale, bias)
+    if x.dim() < 2:  # FBGEMM takes a batch of rows
+        return torch.ops.quantized.linear_dynamic(x.reshape(1, -1).contiguous(), packed, False).reshape(-1)
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), packed, False)

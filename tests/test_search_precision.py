@@ -1,0 +1,72 @@
+"""Rank and precision in one search: where "auto" spaces offer int8, how warm-start plans reach a
+unit's parameters, and an `optimize` that starts from the precision-only plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxsketch
+from fxsketch.capture import find_layers
+from fxsketch.kernels.int8 import fbgemm_available
+from fxsketch.search.warm import precision_plan
+from fxsketch.space import Categorical
+from fxsketch.units import resolve_units, warm_params
+from conftest import WIDE_X, wide_mlp
+
+needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no FBGEMM")
+AUTO = fxsketch.TuningConfigs([fxsketch.LayerConfig({"type": "Linear"}, params="auto")])
+
+
+def _units(model, x, precision):
+    records = find_layers(fxsketch.capture(model, x))
+    return resolve_units(records, AUTO, None, "svd", precision=precision)
+
+
+@needs_fbgemm
+def test_auto_spaces_offer_int8_and_int8_factors_only_to_a_timed_search_on_the_cpu():
+    model = wide_mlp()
+    timed = _units(model, WIDE_X, precision=True)
+    assert timed and all(u.space["method"] == Categorical(["svd", "int8"]) for u in timed)
+    assert all(u.space["precision"] == Categorical(["float", "int8"]) for u in timed)
+    counted = _units(model, WIDE_X, precision=False)  # objective "flops": int8 saves no FLOP
+    assert all("method" not in u.space and "precision" not in u.space for u in counted)
+    meta = _units(wide_mlp().to("meta"), WIDE_X.to("meta"), precision=True)  # no fast int8 there
+    assert all("method" not in u.space and "precision" not in u.space for u in meta)
+    double = _units(wide_mlp().double(), WIDE_X.double(), precision=True)  # FBGEMM takes float32
+    assert all("method" not in u.space for u in double)
+
+
+@needs_fbgemm
+def test_warm_plans_reach_the_units_parameters():
+    unit = _units(wide_mlp(), WIDE_X, precision=True)[0]
+    assert warm_params(unit, {"method": "int8"}) == {f"{unit.key}:method": "int8"}
+    rank = unit.space["low_rank"].values()[0]
+    assert warm_params(unit, {"method": "svd", "low_rank": rank}) == {
+        f"{unit.key}:method": "svd", f"{unit.key}:low_rank": rank, f"{unit.key}:precision": "float"}
+    assert warm_params(unit, {"method": "svd", "low_rank": rank, "precision": "int8"})[f"{unit.key}:precision"] == "int8"
+    assert warm_params(unit, {"method": "sketch", "num_terms": 1, "low_rank": rank}) == {}  # not in this space
+    assert warm_params(unit, {"method": "svd", "low_rank": 10**6}) == {}
+    assert precision_plan([unit]) == {name: {"method": "int8"} for name in unit.layers}
+
+
+@needs_fbgemm
+def test_a_timed_search_tries_the_precision_plan_first_and_keeps_the_accuracy_bar():
+    model = wide_mlp()
+    with torch.no_grad():
+        reference = model(WIDE_X)
+
+    def agreement(m):
+        with torch.no_grad():
+            return (m(WIDE_X).argmax(1) == reference.argmax(1)).float().mean().item()
+
+    result = fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params="auto"), example_inputs=WIDE_X,
+                               accuracy_fn=agreement, accuracy_threshold=0.9, n_trials=8,
+                               calibration_data=[WIDE_X], search=fxsketch.SearchOptions(seed=0))
+    first = min(result.study.trials, key=lambda t: t.number)
+    assert first.user_attrs["fxsketch.warm"] == "warm start: every tuned layer in reduced precision"
+    assert first.user_attrs["fxsketch.plan"] == {name: {"method": "int8"} for name in ("0", "2", "4")}
+    assert result.accuracy >= 0.9 and agreement(result.graph_module) >= 0.9
+    methods = {(e["method"], e.get("precision", "float")) for e in result.plan.values()}
+    assert methods <= {("int8", "float"), ("svd", "float"), ("svd", "int8"), ("whitened_svd", "float"),
+                       ("whitened_svd", "int8")}
