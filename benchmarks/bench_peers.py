@@ -9,14 +9,17 @@ size is the bytes of the module's state. Shapes: 32 × 64 tokens and 1 × 64.
 Peers: `model.to(torch.bfloat16)`; `torch.ao.quantization.quantize_dynamic` (int8, FBGEMM);
 torchao's int8 dynamic-activation/int8-weight under `torch.compile` and ONNX Runtime's dynamic int8
 when those packages are installed (`pip install 'fxsketch[peers]'`; a missing one is named).
-fxsketch rows: `fxsketch.rewrite` with the plans saved under `--plans` (default
-benchmarks/results/peers/), each row naming the command that rebuilds it.
+fxsketch rows: what `fxsketch.optimize` finds with its default space (`params="auto"` on the encoder's
+Linear layers, calibration on, objective latency at 32 × 64) at fidelity bars 0.99 and 0.95 (the
+bar checked on held-out sentences the table does not use), and two hand-built plans for reference.
+Each plan is saved under `--plans` (default benchmarks/results/peers/) with the found models as
+`.pt2`; each saved model is then loaded in a fresh process and timed against the dense model there.
 
 Targets (issue "beat the one-line alternatives"): at fidelity ≥ 0.95, ≥ 1.15× the speed of the best
 peer keeping ≥ 0.95; at ≥ 0.99, at least the best peer keeping ≥ 0.99; both by a plan `optimize`
 finds with its default space. The verdict lines say which rows qualify; the script always exits 0.
 
-Run:  python benchmarks/bench_peers.py [--quick] [--threads N] [--plans DIR]
+Run:  python benchmarks/bench_peers.py [--quick] [--threads N] [--trials N] [--plans DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ import io
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +51,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def state_bytes(module: nn.Module) -> int:
-    """Bytes of the module's saved state (a quantized torchao/ao module counts its packed weights)."""
+    """Bytes of the module's saved state (a quantized torchao/ao module counts its packed weights;
+    an ONNX Runtime session, its model file)."""
+    if hasattr(module, "size"):
+        return module.size
     buf = io.BytesIO()
     try:
         torch.save(module.state_dict(), buf)
@@ -89,7 +98,8 @@ def peer_onnxruntime(model: nn.Module, x: tuple) -> nn.Module:
 
     folder = tempfile.mkdtemp()
     path, qpath = os.path.join(folder, "m.onnx"), os.path.join(folder, "m.int8.onnx")
-    torch.onnx.export(Float32Out(model), x, path, input_names=["ids", "mask"], output_names=["hidden"],
+    # the TorchScript exporter leaves a transformers model changed (its outputs move): export a copy
+    torch.onnx.export(Float32Out(copy.deepcopy(model)), x, path, input_names=["ids", "mask"], output_names=["hidden"],
                       dynamic_axes={"ids": {0: "b", 1: "t"}, "mask": {0: "b", 1: "t"}}, dynamo=False)
     quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
     options = ort.SessionOptions()
@@ -97,6 +107,8 @@ def peer_onnxruntime(model: nn.Module, x: tuple) -> nn.Module:
     session = ort.InferenceSession(qpath, options, providers=["CPUExecutionProvider"])
 
     class Session(nn.Module):
+        size = os.path.getsize(qpath)
+
         def forward(self, ids, mask):
             return torch.from_numpy(session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0])
 
@@ -121,6 +133,36 @@ def fxsketch_plans(gm: torch.fx.GraphModule) -> dict[str, dict]:
             "fxsketch svd 75% FLOPs, int8 factors (hand plan)": lowrank}
 
 
+def search_rows(model: nn.Module, x: tuple, calibration: list, n_trials: int, folder: str) -> dict:
+    """`optimize` with its default space at each fidelity bar: {row name: (module, command)}."""
+    spec = fxsketch.LayerConfig({"type": "Linear", "pattern": M.ENCODER_LINEARS}, params="auto")
+    rows = {}
+    for bar in (0.99, 0.95):
+        t0 = time.perf_counter()
+        result = fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=M.accuracy, accuracy_threshold=bar,
+                                   n_trials=n_trials, calibration_data=calibration,
+                                   search=fxsketch.SearchOptions(seed=0))
+        stem = os.path.join(folder, f"optimize_{bar}")
+        result.save_plan(stem + ".json")
+        fxsketch.save(result.graph_module, stem + ".pt2", x)
+        kinds = sorted({(e["method"], e.get("precision", "float")) for e in result.plan.values()})
+        print(f"optimize at {bar}: {len(result.plan)} layers replaced ({', '.join('/'.join(k) for k in kinds)}), "
+              f"{n_trials} trials, {time.perf_counter() - t0:.0f}s, held-out fidelity {result.accuracy:.4f}, "
+              f"speedup at the search {result.speedup}")
+        rows[f"fxsketch optimize, fidelity bar {bar}"] = (
+            result.graph_module, f"optimize(params='auto', threshold={bar}, n_trials={n_trials}) -> {os.path.relpath(stem)}.pt2")
+    return rows
+
+
+def time_saved(path: str, threads: int, cap_s: float) -> None:
+    """Child process: load `path` with fxsketch.load and time it against the dense model, 32 x 64."""
+    torch.set_num_threads(threads)
+    model, x, _, _ = M.make_minilm(n_calibration=0, n_evaluation=32)
+    loaded = fxsketch.load(path)
+    median, lo, hi = measure(model.eval(), loaded, x, cap_s)
+    print(f"{median:.4f} {lo:.4f} {hi:.4f}")
+
+
 def measure(dense: nn.Module, variant: nn.Module, x: tuple, cap_s: float) -> tuple[float, float, float]:
     """(median, low quartile, high quartile) of dense time / variant time over interleaved rounds."""
     rounds = time_rounds([dense, variant], x, cap_s=cap_s)
@@ -134,10 +176,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer evaluation sentences, shorter timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plans", default=os.path.join(HERE, "results", "peers"))
+    ap.add_argument("--trials", type=int, default=None, help="optimize trials per bar (default 24; quick 8)")
+    ap.add_argument("--time-saved", default=None, help=argparse.SUPPRESS)  # the fresh-process timing child
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     cap_s = 2.0 if args.quick else 6.0
-    model, x32, _, evaluation = M.make_minilm(n_calibration=0, n_evaluation=64 if args.quick else 256)
+    if args.time_saved:
+        return time_saved(args.time_saved, args.threads, cap_s)
+    torch.set_num_threads(args.threads)
+    # the table's sentences stop where the search's held-out slice (M.accuracy) begins
+    model, x32, calibration, evaluation = M.make_minilm(n_calibration=64 if args.quick else 256,
+                                                        n_evaluation=64 if args.quick else 224)
     model.eval()
     x1 = tuple(t[:1] for t in x32)
     reference = M.embed(model, evaluation)
@@ -146,12 +194,17 @@ def main() -> None:
 
     variants: dict[str, tuple[nn.Module | None, str]] = {}
     for name, build in PEERS.items():
+        before = M.embed(model, evaluation[:1])
         try:
             variants[name] = (build(model, x32), build.__name__)
         except ImportError as exc:
             variants[name] = (None, f"not installed ({exc.name}): pip install 'fxsketch[peers]'")
         except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
             variants[name] = (None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+        if not torch.equal(before, M.embed(model, evaluation[:1])):
+            raise RuntimeError(f"building the peer {name!r} changed the dense model: its figures would be wrong")
+    found = search_rows(model, x32, calibration, args.trials or (8 if args.quick else 24), args.plans)
+    variants.update(found)
     for name, plan in fxsketch_plans(gm).items():
         path = os.path.join(args.plans, name.split(" (")[0].replace(" ", "_").replace(",", "").replace("%", "") + ".json")
         with open(path, "w") as f:
@@ -175,22 +228,31 @@ def main() -> None:
         print(f"{name:52} {cells[0]:>20} {cells[1]:>20} {fid:9.4f} {size / 1e6 if size >= 0 else float('nan'):8.1f}  {how}")
         rows.append((name, speeds[0][0], fid))
 
+    print("\nsaved models, loaded in a fresh process and timed there against the dense model (32x64):")
+    for bar in (0.99, 0.95):
+        path = os.path.join(args.plans, f"optimize_{bar}.pt2")
+        proc = subprocess.run([sys.executable, __file__, "--time-saved", path, "--threads", str(args.threads)]
+                              + (["--quick"] if args.quick else []), capture_output=True, text=True)
+        figures = proc.stdout.split() if proc.returncode == 0 else None
+        print(f"  {os.path.relpath(path)}: " + (f"{float(figures[0]):.2f}x [{float(figures[1]):.2f}-{float(figures[2]):.2f}]"
+                                             if figures else f"failed: {proc.stderr.strip().splitlines()[-1:]}"))
+
     print()
     for bar in (0.99, 0.95):
         peers = [(s, n) for n, s, f in rows if f >= bar and not n.startswith("fxsketch")]
-        ours = [(s, n) for n, s, f in rows if f >= bar and n.startswith("fxsketch")]
+        ours = [(s, n) for n, s, f in rows if f >= bar and n.startswith("fxsketch optimize")]
         best_peer = max(peers, default=(None, "none"))
         best_ours = max(ours, default=(None, "none"))
         need = 1.15 if bar == 0.95 else 1.0
-        if best_peer[0] is None or best_ours[0] is None:
-            verdict = "no comparison"
+        if best_ours[0] is None:
+            verdict = "NOT met: no optimize row keeps the bar on the table's sentences"
+        elif best_peer[0] is None:
+            verdict = "met (no peer keeps this bar)"
         else:
-            met = best_ours[0] >= need * best_peer[0]
-            verdict = f"{'met' if met else 'NOT met'} by a hand plan ({best_ours[0] / best_peer[0]:.2f}x the best peer)"
-        print(f"fidelity >= {bar}: best peer {best_peer[1]} ({best_peer[0] or 0:.2f}x), best fxsketch "
+            ratio = best_ours[0] / best_peer[0]
+            verdict = f"{'met' if ratio >= need else 'NOT met'} ({ratio:.2f}x the best peer)"
+        print(f"fidelity >= {bar}: best peer {best_peer[1]} ({best_peer[0] or 0:.2f}x), best optimize row "
               f"{best_ours[1]} ({best_ours[0] or 0:.2f}x); target >= {need:.2f}x the peer: {verdict}")
-    print("optimize rows: not yet run here (the default search space does not offer precision kinds yet), "
-          "so no target counts as met")
 
 
 if __name__ == "__main__":
