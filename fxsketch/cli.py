@@ -208,6 +208,8 @@ def optimize(
                                               "their dense FLOPs (e.g. 0.5) or an absolute count."),
     max_params: Optional[float] = typer.Option(None, help="Parameter budget of the selected layers: a fraction "
                                                "(e.g. 0.5) or an absolute count."),
+    max_bytes: Optional[float] = typer.Option(None, help="Weight-byte budget of the selected layers (int8 weights "
+                                              "count 1 byte): a fraction (e.g. 0.3) or an absolute count."),
 ) -> None:
     """Search for the fastest plan that keeps accuracy above the threshold."""
     model, example_inputs = _load_target(target)
@@ -217,7 +219,8 @@ def optimize(
     with _user_code(f"loading {accuracy}"):
         accuracy_fn = load_object(accuracy)
     calibration_data = _load_calibration(calibration)
-    budgets = dict(max_flops=_budget(max_flops, "--max-flops"), max_params=_budget(max_params, "--max-params"))
+    budgets = dict(max_flops=_budget(max_flops, "--max-flops"), max_params=_budget(max_params, "--max-params"),
+                   max_bytes=_budget(max_bytes, "--max-bytes"))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("searching", total=trials)

@@ -47,7 +47,8 @@ class SearchOptions:
         callbacks: Optuna callbacks `(study, trial) -> None` called after each trial.
         default_method: the kind searched when a config names no `method` (default:
             "whitened_svd" with calibration data, else "svd").
-        max_flops, max_params: budgets for the selected layers, a fraction of their dense cost
+        max_flops, max_params, max_bytes: budgets for the selected layers (FLOPs, parameters, bytes
+            of the stored weights: int8 counts one byte a weight), a fraction of their dense cost
             (float ≤ 1) or absolute (int); a trial over budget is pruned before evaluation.
         warm_start: with calibration data, start from the rank allocation's plans.
         allocation_sensitivity: how the warm start's allocations weigh each unit's output error
@@ -67,6 +68,7 @@ class SearchOptions:
     default_method: str | None = None
     max_flops: float | int | None = None
     max_params: float | int | None = None
+    max_bytes: float | int | None = None
     warm_start: bool = True
     allocation_sensitivity: Any = None
     trial_timeout: float | None = None

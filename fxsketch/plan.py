@@ -90,11 +90,13 @@ class PlanCost:
     """What a plan costs per forward on the example inputs, over the layers it was asked about.
 
     `bytes` counts the weights at their stored width and the activations each layer reads and
-    writes (low-rank layers also their rank-wide intermediate) at `ITEMSIZE` bytes an element."""
+    writes (low-rank layers also their rank-wide intermediate) at `ITEMSIZE` bytes an element;
+    `weight_bytes` the weights alone (what the layers take on disk and in memory)."""
 
     flops: int
     params: int
     bytes: int
+    weight_bytes: int = 0
 
 
 def layer_cost(record: LayerRecord, entry: Mapping[str, Any] | None) -> Cost:
@@ -106,14 +108,14 @@ def layer_cost(record: LayerRecord, entry: Mapping[str, Any] | None) -> Cost:
 
 def plan_cost(records: Sequence[LayerRecord], plan: Mapping[str, Mapping[str, Any]]) -> PlanCost:
     """The cost of `plan` over `records` (a layer not in the plan counts dense)."""
-    flops = params = moved = 0
+    flops = params = moved = stored = 0
     for record in records:
         cost = layer_cost(record, plan.get(record.name))
         flops += cost.flops_per_token * record.tokens
         params += cost.params
-        moved += (cost.params * cost.bits // 8
-                  + ITEMSIZE * record.tokens * (record.in_features + record.out_features + 2 * (cost.rank or 0)))
-    return PlanCost(flops, params, moved)
+        stored += cost.params * cost.bits // 8
+        moved += ITEMSIZE * record.tokens * (record.in_features + record.out_features + 2 * (cost.rank or 0))
+    return PlanCost(flops, params, moved + stored, stored)
 
 
 def speed_bound(records: Sequence[LayerRecord], plan: Mapping[str, Mapping[str, Any]]) -> float:
@@ -130,13 +132,15 @@ def speed_bound(records: Sequence[LayerRecord], plan: Mapping[str, Mapping[str, 
 
 @dataclass(frozen=True)
 class Budget:
-    """Hard limits on the selected layers: FLOPs and parameters, absolute or as a fraction of dense.
+    """Hard limits on the selected layers: FLOPs, parameters and weight bytes (int8 weights take a
+    quarter of float32's), absolute or as a fraction of dense.
 
     A float in (0, 1] is a fraction of the selected layers' dense cost; an int is absolute.
     """
 
     flops: float | int | None = None
     params: float | int | None = None
+    bytes: float | int | None = None
 
     def limits(self, dense_flops: int, dense_params: int) -> tuple[float, float]:
         return (_limit(self.flops, dense_flops, "the FLOP budget (budget=/max_flops=)"),
@@ -146,17 +150,24 @@ class Budget:
         """Why `cost` breaks the budget ("" when it does not). `dense` is the same layers' dense
         cost and `selected` all selected layers' dense cost: layers that are a share of the
         selection get that share of the budget (if every unit keeps its share, the plan does)."""
-        if self.flops is None and self.params is None:
+        if self.flops is None and self.params is None and self.bytes is None:
             return ""
         max_flops, max_params = self.limits(selected.flops, selected.params)
         max_flops *= dense.flops / max(selected.flops, 1)
         max_params *= dense.params / max(selected.params, 1)
+        max_bytes = self.byte_limit(selected.weight_bytes) * dense.weight_bytes / max(selected.weight_bytes, 1)
         where = f" for {what}" if what else ""
+        if cost.weight_bytes > max_bytes:
+            return f"over the weight-byte budget: {cost.weight_bytes:,} > {max_bytes:,.0f}{where}"
         if cost.flops > max_flops:
             return f"over the FLOP budget: {cost.flops:,} > {max_flops:,.0f}{where}"
         if cost.params > max_params:
             return f"over the parameter budget: {cost.params:,} > {max_params:,.0f}{where}"
         return ""
+
+
+    def byte_limit(self, dense_bytes: int) -> float:
+        return _limit(self.bytes, dense_bytes, "the weight-byte budget (max_bytes=)")
 
 
 def _limit(value: float | int | None, dense: int, what: str) -> float:

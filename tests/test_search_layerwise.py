@@ -57,3 +57,15 @@ def test_a_searched_unit_that_missed_the_bar_is_told_apart_from_an_unsearched_on
     assert result.notes[0].startswith("2 unit(s) searched, but no trial met the accuracy threshold: 0, 2")
     assert "not searched" not in " ".join(result.notes)
     assert "searched, but no trial met the accuracy threshold" in result.summary()
+
+
+def test_a_unit_queues_no_more_warm_starts_than_its_trials_so_none_leak_into_the_next_unit():
+    model = _model()
+    spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
+    result = fxsketch.optimize(model, spec, example_inputs=CALIB[:64], accuracy_fn=_agreement(model),
+                               accuracy_threshold=0.9, n_trials=4, calibration_data=[CALIB[:1000]],
+                               search=fxsketch.SearchOptions(seed=0))
+    per_unit = [t for t in result.study.trials if t.user_attrs.get("fxsketch.unit") not in (None, "*")]
+    assert per_unit
+    for t in per_unit:  # a unit's trial carries that unit's parameters only
+        assert all(name.startswith(t.user_attrs["fxsketch.unit"] + ":") for name in t.params), t.params

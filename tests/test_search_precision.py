@@ -9,6 +9,7 @@ import torch
 import fxsketch
 from fxsketch.capture import find_layers
 from fxsketch.kernels.int8 import fbgemm_available
+from fxsketch.plan import plan_cost
 from fxsketch.search.warm import precision_plan
 from fxsketch.space import Categorical
 from fxsketch.units import resolve_units, warm_params
@@ -70,3 +71,25 @@ def test_a_timed_search_tries_the_precision_plan_first_and_keeps_the_accuracy_ba
     methods = {(e["method"], e.get("precision", "float")) for e in result.plan.values()}
     assert methods <= {("int8", "float"), ("svd", "float"), ("svd", "int8"), ("whitened_svd", "float"),
                        ("whitened_svd", "int8")}
+
+
+@needs_fbgemm
+def test_a_byte_budget_counts_int8_weights_at_one_byte():
+    model = wide_mlp()
+    with torch.no_grad():
+        reference = model(WIDE_X)
+
+    def agreement(m):
+        with torch.no_grad():
+            return (m(WIDE_X).argmax(1) == reference.argmax(1)).float().mean().item()
+
+    spec = fxsketch.LayerConfig({"type": "Linear"}, params="auto")
+    result = fxsketch.optimize(model, spec, example_inputs=WIDE_X, accuracy_fn=agreement, accuracy_threshold=0.0,
+                               n_trials=10, search=fxsketch.SearchOptions(seed=0, max_bytes=0.3))
+    records = find_layers(fxsketch.capture(model, WIDE_X))
+    assert plan_cost(records, result.plan).weight_bytes <= 0.3 * plan_cost(records, {}).weight_bytes
+    notes = " ".join(result.trials["note"].dropna())
+    assert "over the weight-byte budget" in notes
+    with pytest.raises(ValueError, match="weight-byte budget"):
+        fxsketch.optimize(model, spec, example_inputs=WIDE_X, accuracy_fn=agreement,
+                          search=fxsketch.SearchOptions(max_bytes=-1))

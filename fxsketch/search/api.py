@@ -179,7 +179,9 @@ def _check_arguments(accuracy_fn, speed_fn, n_trials, threshold, timeout, search
                         f"got {type(search.sampler).__name__}")
     if search.pruner is not None and not isinstance(search.pruner, optuna.pruners.BasePruner):
         raise TypeError(f"pruner must be an optuna.pruners.BasePruner, got {type(search.pruner).__name__}")
-    Budget(search.max_flops, search.max_params).limits(1, 1)
+    budget = Budget(search.max_flops, search.max_params, search.max_bytes)
+    budget.limits(1, 1)
+    budget.byte_limit(1)
 
 
 def _dense_accuracy(accuracy_fn: Callable, gm: nn.Module, threshold: float | None) -> float:

@@ -155,7 +155,7 @@ def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
     return {"trials": len(done), "last": max(done, default=-1), "threshold": ctx.threshold,
             "objective": ctx.objective, "strategy": ctx.job.strategy,
             "units": sorted([key, sorted(u.layers), repr(u.space)] for key, u in ctx.units.items()),
-            "budget": [options.max_flops, options.max_params], "method": ctx.default_method,
+            "budget": [options.max_flops, options.max_params, options.max_bytes], "method": ctx.default_method,
             "calibration": [calibration.refit, calibration.recover_steps, calibration.recover_lr,
                             bool(ctx.job.batches)]}
 

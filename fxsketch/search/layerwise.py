@@ -63,10 +63,14 @@ def _search_unit(ctx: TrialContext, study: optuna.Study, unit: Unit, n_trials: i
                  callbacks: list) -> None:
     size = space_size(unit, ctx.default_method)
     if ctx.warm and "low_rank" in unit.space:
+        # no more than this unit's trials: a queued trial it leaves is drawn by the next unit's search
+        queued = []
         for plan in ctx.warm:
             params = warm_params(unit, plan.get(unit.layers[0]))
-            if params:
-                study.enqueue_trial(params, skip_if_exists=True)
+            if params and params not in queued:
+                queued.append(params)
+        for params in queued[:n_trials]:
+            study.enqueue_trial(params, skip_if_exists=True)
 
     def stop_when_exhausted(study: optuna.Study, trial) -> None:
         if len(ctx.seen.get(unit.key, ())) >= size:

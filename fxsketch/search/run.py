@@ -55,7 +55,7 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
     selected = plan_cost([by_name[n] for u in units for n in u.layers], {})
     ctx = TrialContext(job, gm, by_name, {u.key: u for u in units}, resolve_callable(job.accuracy_fn),
                        resolve_callable(job.speed_fn), cache, default_method,
-                       Budget(options.max_flops, options.max_params), plan_cost(records, {}).flops,
+                       Budget(options.max_flops, options.max_params, options.max_bytes), plan_cost(records, {}).flops,
                        (selected.flops, selected.params))
     if worker is None:  # the returned model is timed against the model the user has, not its captured graph
         ctx.baseline = copy.deepcopy(model)

@@ -57,7 +57,7 @@ def warm_start_plans(ctx: TrialContext, units: list[Unit]) -> list[dict[str, dic
 
     weights = ctx.weights(usable)
     plans = [target_error_units(usable, ctx.records, ctx.cache, weights, tol) for tol in (0.01, 0.05)]
-    budgets = [Budget(f, ctx.budget.params) for f in (0.25, 0.5)]
+    budgets = [Budget(f, ctx.budget.params, ctx.budget.bytes) for f in (0.25, 0.5)]
     if ctx.budget.flops is not None:
         budgets.insert(0, ctx.budget)
         plans = []  # with a FLOP budget, start from plans that respect it
@@ -143,8 +143,8 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
         if used >= limit or hi - lo < 0.01:
             break
         try:
-            plan = allocate_units(usable, ctx.records, ctx.cache, weights, Budget(budget, ctx.budget.params),
-                                  sensitivity=ctx.sensitivity)
+            plan = allocate_units(usable, ctx.records, ctx.cache, weights,
+                                  Budget(budget, ctx.budget.params, ctx.budget.bytes), sensitivity=ctx.sensitivity)
         except ValueError:  # below the cheapest plan
             plan = {}
         plan = _lifted(plan, usable, precise) if plan and precise else plan
