@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fxsketch.capture import as_inputs, describe_inputs
-from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
+from fxsketch.kernels.aten import cast_linear_aten, cast_lowrank_linear_aten, lowrank_conv2d_aten, lowrank_linear_aten
 from fxsketch.kernels.int8 import int8_linear_reference, int8_lowrank_linear_reference
 from fxsketch.version import __version__
 
@@ -140,6 +140,8 @@ def package(
     program = program.run_decompositions({
         torch.ops.fxsketch.lowrank_linear.default: lowrank_linear_aten,
         torch.ops.fxsketch.lowrank_conv2d.default: lowrank_conv2d_aten,
+        torch.ops.fxsketch.cast_linear.default: cast_linear_aten,
+        torch.ops.fxsketch.cast_lowrank_linear.default: cast_lowrank_linear_aten,
         torch.ops.fxsketch.int8_linear.default: int8_linear_reference,
         torch.ops.fxsketch.int8_lowrank_linear.default: int8_lowrank_linear_reference,
     })

@@ -15,10 +15,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from fxsketch.kernels import int8_linear, int8_lowrank_linear, lowrank_conv2d, lowrank_linear, quantize_weight
+from fxsketch.kernels import (
+    cast_linear, cast_lowrank_linear, int8_linear, int8_lowrank_linear, lowrank_conv2d, lowrank_linear, quantize_weight,
+)
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "Int8Linear", "Int8LowRankLinear", "SKLinear", "SKConv2d", "OpCall",
-           "op_call", "direct_call"]
+__all__ = ["LowRankLinear", "LowRankConv2d", "CastLinear", "CastLowRankLinear", "Int8Linear", "Int8LowRankLinear",
+           "SKLinear", "SKConv2d", "OpCall", "op_call", "direct_call"]
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -128,6 +130,43 @@ class LowRankConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, rank={self.rank}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
         )
+
+
+class CastLinear(nn.Module):
+    """A Linear whose weight and bias are stored and computed in a reduced dtype (bf16, fp16) inside
+    a model of another (`fxsketch::cast_linear`): the input is cast in, the output back."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().to(weight.dtype).clone()) if bias is not None else None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "CastLinear":
+        """The layer of `weight` (out × in) and `bias`, both rounded to `dtype`."""
+        return cls(weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}, bias={self.bias is not None}"
+
+
+class CastLowRankLinear(LowRankLinear):
+    """`LowRankLinear` with its factors in a reduced dtype (bf16, fp16) inside a model of another
+    (`fxsketch::cast_lowrank_linear`)."""
+
+    @classmethod
+    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> "CastLowRankLinear":
+        """Build from float factors, rounded to `dtype` (default: B's)."""
+        dtype = dtype or B.dtype
+        return super().from_factors(B.to(dtype), A.to(dtype), None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast_lowrank_linear(x, self.B, self.A, self.bias)
 
 
 class Int8Linear(nn.Module):
@@ -329,13 +368,17 @@ class OpCall(NamedTuple):
 
 def op_call(module: nn.Module) -> OpCall | None:
     """The `OpCall` of `module` when it is exactly one fxsketch op on its own tensors (the plain
-    low-rank and int8 layers); None for layers with their own forward logic."""
+    low-rank, reduced-precision and int8 layers); None for layers with their own forward logic."""
     kind = type(module)
     if kind is LowRankLinear:
         return OpCall(lowrank_linear, torch.ops.fxsketch.lowrank_linear.default, ("B", "A", "bias"), ())
     if kind is LowRankConv2d:
         geometry = (list(module.stride), list(module.padding), list(module.dilation))
         return OpCall(lowrank_conv2d, torch.ops.fxsketch.lowrank_conv2d.default, ("B", "A", "bias"), geometry)
+    if kind is CastLinear:
+        return OpCall(cast_linear, torch.ops.fxsketch.cast_linear.default, ("weight", "bias"), ())
+    if kind is CastLowRankLinear:
+        return OpCall(cast_lowrank_linear, torch.ops.fxsketch.cast_lowrank_linear.default, ("B", "A", "bias"), ())
     if kind is Int8Linear:
         return OpCall(int8_linear, torch.ops.fxsketch.int8_linear.default, ("weight_q", "weight_scale", "bias"), ())
     if kind is Int8LowRankLinear:

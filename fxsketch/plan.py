@@ -124,7 +124,7 @@ def speed_bound(records: Sequence[LayerRecord], plan: Mapping[str, Mapping[str, 
     register holds 32/b times as many). A whole-model speedup above it beats physics, not the model."""
     replaced = [r for r in records if not r.unsupported and not is_dense(plan.get(r.name))]
     before, after = plan_cost(replaced, {}), plan_cost(replaced, plan)
-    work = sum(c.flops_per_token * c.bits / 32 * r.tokens for r in replaced for c in [layer_cost(r, plan.get(r.name))])
+    work = sum(layer_cost(r, plan.get(r.name)).work * r.tokens for r in replaced)
     if not work or not after.bytes:
         return 1.0
     return max(before.flops / work, before.bytes / after.bytes, 1.0)

@@ -132,7 +132,7 @@ class Result:
             f"latency      {self._latency_line()}",
             f"FLOPs        {self.flops_ratio:.2f}x fewer in the matchable layers",
             f"parameters   {self.params_before:,} -> {self.params_after:,} in the matchable layers",
-            f"trials       {len(self.trials)} ({_state_counts(self.trials)})",
+            f"trials       {_trial_counts(self.trials)}",
             "",
             self.layer_table().to_string(index=False),
         ]
@@ -187,6 +187,13 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     raise TypeError(f"cannot write {value!r} to a plan file")
+
+
+def _trial_counts(trials: pd.DataFrame) -> str:
+    """The trials counted against n_trials and their states; draws answered from the study apart."""
+    counted = trials[trials["counted"]] if "counted" in trials and not trials.empty else trials
+    again = len(trials) - len(counted)
+    return f"{len(counted)} ({_state_counts(counted)})" + (f"; {again} more drew values already tried" if again else "")
 
 
 def _state_counts(trials: pd.DataFrame) -> str:

@@ -256,7 +256,7 @@ def invalid_reason(records: Mapping[str, LayerRecord], unit: Unit, entry: Mappin
         problem = resolved.kind.invalid(record, resolved.params)
         if problem:
             return f"{name}: {problem}"
-        if resolved.method != "dense" and resolved.cost(record).flops_per_token >= dense_cost(record).flops_per_token:
+        if resolved.method != "dense" and resolved.cost(record).work >= dense_cost(record).work:
             return f"{name}: {resolved.method} {given} is not cheaper than the dense layer"
     return ""
 

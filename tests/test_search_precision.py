@@ -12,7 +12,7 @@ from fxsketch.kernels.int8 import fbgemm_available
 from fxsketch.plan import plan_cost
 from fxsketch.search.warm import precision_plan
 from fxsketch.space import Categorical
-from fxsketch.units import resolve_units, warm_params
+from fxsketch.units import invalid_reason, resolve_units, warm_params
 from conftest import WIDE_X, wide_mlp
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no FBGEMM")
@@ -49,6 +49,10 @@ def test_warm_plans_reach_the_units_parameters():
     assert warm_params(unit, {"method": "sketch", "num_terms": 1, "low_rank": rank}) == {}  # not in this space
     assert warm_params(unit, {"method": "svd", "low_rank": 10**6}) == {}
     assert precision_plan([unit]) == {name: {"method": "int8"} for name in unit.layers}
+    records = {r.name: r for r in find_layers(fxsketch.capture(wide_mlp(), WIDE_X))}
+    # an 8-bit layer does the dense FLOPs at a quarter of the work: cheaper, so drawn and evaluated
+    assert invalid_reason(records, unit, {"method": "int8"}) == ""
+    assert invalid_reason(records, unit, {"method": "svd", "low_rank": rank, "precision": "int8"}) == ""
 
 
 @needs_fbgemm

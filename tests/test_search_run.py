@@ -130,6 +130,8 @@ def test_a_resumed_study_spends_its_trials_on_configurations_it_does_not_hold(tm
     assert len(evaluated) == 8 and sorted(evaluated["low_rank"]) == [2, 4, 6, 8, 10, 12, 14, 16]
     reused = second.trials[~second.trials["counted"]]
     assert all(n.endswith("not counted against n_trials") for n in reused["note"])
+    line = next(line for line in second.summary().splitlines() if line.startswith("trials"))
+    assert line.startswith("trials       8 (") and (not len(reused) or f"; {len(reused)} more drew values" in line)
     trial_calls = len(calls) - len(first.validation) - len(second.validation) - 2  # minus dense and validations
     assert trial_calls == 8
 

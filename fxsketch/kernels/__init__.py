@@ -1,6 +1,9 @@
-"""fxsketch's kernels: the low-rank and int8 GEMM op family. Knows nothing of FX or Optuna."""
+"""fxsketch's kernels: the low-rank, reduced-precision and int8 GEMM op family. Knows nothing of FX or Optuna."""
 
 from fxsketch.kernels.int8 import quantize_weight
-from fxsketch.kernels.ops import int8_linear, int8_lowrank_linear, lowrank_conv2d, lowrank_linear
+from fxsketch.kernels.ops import (
+    cast_linear, cast_lowrank_linear, int8_linear, int8_lowrank_linear, lowrank_conv2d, lowrank_linear,
+)
 
-__all__ = ["lowrank_linear", "lowrank_conv2d", "int8_linear", "int8_lowrank_linear", "quantize_weight"]
+__all__ = ["lowrank_linear", "lowrank_conv2d", "cast_linear", "cast_lowrank_linear", "int8_linear",
+           "int8_lowrank_linear", "quantize_weight"]

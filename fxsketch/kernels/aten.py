@@ -25,3 +25,15 @@ def lowrank_conv2d_aten(
     """A k×k convolution to R channels (weight B: R×C×kh×kw), then a 1×1 one to N channels (A: N×R)."""
     t = F.conv2d(x, B, None, stride, padding, dilation)
     return F.conv2d(t, A[:, :, None, None], bias)
+
+
+def cast_linear_aten(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A Linear computed in its weight's dtype (bf16, fp16): x cast in, the result cast back to x's."""
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def cast_lowrank_linear_aten(
+    x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`lowrank_linear_aten` computed in the factors' dtype, the result cast back to x's."""
+    return lowrank_linear_aten(x.to(B.dtype), B, A, bias).to(x.dtype)

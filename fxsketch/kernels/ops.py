@@ -1,5 +1,7 @@
 """Registration of the fxsketch op family with `torch.library`.
 
+`fxsketch::cast_linear(x, weight, bias)` and `fxsketch::cast_lowrank_linear(x, B, A, bias)` compute in
+their weights' dtype (bf16, fp16) and return x's: a layer in reduced precision inside a float32 model.
 `fxsketch::int8_linear(x, weight_q, weight_scale, bias)` is a Linear with int8 weights (one scale
 per output channel) and dynamically quantized int8 activations; `fxsketch::int8_lowrank_linear`
 runs the two factors of a low-rank layer that way. Their bodies are in `fxsketch.kernels.int8`.
@@ -19,7 +21,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fxsketch.kernels.aten import lowrank_conv2d_aten, lowrank_linear_aten
+from fxsketch.kernels.aten import (
+    cast_linear_aten, cast_lowrank_linear_aten, lowrank_conv2d_aten, lowrank_linear_aten,
+)
 from fxsketch.kernels.choose import choose
 from fxsketch.kernels.int8 import fbgemm_available, int8_linear_fbgemm, int8_linear_reference
 
@@ -38,6 +42,8 @@ _LIB.define(
     "lowrank_conv2d(Tensor x, Tensor B, Tensor A, Tensor? bias, SymInt[2] stride, "
     "SymInt[2] padding, SymInt[2] dilation) -> Tensor"
 )
+_LIB.define("cast_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
+_LIB.define("cast_lowrank_linear(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None) -> Tensor")
 _LIB.define("int8_lowrank_linear(Tensor x, Tensor B_q, Tensor B_scale, Tensor A_q, Tensor A_scale, "
             "Tensor? bias=None) -> Tensor")
@@ -125,6 +131,8 @@ def _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias=None):
 # serves every device and picks its kernel per call, so FXSKETCH_KERNEL also reaches CPU tensors.
 _LIB.impl("lowrank_linear", _lowrank_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("lowrank_conv2d", _lowrank_conv2d_impl, "CompositeExplicitAutograd")
+_LIB.impl("cast_linear", cast_linear_aten, "CompositeExplicitAutograd")
+_LIB.impl("cast_lowrank_linear", cast_lowrank_linear_aten, "CompositeExplicitAutograd")
 _LIB.impl("int8_linear", _int8_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("int8_lowrank_linear", _int8_lowrank_linear_impl, "CompositeExplicitAutograd")
 
@@ -139,6 +147,40 @@ def _lowrank_linear_fake(x, B, A, bias=None):
 @torch.library.register_fake("fxsketch::lowrank_conv2d")
 def _lowrank_conv2d_fake(x, B, A, bias, stride, padding, dilation):
     return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
+
+
+@torch.library.register_fake("fxsketch::cast_linear")
+def _cast_linear_fake(x, weight, bias=None):
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"cast_linear: x has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("fxsketch::cast_lowrank_linear")
+def _cast_lowrank_linear_fake(x, B, A, bias=None):
+    torch._check(x.shape[-1] == B.shape[1], lambda: f"cast_lowrank_linear: x has {x.shape[-1]} features, B expects {B.shape[1]}")
+    torch._check(A.shape[1] == B.shape[0], lambda: f"cast_lowrank_linear: A has rank {A.shape[1]}, B has {B.shape[0]}")
+    return x.new_empty((*x.shape[:-1], A.shape[0]))
+
+
+def _replay_setup(body):
+    def setup(ctx, inputs, output):
+        ctx.body = body
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in inputs))
+        ctx.given = [t is not None for t in inputs]
+    return setup
+
+
+def _replay_backward(ctx, gy):
+    # the casts and GEMMs have ATen backward kernels: replay the body under autograd to reuse them
+    saved = ctx.saved_tensors
+    leaves = [t.detach().requires_grad_(need) if given else None
+              for t, given, need in zip(saved, ctx.given, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        y = ctx.body(*leaves)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, gy)) if wanted else iter(())
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
 
 
 @torch.library.register_fake("fxsketch::int8_linear")
@@ -223,6 +265,9 @@ def _conv_backward(ctx, gy):
 
 torch.library.register_autograd("fxsketch::lowrank_linear", _linear_backward, setup_context=_linear_setup)
 torch.library.register_autograd("fxsketch::lowrank_conv2d", _conv_backward, setup_context=_conv_setup)
+torch.library.register_autograd("fxsketch::cast_linear", _replay_backward, setup_context=_replay_setup(cast_linear_aten))
+torch.library.register_autograd("fxsketch::cast_lowrank_linear", _replay_backward,
+                                setup_context=_replay_setup(cast_lowrank_linear_aten))
 torch.library.register_autograd("fxsketch::int8_linear", _int8_backward, setup_context=_int8_setup)
 torch.library.register_autograd("fxsketch::int8_lowrank_linear", _int8_backward, setup_context=_int8_setup)
 
@@ -282,3 +327,18 @@ def int8_lowrank_linear(x: torch.Tensor, B_q: torch.Tensor, B_scale: torch.Tenso
     if _eager_inference(x, B_scale):
         return _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias)
     return torch.ops.fxsketch.int8_lowrank_linear(x, B_q, B_scale, A_q, A_scale, bias)
+
+
+def cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x · weightᵀ + bias` computed in the weight's dtype, returned in x's, through the fxsketch op."""
+    if _eager_inference(x, weight):
+        return cast_linear_aten(x, weight, bias)
+    return torch.ops.fxsketch.cast_linear(x, weight, bias)
+
+
+def cast_lowrank_linear(x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`lowrank_linear` computed in the factors' dtype, returned in x's, through the fxsketch op."""
+    if _eager_inference(x, B):
+        return cast_lowrank_linear_aten(x, B, A, bias)
+    return torch.ops.fxsketch.cast_lowrank_linear(x, B, A, bias)

@@ -33,6 +33,12 @@ class Cost:
     rank: int | None = None
     bits: int = 32
 
+    @property
+    def work(self) -> float:
+        """FLOPs per token in float32 equivalents: a b-bit FLOP counts b/32 (what a SIMD register of
+        fixed width does in one instruction)."""
+        return self.flops_per_token * self.bits / 32
+
 
 def dense_cost(record: LayerRecord) -> Cost:
     out, inner = record.out_features, record.in_features

@@ -6,26 +6,28 @@ from typing import Any
 
 import torch
 
-from fxsketch.nn import Int8LowRankLinear, LowRankConv2d, LowRankLinear
+from fxsketch.nn import CastLowRankLinear, Int8LowRankLinear, LowRankConv2d, LowRankLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
     Cost, FactorCache, ReplacementKind, efficient_rank_limit, lowrank_cost, rank_space,
 )
-from fxsketch.replacements.precision import fast_int8
+from fxsketch.replacements.precision import HALF_DTYPES, fast_precisions
 from fxsketch.replacements.refit import refit_outer
 from fxsketch.replacements.registry import register_kind
 from fxsketch.space import Categorical
 
 
-PRECISIONS = ("float", "int8")  # of the factors: the layer's own dtype, or int8 (Linear only)
+PRECISIONS = ("float", "int8", "bf16", "fp16")  # of the factors: the layer's own dtype, or another (Linear only)
 
 
 def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
                    precision: str = "float"):
     """A LowRankLinear/LowRankConv2d holding B (R × in) and A (out × R) for `record`; with
-    `precision="int8"` an Int8LowRankLinear of them."""
+    `precision="int8"` an Int8LowRankLinear of them, with "bf16"/"fp16" a CastLowRankLinear."""
     if precision == "int8":
         return Int8LowRankLinear.from_factors(B, A, bias)
+    if precision in HALF_DTYPES:
+        return CastLowRankLinear.from_factors(B, A, bias, HALF_DTYPES[precision])
     if record.op_type == "Linear":
         return LowRankLinear.from_factors(B, A, bias)
     c, kh, kw = record.weight_shape[1:]
@@ -47,8 +49,8 @@ class SVD(ReplacementKind):
         precision = params.get("precision", "float")
         if precision not in PRECISIONS:
             return f"precision must be one of {PRECISIONS}, got {precision!r}"
-        if precision == "int8" and record.op_type != "Linear":
-            return f"int8 factors are for Linear layers; {record.name} is a {record.op_type}: use precision 'float'"
+        if precision != "float" and record.op_type != "Linear":
+            return f"{precision} factors are for Linear layers; {record.name} is a {record.op_type}: use precision 'float'"
         return ""
 
     def upper_bounds(self, record: LayerRecord) -> dict[str, int]:
@@ -58,12 +60,12 @@ class SVD(ReplacementKind):
         space = rank_space(efficient_rank_limit(record))
         if space is None:
             return None
-        if precision and fast_int8(record):
-            return {"low_rank": space, "precision": Categorical(list(PRECISIONS))}
-        return {"low_rank": space}
+        faster = fast_precisions(record) if precision else []
+        return {"low_rank": space, "precision": Categorical(["float", *faster])} if faster else {"low_rank": space}
 
     def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
-        return lowrank_cost(record, int(params["low_rank"]), 8 if params.get("precision") == "int8" else 32)
+        bits = {"int8": 8, "bf16": 16, "fp16": 16}.get(params.get("precision", "float"), 32)
+        return lowrank_cost(record, int(params["low_rank"]), bits)
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         rank, precision = int(params["low_rank"]), params.get("precision", "float")
