@@ -16,6 +16,7 @@ from fxsketch import study_format as keys
 from fxsketch.measure import Speedup
 from fxsketch.plan import layer_cost
 from fxsketch.records import LayerRecord
+from fxsketch.replacements import get_kind
 from fxsketch.report import write_report
 from fxsketch.version import __version__
 
@@ -103,18 +104,22 @@ class Result:
         return pd.DataFrame(rows, columns=["unit", "param", "importance"])
 
     def layer_table(self) -> pd.DataFrame:
-        """One row per matchable layer: kind, parameters, rank, and params/MFLOPs before and after."""
+        """One row per matchable layer: kind, parameters (those not at the kind's default), rank, weight
+        bits, and params/MFLOPs before and after."""
         rows = []
         for r in self.records:
             entry = self.plan.get(r.name)
             before, after = layer_cost(r, None), layer_cost(r, entry)
+            defaults = get_kind(entry["method"]).defaults if entry else {}
             rows.append({
                 "layer": r.name,
                 "type": r.op_type,
                 "shape": "×".join(map(str, r.weight_shape)),
                 "kind": entry["method"] if entry else "dense",
-                "params": ", ".join(f"{k}={v}" for k, v in (entry or {}).items() if k != "method") or "-",
+                "params": ", ".join(f"{k}={v}" for k, v in (entry or {}).items()
+                                    if k != "method" and (k not in defaults or defaults[k] != v)) or "-",
                 "rank": after.rank if after.rank is not None else "-",
+                "bits": after.bits,
                 "params before": before.params,
                 "params after": after.params,
                 "MFLOPs before": round(before.flops_per_token * r.tokens / 1e6, 3),

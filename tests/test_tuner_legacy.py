@@ -337,7 +337,8 @@ def test_parallel_evaluation():
 
 def test_analyzing_parameter_sensitivity():
     tuner = SkAutoTuner(parameter_bounds={"num_terms": (1, 4), "low_rank": (8, 32)},
-                        objective_function=lambda nt, lr: nt * 0.1 + lr * 0.01, n_initial_points=4, n_iterations=4)
+                        objective_function=lambda nt, lr: nt * 0.1 + lr * 0.01, n_initial_points=4, n_iterations=4,
+                        seed=0)  # 8 unseeded draws can correlate low_rank and score either way
     tuner.optimize()
     evaluations = tuner.get_evaluation_history()
     df = pd.DataFrame(evaluations)

@@ -137,11 +137,21 @@ _LIB.impl("int8_linear", _int8_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("int8_lowrank_linear", _int8_lowrank_linear_impl, "CompositeExplicitAutograd")
 
 
+def _linear_out(op: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"{op}: x has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _lowrank_out(op: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    torch._check(x.shape[-1] == B.shape[1], lambda: f"{op}: x has {x.shape[-1]} features, B expects {B.shape[1]}")
+    torch._check(A.shape[1] == B.shape[0], lambda: f"{op}: A has rank {A.shape[1]}, B has {B.shape[0]}")
+    return x.new_empty((*x.shape[:-1], A.shape[0]))
+
+
 @torch.library.register_fake("fxsketch::lowrank_linear")
 def _lowrank_linear_fake(x, B, A, bias=None):
-    torch._check(x.shape[-1] == B.shape[1], lambda: f"lowrank_linear: x has {x.shape[-1]} features, B expects {B.shape[1]}")
-    torch._check(A.shape[1] == B.shape[0], lambda: f"lowrank_linear: A has rank {A.shape[1]}, B has {B.shape[0]}")
-    return x.new_empty((*x.shape[:-1], A.shape[0]))
+    return _lowrank_out("lowrank_linear", x, B, A)
 
 
 @torch.library.register_fake("fxsketch::lowrank_conv2d")
@@ -151,16 +161,12 @@ def _lowrank_conv2d_fake(x, B, A, bias, stride, padding, dilation):
 
 @torch.library.register_fake("fxsketch::cast_linear")
 def _cast_linear_fake(x, weight, bias=None):
-    torch._check(x.shape[-1] == weight.shape[1],
-                 lambda: f"cast_linear: x has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return _linear_out("cast_linear", x, weight)
 
 
 @torch.library.register_fake("fxsketch::cast_lowrank_linear")
 def _cast_lowrank_linear_fake(x, B, A, bias=None):
-    torch._check(x.shape[-1] == B.shape[1], lambda: f"cast_lowrank_linear: x has {x.shape[-1]} features, B expects {B.shape[1]}")
-    torch._check(A.shape[1] == B.shape[0], lambda: f"cast_lowrank_linear: A has rank {A.shape[1]}, B has {B.shape[0]}")
-    return x.new_empty((*x.shape[:-1], A.shape[0]))
+    return _lowrank_out("cast_lowrank_linear", x, B, A)
 
 
 def _replay_setup(body):
@@ -185,16 +191,12 @@ def _replay_backward(ctx, gy):
 
 @torch.library.register_fake("fxsketch::int8_linear")
 def _int8_linear_fake(x, weight_q, weight_scale, bias=None):
-    torch._check(x.shape[-1] == weight_q.shape[1],
-                 lambda: f"int8_linear: x has {x.shape[-1]} features, the weight expects {weight_q.shape[1]}")
-    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+    return _linear_out("int8_linear", x, weight_q)
 
 
 @torch.library.register_fake("fxsketch::int8_lowrank_linear")
 def _int8_lowrank_linear_fake(x, B_q, B_scale, A_q, A_scale, bias=None):
-    torch._check(x.shape[-1] == B_q.shape[1], lambda: f"int8_lowrank_linear: x has {x.shape[-1]} features, B expects {B_q.shape[1]}")
-    torch._check(A_q.shape[1] == B_q.shape[0], lambda: f"int8_lowrank_linear: A has rank {A_q.shape[1]}, B has {B_q.shape[0]}")
-    return x.new_empty((*x.shape[:-1], A_q.shape[0]))
+    return _lowrank_out("int8_lowrank_linear", x, B_q, A_q)
 
 
 def _dequantized(q: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
