@@ -45,7 +45,8 @@ def test_warm_plans_reach_the_units_parameters():
     rank = unit.space["low_rank"].values()[0]
     assert warm_params(unit, {"method": "svd", "low_rank": rank}) == {
         f"{unit.key}:method": "svd", f"{unit.key}:low_rank": rank, f"{unit.key}:precision": "float"}
-    assert warm_params(unit, {"method": "svd", "low_rank": rank, "precision": "int8"})[f"{unit.key}:precision"] == "int8"
+    int8_factors = warm_params(unit, {"method": "svd", "low_rank": rank, "precision": "int8"})
+    assert int8_factors[f"{unit.key}:precision"] == "int8"
     assert warm_params(unit, {"method": "sketch", "num_terms": 1, "low_rank": rank}) == {}  # not in this space
     assert warm_params(unit, {"method": "svd", "low_rank": 10**6}) == {}
     assert precision_plan([unit]) == {name: {"method": "int8"} for name in unit.layers}
@@ -97,3 +98,29 @@ def test_a_byte_budget_counts_int8_weights_at_one_byte():
     with pytest.raises(ValueError, match="weight-byte budget"):
         fxsketch.optimize(model, spec, example_inputs=WIDE_X, accuracy_fn=agreement,
                           search=fxsketch.SearchOptions(max_bytes=-1))
+
+
+@needs_fbgemm
+def test_the_pareto_front_spans_rank_and_precision():
+    model = wide_mlp()
+    with torch.no_grad():
+        reference = model(WIDE_X)
+
+    def agreement(m):
+        with torch.no_grad():
+            return (m(WIDE_X).argmax(1) == reference.argmax(1)).float().mean().item()
+
+    spec = fxsketch.LayerConfig({"type": "Linear"}, params="auto")
+    result = fxsketch.optimize(model, spec, example_inputs=WIDE_X, accuracy_fn=agreement, n_trials=8,
+                               calibration_data=[WIDE_X],
+                               search=fxsketch.SearchOptions(seed=0, objectives=("accuracy", "speed")))
+    first = min(result.study.trials, key=lambda t: t.number)
+    assert first.user_attrs["fxsketch.plan"] == {name: {"method": "int8"} for name in ("0", "2", "4")}
+    front = result.pareto
+
+    def dominates(a, b):
+        return a.accuracy >= b.accuracy and a.speed >= b.speed and (a.accuracy, a.speed) != (b.accuracy, b.speed)
+
+    assert front and not any(dominates(a, b) for a in front for b in front)
+    # the precision-only plan was evaluated: nothing on the front is less accurate than all of it
+    assert max(p.accuracy for p in front) >= first.user_attrs["fxsketch.accuracy"]
