@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -34,6 +37,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- a saved artifact in a fresh process
+
+
+def loaded_in_fresh_process(path, x: torch.Tensor, expected: torch.Tensor, tmp_path, then: str = "") -> str:
+    """Load the `.pt2` at `path` with `fxsketch.load` in a new Python process, check that it maps
+    `x` to `expected` (float32 tolerances), run `then` there (`m` is the module) and return its
+    standard output; the child's failure fails the caller's test with its stderr."""
+    ref = tmp_path / "fresh_process_reference.pt"
+    torch.save((x, expected), ref)
+    code = textwrap.dedent(f"""
+        import torch, fxsketch
+        m = fxsketch.load({str(path)!r})
+        x, y = torch.load({str(ref)!r})
+        with torch.no_grad():
+            out = m(x)
+        assert out.shape == y.shape, out.shape
+        torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)
+    """) + textwrap.dedent(then)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 # --------------------------------------------------------------------------- the rank-6 MLP of the search tests

@@ -18,6 +18,7 @@ from torch import nn
 import fxsketch
 import fxsketch.deploy
 from fxsketch.deploy import ArtifactError
+from conftest import loaded_in_fresh_process
 
 
 def _rewritten():
@@ -37,20 +38,8 @@ def test_saved_program_runs_in_a_fresh_process_on_another_batch_size(tmp_path):
     assert "fxsketch.lowrank_conv2d.default" in targets and "fxsketch.lowrank_linear.default" in targets
     x7 = torch.randn(7, 3, 6, 6)
     with torch.no_grad():
-        torch.save((x7, gm(x7)), tmp_path / "ref.pt")
-    code = textwrap.dedent(f"""
-        import torch, fxsketch
-        m = fxsketch.load({str(path)!r})
-        x, y = torch.load({str(tmp_path / 'ref.pt')!r})
-        with torch.no_grad():
-            out = m(x)
-        assert out.shape == y.shape, out.shape
-        torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)
-        print("plan", m.meta["fxsketch"]["plan"])
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "'low_rank': 4" in proc.stdout
+        out = loaded_in_fresh_process(path, x7, gm(x7), tmp_path, 'print("plan", m.meta["fxsketch"]["plan"])')
+    assert "'low_rank': 4" in out
 
 
 def test_static_batch_artifact_refuses_other_batch_sizes(tmp_path):

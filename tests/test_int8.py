@@ -4,10 +4,6 @@ a `.pt2` round trip in a fresh process, the meta device, and the plan entries' c
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from torch import nn
@@ -17,8 +13,9 @@ from fxsketch.kernels import int8_linear, int8_lowrank_linear, quantize_weight
 from fxsketch.kernels.int8 import (
     WEIGHT_QMAX, fbgemm_available, int8_linear_fbgemm, int8_linear_reference, int8_lowrank_linear_reference,
 )
-from fxsketch.plan import speed_bound
 from fxsketch.capture import find_layers
+from fxsketch.plan import speed_bound
+from conftest import loaded_in_fresh_process
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no FBGEMM")
 SHAPES = [((5,), 16, 8), ((2, 7), 96, 33), ((), 40, 3), ((64,), 384, 128)]
@@ -92,7 +89,8 @@ def test_lowrank_op_is_two_int8_layers(bias):
     (B_q, B_s), (A_q, A_s) = quantize_weight(torch.randn(6, 32)), quantize_weight(torch.randn(12, 6))
     b = b if bias else None
     reference = int8_lowrank_linear_reference(x, B_q, B_s, A_q, A_s, b)
-    for y in (int8_lowrank_linear(x, B_q, B_s, A_q, A_s, b), torch.ops.fxsketch.int8_lowrank_linear(x, B_q, B_s, A_q, A_s, b)):
+    args = (x, B_q, B_s, A_q, A_s, b)
+    for y in (int8_lowrank_linear(*args), torch.ops.fxsketch.int8_lowrank_linear(*args)):
         torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-4 * reference.abs().max().item())
 
 
@@ -108,7 +106,8 @@ def test_gradients_pass_straight_through_and_the_bias_trains():
     (B_q, B_s), (A_q, A_s) = quantize_weight(torch.randn(3, 8)), quantize_weight(torch.randn(4, 3))
     x.grad = None
     int8_lowrank_linear(x, B_q, B_s, A_q, A_s, None).sum().backward()
-    torch.testing.assert_close(x.grad, torch.ones(2, 3, 4) @ (A_q.float() * A_s[:, None]) @ (B_q.float() * B_s[:, None]))
+    A, B = A_q.float() * A_s[:, None], B_q.float() * B_s[:, None]
+    torch.testing.assert_close(x.grad, torch.ones(2, 3, 4) @ A @ B)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -166,18 +165,9 @@ def test_saved_int8_model_loads_weights_only_in_a_fresh_process(tmp_path):
     assert {"fxsketch.int8_linear.default", "fxsketch.int8_lowrank_linear.default"} <= ops
     x7 = torch.randn(7, 32)
     with torch.no_grad():
-        torch.save((x7, gm(x7)), tmp_path / "ref.pt")
-    code = textwrap.dedent(f"""
-        import torch, fxsketch
-        m = fxsketch.load({str(path)!r})
-        x, y = torch.load({str(tmp_path / 'ref.pt')!r})
-        with torch.no_grad():
-            torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
-        print(sorted({{str(t.dtype) for t in m.state_dict().values()}}))
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "torch.int8" in proc.stdout
+        out = loaded_in_fresh_process(path, x7, gm(x7), tmp_path,
+                                      "print(sorted({str(t.dtype) for t in m.state_dict().values()}))")
+    assert "torch.int8" in out
 
 
 def test_plan_entries_are_checked():

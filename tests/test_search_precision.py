@@ -19,6 +19,18 @@ needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch bui
 AUTO = fxsketch.TuningConfigs([fxsketch.LayerConfig({"type": "Linear"}, params="auto")])
 
 
+def _agreement(model):
+    """accuracy_fn: the share of WIDE_X rows whose argmax matches `model`'s."""
+    with torch.no_grad():
+        reference = model(WIDE_X).argmax(1)
+
+    def agreement(m):
+        with torch.no_grad():
+            return (m(WIDE_X).argmax(1) == reference).float().mean().item()
+
+    return agreement
+
+
 def _units(model, x, precision):
     records = find_layers(fxsketch.capture(model, x))
     return resolve_units(records, AUTO, None, "svd", precision=precision)
@@ -59,13 +71,7 @@ def test_warm_plans_reach_the_units_parameters():
 @needs_fbgemm
 def test_a_timed_search_tries_the_precision_plan_first_and_keeps_the_accuracy_bar():
     model = wide_mlp()
-    with torch.no_grad():
-        reference = model(WIDE_X)
-
-    def agreement(m):
-        with torch.no_grad():
-            return (m(WIDE_X).argmax(1) == reference.argmax(1)).float().mean().item()
-
+    agreement = _agreement(model)
     result = fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params="auto"), example_inputs=WIDE_X,
                                accuracy_fn=agreement, accuracy_threshold=0.9, n_trials=8,
                                calibration_data=[WIDE_X], search=fxsketch.SearchOptions(seed=0))
@@ -81,13 +87,7 @@ def test_a_timed_search_tries_the_precision_plan_first_and_keeps_the_accuracy_ba
 @needs_fbgemm
 def test_a_byte_budget_counts_int8_weights_at_one_byte():
     model = wide_mlp()
-    with torch.no_grad():
-        reference = model(WIDE_X)
-
-    def agreement(m):
-        with torch.no_grad():
-            return (m(WIDE_X).argmax(1) == reference.argmax(1)).float().mean().item()
-
+    agreement = _agreement(model)
     spec = fxsketch.LayerConfig({"type": "Linear"}, params="auto")
     result = fxsketch.optimize(model, spec, example_inputs=WIDE_X, accuracy_fn=agreement, accuracy_threshold=0.0,
                                n_trials=10, search=fxsketch.SearchOptions(seed=0, max_bytes=0.3))
@@ -103,13 +103,7 @@ def test_a_byte_budget_counts_int8_weights_at_one_byte():
 @needs_fbgemm
 def test_the_pareto_front_spans_rank_and_precision():
     model = wide_mlp()
-    with torch.no_grad():
-        reference = model(WIDE_X)
-
-    def agreement(m):
-        with torch.no_grad():
-            return (m(WIDE_X).argmax(1) == reference.argmax(1)).float().mean().item()
-
+    agreement = _agreement(model)
     spec = fxsketch.LayerConfig({"type": "Linear"}, params="auto")
     result = fxsketch.optimize(model, spec, example_inputs=WIDE_X, accuracy_fn=agreement, n_trials=8,
                                calibration_data=[WIDE_X],

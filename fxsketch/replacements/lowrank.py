@@ -11,13 +11,13 @@ from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
     Cost, FactorCache, ReplacementKind, efficient_rank_limit, lowrank_cost, rank_space,
 )
-from fxsketch.replacements.precision import HALF_DTYPES, fast_precisions
+from fxsketch.replacements.precision import HALF_DTYPES, PRECISION_BITS, fast_precisions
 from fxsketch.replacements.refit import refit_outer
 from fxsketch.replacements.registry import register_kind
 from fxsketch.space import Categorical
 
 
-PRECISIONS = ("float", "int8", "bf16", "fp16")  # of the factors: the layer's own dtype, or another (Linear only)
+PRECISIONS = tuple(PRECISION_BITS)  # of the factors: the layer's own dtype, or another (Linear only)
 
 
 def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
@@ -50,7 +50,8 @@ class SVD(ReplacementKind):
         if precision not in PRECISIONS:
             return f"precision must be one of {PRECISIONS}, got {precision!r}"
         if precision != "float" and record.op_type != "Linear":
-            return f"{precision} factors are for Linear layers; {record.name} is a {record.op_type}: use precision 'float'"
+            return (f"{precision} factors are for Linear layers; {record.name} is a {record.op_type}: "
+                    "use precision 'float'")
         return ""
 
     def upper_bounds(self, record: LayerRecord) -> dict[str, int]:
@@ -64,8 +65,7 @@ class SVD(ReplacementKind):
         return {"low_rank": space, "precision": Categorical(["float", *faster])} if faster else {"low_rank": space}
 
     def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
-        bits = {"int8": 8, "bf16": 16, "fp16": 16}.get(params.get("precision", "float"), 32)
-        return lowrank_cost(record, int(params["low_rank"]), bits)
+        return lowrank_cost(record, int(params["low_rank"]), PRECISION_BITS[params.get("precision", "float")])
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         rank, precision = int(params["low_rank"]), params.get("precision", "float")

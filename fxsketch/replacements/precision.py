@@ -19,24 +19,21 @@ from fxsketch.replacements.base import Cost, FactorCache, ReplacementKind, dense
 from fxsketch.replacements.registry import register_kind
 
 
-def fast_int8(record: LayerRecord) -> bool:
-    """Whether int8 GEMMs beat float ones for `record` here: a float32 Linear on a CPU with FBGEMM.
-    Elsewhere the int8 ops run their reference (correct, not fast), so searches do not offer them."""
-    return (record.op_type == "Linear" and record.device == "cpu" and record.dtype == torch.float32
-            and not record.unsupported and fbgemm_available())
-
-
+PRECISION_BITS = {"float": 32, "int8": 8, "bf16": 16, "fp16": 16}  # "float": the layer's own dtype
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def fast_half(record: LayerRecord, precision: str) -> bool:
-    """Whether a float32 Linear runs faster in `precision` ("bf16", "fp16") on its device: CUDA, or
-    (bf16 only) a CPU whose oneDNN has native bf16 GEMMs (AVX512-BF16 or AMX); elsewhere a cast
-    layer is several times slower than float32 (0.14x for MiniLM in bf16 on an AVX2 CPU)."""
+def fast(record: LayerRecord, precision: str) -> bool:
+    """Whether a float32 Linear runs faster in `precision` than in float32 on its device: int8 on
+    a CPU with FBGEMM; bf16 and fp16 on CUDA; bf16 on a CPU whose oneDNN has native bf16 GEMMs
+    (AVX512-BF16 or AMX). Elsewhere the ops run correct but slow (int8's reference; bf16 ran MiniLM
+    at 0.13x on an AVX2 CPU), so searches do not offer them."""
     if record.op_type != "Linear" or record.dtype != torch.float32 or record.unsupported:
         return False
+    if precision == "int8":
+        return record.device == "cpu" and fbgemm_available()
     if record.device == "cuda":
-        return True
+        return precision in HALF_DTYPES
     return record.device == "cpu" and precision == "bf16" and _native_cpu_bf16()
 
 
@@ -48,34 +45,11 @@ def _native_cpu_bf16() -> bool:
 
 def fast_precisions(record: LayerRecord) -> list[str]:
     """The reduced precisions `record`'s device runs faster than float32."""
-    return ["int8"] * fast_int8(record) + [p for p in HALF_DTYPES if fast_half(record, p)]
+    return [p for p in PRECISION_BITS if p != "float" and fast(record, p)]
 
 
-@register_kind
-class Int8(ReplacementKind):
-    name = "int8"
-    param_names = ()
-    defaults: dict[str, Any] = {}
-    automatic = True
-
-    def offered(self, record: LayerRecord) -> bool:
-        return fast_int8(record)
-
-    def unsupported(self, record: LayerRecord) -> str:
-        if record.op_type != "Linear":
-            return f"int8 replaces Linear layers; {record.name} is a {record.op_type}"
-        return record.unsupported
-
-    def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
-        dense = dense_cost(record)
-        return Cost(params=dense.params, flops_per_token=dense.flops_per_token, bits=8)
-
-    def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
-        return Int8Linear.from_float(weight.reshape(record.out_features, -1), bias)
-
-
-class Half(ReplacementKind):
-    """The layer's weight and bias rounded to a 16-bit float dtype, computed in it."""
+class WholeLayer(ReplacementKind):
+    """A Linear kept whole in the reduced precision its `name` says: dense FLOPs at `bits`."""
 
     param_names = ()
     defaults: dict[str, Any] = {}
@@ -87,11 +61,23 @@ class Half(ReplacementKind):
         return record.unsupported
 
     def offered(self, record: LayerRecord) -> bool:
-        return fast_half(record, self.name)
+        return fast(record, self.name)
 
     def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
         dense = dense_cost(record)
-        return Cost(params=dense.params, flops_per_token=dense.flops_per_token, bits=16)
+        return Cost(params=dense.params, flops_per_token=dense.flops_per_token, bits=PRECISION_BITS[self.name])
+
+
+@register_kind
+class Int8(WholeLayer):
+    name = "int8"
+
+    def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
+        return Int8Linear.from_float(weight.reshape(record.out_features, -1), bias)
+
+
+class Half(WholeLayer):
+    """The layer's weight and bias rounded to a 16-bit float dtype, computed in it."""
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         return CastLinear.from_float(weight.reshape(record.out_features, -1), bias, HALF_DTYPES[self.name])
