@@ -27,7 +27,7 @@ from torch import nn
 from fxsketch.calibrate import calibrate, iterate_batches, mask_fn
 from fxsketch.capture import as_inputs, capture, find_layers, other_modules
 from fxsketch.plan import Budget, plan_cost
-from fxsketch.records import LayerRecord, fetch
+from fxsketch.records import LayerRecord, fetch, statistics_dtype
 from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.spec import load_spec
 from fxsketch.units import resolve_units
@@ -276,7 +276,7 @@ def _output_score(gm: torch.fx.GraphModule, batches: Sequence[Any]) -> Callable[
         for t in float_tensors(out):
             if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
                 t = t[mask != 0]
-            picked.append(t.detach().to(torch.float64))
+            picked.append(t.detach().to(statistics_dtype(t.device, t.dtype)))
         return picked
 
     with torch.no_grad():

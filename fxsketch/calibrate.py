@@ -1,7 +1,7 @@
 """Calibration: per-layer input statistics from real data, for activation-aware factorizations.
 
 Each matchable layer gets the `in × in` second moment of its inputs (im2col patches for Conv2d) and
-their mean, accumulated in float64 over the batches; activations themselves are never kept.
+their mean, accumulated on the layer's device (in float64 on the CPU, see `statistics_dtype`); activations themselves are never kept.
 Padding positions are left out: for models with an `attention_mask` input (HF transformers), rows
 whose mask is 0 are not counted (`mask=`).
 
@@ -21,7 +21,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxsketch.capture import as_inputs, describe_inputs, find_layers, input_of
-from fxsketch.records import LayerRecord
+from fxsketch.records import LayerRecord, statistics_dtype
 
 __all__ = ["LayerStats", "calibrate", "iterate_batches", "mask_fn", "layer_rows", "check_width", "empty_stats",
            "batch_inputs"]
@@ -29,8 +29,8 @@ __all__ = ["LayerStats", "calibrate", "iterate_batches", "mask_fn", "layer_rows"
 
 @dataclass
 class LayerStats:
-    """Σ xᵀx over every input row a layer saw (`gram`, float64), how many rows (`count`), and Σ x
-    (`total`).
+    """Σ xᵀx over every input row a layer saw (`gram`, in `statistics_dtype`: float64 on the CPU),
+    how many rows (`count`), and Σ x (`total`).
 
     Sequential statistics (`sequential_stats`) describe two inputs per row: x̃, what the layer
     receives in the partly replaced model (`gram`, `total`), and x, what the original model gave it
@@ -66,15 +66,16 @@ class LayerStats:
 
     def add(self, rows: torch.Tensor, ref: torch.Tensor | None = None) -> None:
         """Accumulate input rows (and, for sequential statistics, the original model's rows `ref`)."""
-        rows = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
-        if self.gram.device != rows.device:  # statistics live on the layer's device
-            self.gram = self.gram.to(rows.device)
+        dtype = statistics_dtype(rows.device, rows.dtype)
+        rows = rows.detach().reshape(-1, rows.shape[-1]).to(dtype)
+        if self.gram.device != rows.device or self.gram.dtype != dtype:  # statistics live on the layer's device
+            self.gram = self.gram.to(rows.device, dtype)
         self.gram.addmm_(rows.T, rows)
         self.count += rows.shape[0]
         total = rows.sum(0)
         self.total = total if self.total is None else self.total + total
         if ref is not None:
-            ref = ref.detach().reshape(-1, ref.shape[-1]).to(torch.float64)
+            ref = ref.detach().reshape(-1, ref.shape[-1]).to(dtype)
             cross = ref.T @ rows
             self.cross = cross if self.cross is None else self.cross + cross
             self.ref_total = ref.sum(0) if self.ref_total is None else self.ref_total + ref.sum(0)

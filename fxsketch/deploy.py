@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from fxsketch.capture import as_inputs, describe_inputs
-from fxsketch.kernels.aten import cast_linear_aten, cast_lowrank_linear_aten, lowrank_conv2d_aten, lowrank_linear_aten
 from fxsketch.kernels.int8 import int8_linear_reference, int8_lowrank_linear_reference
 from fxsketch.version import __version__
 
@@ -137,14 +136,10 @@ def package(
 
     _check_save_arguments(module, path)
     program = _export(module, as_inputs(example_inputs), dynamic_batch, dynamic_other_dims)
-    program = program.run_decompositions({
-        torch.ops.fxsketch.lowrank_linear.default: lowrank_linear_aten,
-        torch.ops.fxsketch.lowrank_conv2d.default: lowrank_conv2d_aten,
-        torch.ops.fxsketch.cast_linear.default: cast_linear_aten,
-        torch.ops.fxsketch.cast_lowrank_linear.default: cast_lowrank_linear_aten,
-        torch.ops.fxsketch.int8_linear.default: int8_linear_reference,
-        torch.ops.fxsketch.int8_lowrank_linear.default: int8_lowrank_linear_reference,
-    })
+    decompositions = torch.export.default_decompositions()  # the composite fxsketch ops among them
+    decompositions[torch.ops.fxsketch.int8_linear.default] = int8_linear_reference
+    decompositions[torch.ops.fxsketch.int8_lowrank_linear.default] = int8_lowrank_linear_reference
+    program = program.run_decompositions(decompositions)
     metadata = {"fxsketch_version": __version__,
                 "fxsketch_plan": json.dumps(getattr(module, "meta", {}).get("fxsketch_plan", {}))}
     return torch._inductor.aoti_compile_and_package(

@@ -74,3 +74,21 @@ class LayerRecord:
     @property
     def out_features(self) -> int:
         return self.weight_shape[0]
+
+
+def statistics_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a layer's calibration statistics and factorizations, on the layer's device.
+
+    float64 on the CPU, where it costs little and keeps nearly singular second moments factorizable;
+    elsewhere the wider of the layer's dtype and float32: GPUs run float64 at a small fraction of
+    their float32 rate (1/64 on many), and some accelerators have no float64 at all.
+    """
+    if torch.device(device).type == "cpu":
+        return torch.float64
+    return torch.promote_types(dtype, torch.float32)
+
+
+def ridge_scale(dtype: torch.dtype, floor: float) -> float:
+    """A relative ridge for solving with a second moment in `dtype`: `floor`, or enough to lift
+    rounding (a hundred machine epsilons) when the dtype is narrower than float64."""
+    return max(floor, 100 * torch.finfo(dtype).eps)

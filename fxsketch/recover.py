@@ -88,7 +88,7 @@ def distill(
     To match intermediate values too, distill `with_taps` views of both models.
 
     Returns:
-        The loss of the last step.
+        The loss of the last step (NaN for a model on the `meta` device).
     """
     params = factor_parameters(student)
     if not params:
@@ -114,7 +114,7 @@ def distill(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-    final = float(loss.detach())
+    final = float("nan") if loss.is_meta else float(loss.detach())  # a meta tensor holds no value
     log.debug("distilled %d steps, final loss %.5f", steps, final)
     return final
 

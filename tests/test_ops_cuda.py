@@ -153,3 +153,22 @@ def test_auto_dispatch_races_once_per_shape_and_stays_correct(monkeypatch):
         assert _rel(y, _ref(x, B, A, b)) < TOL[torch.bfloat16]
     assert len(choose._CHOICES) == 2
     assert set(choose._CHOICES.values()) <= {"triton", "aten"}
+
+
+def test_compiled_with_cuda_graphs_replays_the_fused_kernel():
+    """`mode="reduce-overhead"` records the compiled graph, the fused kernel inside it, into a CUDA
+    graph and replays it: the output of a replay follows new input values."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    model = model.to(torch.bfloat16).eval()
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    gm = fxsketch.rewrite(model, {name: {"method": "svd", "low_rank": 32} for name in ("0", "2")}, (x,))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(gm, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for step in range(4):  # warm-up, record, then replays
+            x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+            got = compiled(x).clone()
+            assert _rel(got, gm(x).double()) < TOL[torch.bfloat16], step
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0  # recorded, not skipped

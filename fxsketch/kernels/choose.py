@@ -6,7 +6,7 @@ than guess a rule per GPU, the first call for a shape key times both candidates 
 and remembers the faster one, as `triton.autotune` does for configs. Keys bucket M by powers of
 two. Another candidate replaces the chain only when clearly faster (MARGIN), so timing noise does
 not flip near-ties. While a CUDA graph is being captured nothing can be timed, so an unseen key
-takes the chain.
+takes the chain, and so does a graph traced by `torch.compile` for a shape that eager never ran.
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ def choose(key: Hashable, candidates: Mapping[str, Callable[[], object]],
               ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in times.items()))
     _CHOICES[key] = choice
     return choice
+
+
+def chosen(key: Hashable) -> str:
+    """The choice made for `key`, or the default when it was never timed: what a traced graph
+    holds, since fake tensors cannot be timed."""
+    return _CHOICES.get(key, _DEFAULT)
 
 
 def cuda_time(fn: Callable[[], object], calls: int = 10, rounds: int = 5) -> float:

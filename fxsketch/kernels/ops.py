@@ -7,16 +7,19 @@ per output channel) and dynamically quantized int8 activations; `fxsketch::int8_
 runs the two factors of a low-rank layer that way. Their bodies are in `fxsketch.kernels.int8`.
 
 `fxsketch::lowrank_linear(x, B, A, bias)` computes `(x · Bᵀ) · Aᵀ + bias` for x of shape (..., K),
-B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. Both have a fake
-implementation (so `torch.export` and `torch.compile` trace them as single ops) and an autograd
-formula (so a rewritten model trains). The ATen bodies serve every device; a device-specific kernel
-(the Triton path) registers itself for its dispatch key without touching this file's callers.
+B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. These four ops are
+composite (CompositeImplicitAutograd): `torch.export` records each as one node, while
+`torch.compile` traces through it and sees what runs, two GEMMs (cast and GEMM for the cast ops),
+or on CUDA the fused Triton kernel as a `torch.library.triton_op` whose kernel Inductor compiles
+and CUDA graphs replay. Autograd comes from the body. The int8 ops are opaque (FBGEMM's packed
+GEMM), with fake kernels and a straight-through autograd formula.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from fxsketch.kernels.aten import (
     cast_linear_aten, cast_lowrank_linear_aten, lowrank_conv2d_aten, lowrank_linear_aten,
 )
-from fxsketch.kernels.choose import choose
+from fxsketch.kernels.choose import choose, chosen
 from fxsketch.kernels.int8 import fbgemm_available, int8_linear_fbgemm, int8_linear_reference
 
 BACKENDS = ("aten", "triton")
@@ -82,20 +85,45 @@ def _triton_available() -> bool:
 
 def _pick(kind: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias, fused, chain, geometry=()) -> str:
     backend = kernel_backend(x)
+    tracing = torch.compiler.is_compiling() or type(x) not in _PLAIN  # fake or functional tensors
+    if backend == "triton" and tracing:
+        from fxsketch.kernels.triton_lowrank import interpreting  # imports triton, optional off Linux
+
+        return "aten" if interpreting() else "triton"  # the interpreter's kernels take no fake tensors
     if backend != "auto":
         return backend
     M = x.numel() // max(x.shape[-1], 1) if kind == "linear" else x.shape[0] * x.shape[2] * x.shape[3]
     key = (kind, 1 << max(M - 1, 0).bit_length(), tuple(B.shape), A.shape[0], x.dtype, bias is not None,
            torch.backends.cuda.matmul.allow_tf32, x.device.index, geometry)
+    if tracing:  # fake tensors cannot be timed: a traced graph keeps what eager chose for the shape
+        return chosen(key)
     with torch.cuda.device(x.device):
         return choose(key, {"triton": fused, "aten": chain})
 
 
-def _lowrank_linear_impl(x, B, A, bias=None):
-    def fused():
-        from fxsketch.kernels.triton_lowrank import lowrank_linear_triton  # imports triton, optional off Linux
+@functools.cache
+def _fused_ops() -> SimpleNamespace:
+    """The fused Triton kernels as `triton_op`s, defined on first use (they import triton): traced by
+    `torch.compile`, they reach Inductor as Triton kernels it compiles into the graph."""
+    from fxsketch.kernels.triton_lowrank import lowrank_linear_triton, pointwise_conv_triton  # optional off Linux
 
-        return lowrank_linear_triton(x, B, A, bias)
+    linear = torch.library.triton_op("fxsketch::lowrank_linear_fused", lowrank_linear_triton, mutates_args=(),
+                                     schema="(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
+    pointwise = torch.library.triton_op("fxsketch::pointwise_conv_fused", pointwise_conv_triton, mutates_args=(),
+                                        schema="(Tensor t, Tensor A, Tensor? bias=None) -> Tensor")
+    # explicit fakes: fake propagation outside a tracer need not run the kernel's launch code
+    linear.register_fake(lambda x, B, A, bias=None: _lowrank_out("lowrank_linear_fused", x, B, A))
+    pointwise.register_fake(lambda t, A, bias=None: t.new_empty((t.shape[0], A.shape[0], *t.shape[2:])))
+    linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+    pointwise.register_autograd(_pointwise_backward, setup_context=_pointwise_setup)
+    return SimpleNamespace(linear=linear, pointwise=pointwise, linear_eager=lowrank_linear_triton,
+                           pointwise_eager=pointwise_conv_triton)
+
+
+def _lowrank_linear_impl(x, B, A, bias=None, *, eager=False):
+    def fused():
+        ops = _fused_ops()
+        return (ops.linear_eager if eager else ops.linear)(x, B, A, bias)
 
     def chain():
         return lowrank_linear_aten(x, B, A, bias)
@@ -103,11 +131,11 @@ def _lowrank_linear_impl(x, B, A, bias=None):
     return fused() if _pick("linear", x, B, A, bias, fused, chain) == "triton" else chain()
 
 
-def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation):
+def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation, *, eager=False):
     def fused():
-        from fxsketch.kernels.triton_lowrank import pointwise_conv_triton  # imports triton, optional off Linux
-
-        return pointwise_conv_triton(F.conv2d(x, B, None, stride, padding, dilation), A, bias)
+        ops = _fused_ops()
+        return (ops.pointwise_eager if eager else ops.pointwise)(F.conv2d(x, B, None, stride, padding, dilation),
+                                                                 A, bias)
 
     def chain():
         return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
@@ -129,10 +157,10 @@ def _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias=None):
 # The lower-level Library API keeps per-call overhead near a plain ATen call (~2 µs instead of
 # ~7 µs for `torch.library.custom_op`), which shows at decode-sized inputs. One implementation
 # serves every device and picks its kernel per call, so FXSKETCH_KERNEL also reaches CPU tensors.
-_LIB.impl("lowrank_linear", _lowrank_linear_impl, "CompositeExplicitAutograd")
-_LIB.impl("lowrank_conv2d", _lowrank_conv2d_impl, "CompositeExplicitAutograd")
-_LIB.impl("cast_linear", cast_linear_aten, "CompositeExplicitAutograd")
-_LIB.impl("cast_lowrank_linear", cast_lowrank_linear_aten, "CompositeExplicitAutograd")
+_LIB.impl("lowrank_linear", _lowrank_linear_impl, "CompositeImplicitAutograd")
+_LIB.impl("lowrank_conv2d", _lowrank_conv2d_impl, "CompositeImplicitAutograd")
+_LIB.impl("cast_linear", cast_linear_aten, "CompositeImplicitAutograd")
+_LIB.impl("cast_lowrank_linear", cast_lowrank_linear_aten, "CompositeImplicitAutograd")
 _LIB.impl("int8_linear", _int8_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("int8_lowrank_linear", _int8_lowrank_linear_impl, "CompositeExplicitAutograd")
 
@@ -147,46 +175,6 @@ def _lowrank_out(op: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> 
     torch._check(x.shape[-1] == B.shape[1], lambda: f"{op}: x has {x.shape[-1]} features, B expects {B.shape[1]}")
     torch._check(A.shape[1] == B.shape[0], lambda: f"{op}: A has rank {A.shape[1]}, B has {B.shape[0]}")
     return x.new_empty((*x.shape[:-1], A.shape[0]))
-
-
-@torch.library.register_fake("fxsketch::lowrank_linear")
-def _lowrank_linear_fake(x, B, A, bias=None):
-    return _lowrank_out("lowrank_linear", x, B, A)
-
-
-@torch.library.register_fake("fxsketch::lowrank_conv2d")
-def _lowrank_conv2d_fake(x, B, A, bias, stride, padding, dilation):
-    return lowrank_conv2d_aten(x, B, A, bias, stride, padding, dilation)
-
-
-@torch.library.register_fake("fxsketch::cast_linear")
-def _cast_linear_fake(x, weight, bias=None):
-    return _linear_out("cast_linear", x, weight)
-
-
-@torch.library.register_fake("fxsketch::cast_lowrank_linear")
-def _cast_lowrank_linear_fake(x, B, A, bias=None):
-    return _lowrank_out("cast_lowrank_linear", x, B, A)
-
-
-def _replay_setup(body):
-    def setup(ctx, inputs, output):
-        ctx.body = body
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in inputs))
-        ctx.given = [t is not None for t in inputs]
-    return setup
-
-
-def _replay_backward(ctx, gy):
-    # the casts and GEMMs have ATen backward kernels: replay the body under autograd to reuse them
-    saved = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(need) if given else None
-              for t, given, need in zip(saved, ctx.given, ctx.needs_input_grad)]
-    with torch.enable_grad():
-        y = ctx.body(*leaves)
-    wanted = [t for t in leaves if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(y, wanted, gy)) if wanted else iter(())
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
 
 
 @torch.library.register_fake("fxsketch::int8_linear")
@@ -244,32 +232,21 @@ def _linear_backward(ctx, gy):
     return (gx, gB, gA, gbias)[: len(needs)]
 
 
-def _conv_setup(ctx, inputs, output):
-    x, B, A, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, B, A, bias if bias is not None else torch.empty(0))
+def _pointwise_setup(ctx, inputs, output):
+    t, A, bias = inputs
+    ctx.save_for_backward(t, A)
     ctx.has_bias = bias is not None
-    ctx.geometry = (stride, padding, dilation)
 
 
-def _conv_backward(ctx, gy):
-    # Convolution gradients have many layouts; replaying the ATen chain under autograd reuses
-    # ATen's own backward kernels instead of restating them.
-    x, B, A, bias = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(need) for t, need in zip((x, B, A), ctx.needs_input_grad)]
-    b = bias.detach().requires_grad_(ctx.needs_input_grad[3]) if ctx.has_bias else None
-    with torch.enable_grad():
-        y = lowrank_conv2d_aten(*leaves, b, *ctx.geometry)
-    wanted = [t for t in (*leaves, b) if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(y, wanted, gy)) if wanted else iter(())
-    out = [next(grads) if t is not None and t.requires_grad else None for t in (*leaves, b)]
-    return (*out, None, None, None)
+def _pointwise_backward(ctx, gy):
+    t, A = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    gt = torch.einsum("nohw,or->nrhw", gy, A) if needs[0] else None
+    gA = torch.einsum("nohw,nrhw->or", gy, t) if needs[1] else None
+    gbias = gy.sum((0, 2, 3)) if len(needs) > 2 and needs[2] and ctx.has_bias else None
+    return (gt, gA, gbias)[: len(needs)]
 
 
-torch.library.register_autograd("fxsketch::lowrank_linear", _linear_backward, setup_context=_linear_setup)
-torch.library.register_autograd("fxsketch::lowrank_conv2d", _conv_backward, setup_context=_conv_setup)
-torch.library.register_autograd("fxsketch::cast_linear", _replay_backward, setup_context=_replay_setup(cast_linear_aten))
-torch.library.register_autograd("fxsketch::cast_lowrank_linear", _replay_backward,
-                                setup_context=_replay_setup(cast_lowrank_linear_aten))
 torch.library.register_autograd("fxsketch::int8_linear", _int8_backward, setup_context=_int8_setup)
 torch.library.register_autograd("fxsketch::int8_lowrank_linear", _int8_backward, setup_context=_int8_setup)
 
@@ -296,7 +273,7 @@ def lowrank_linear(
         # FXSKETCH_KERNEL inline, since on a small layer every call counts against the two GEMMs
         return F.linear(F.linear(x, B), A, bias)
     if _eager_inference(x, B):
-        return _lowrank_linear_impl(x, B, A, bias)
+        return _lowrank_linear_impl(x, B, A, bias, eager=True)
     return torch.ops.fxsketch.lowrank_linear(x, B, A, bias)
 
 
@@ -311,7 +288,7 @@ def lowrank_conv2d(
 ) -> torch.Tensor:
     """k×k conv of x with B (R, C, kh, kw) to R channels, then 1×1 conv with A (N, R) plus bias."""
     if _eager_inference(x, B):
-        return _lowrank_conv2d_impl(x, B, A, bias, list(stride), list(padding), list(dilation))
+        return _lowrank_conv2d_impl(x, B, A, bias, list(stride), list(padding), list(dilation), eager=True)
     return torch.ops.fxsketch.lowrank_conv2d(x, B, A, bias, list(stride), list(padding), list(dilation))
 
 

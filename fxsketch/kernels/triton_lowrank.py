@@ -12,6 +12,8 @@ the row tiles alone would leave the GPU idle.
 
 Rows are addressed as (m // HW, m % HW) with a batch stride, so the same kernel reads and writes
 NCHW tensors directly: that is the 1×1 stage of the low-rank Conv2d (`IDENTITY_B`: x already is t).
+Launches go through `wrap_triton`, so when `fxsketch.kernels.ops` registers these functions as
+`triton_op`s a traced graph records the kernel itself (eager calls launch it directly).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -182,10 +185,11 @@ def _launch(x, b, a, bias, y, M, K, N, R, HW, x_strides, y_strides, identity_b: 
                 bias.stride(0) if bias is not None else 0,
                 triton.next_power_of_2(M))
         if fixed:
-            _lowrank_fwd_kernel[(triton.cdiv(M, fixed["BM"]), 1)](*args, **flags, ADD_TO_Y=r0 > 0, **fixed)
+            wrap_triton(_lowrank_fwd_kernel)[(triton.cdiv(M, fixed["BM"]), 1)](*args, **flags, ADD_TO_Y=r0 > 0,
+                                                                              **fixed)
         else:
             grid = lambda meta: (triton.cdiv(M, meta["BM"]), meta["N_SPLIT"])  # noqa: E731
-            _autotuned()[grid](*args, **flags, ADD_TO_Y=r0 > 0)
+            wrap_triton(_autotuned())[grid](*args, **flags, ADD_TO_Y=r0 > 0)
 
 
 def _rank_chunk_width(R: int, cap: int = 256) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsketch.records import LayerRecord
+from fxsketch.records import LayerRecord, ridge_scale, statistics_dtype
 from fxsketch.space import Int, ParamSpec
 
 log = logging.getLogger(__name__)
@@ -208,10 +208,10 @@ class FactorCache:
         instead of second moments (the mean is then the bias's job, see `bias`).
         """
         stats = self.stats.get(key)
-        W = matrix.detach().to(torch.float64)
         if stats is None:
-            return W, None
+            return matrix.detach().to(wide_dtype(matrix)), None
         C = stats.second_moment
+        W = matrix.detach().to(C.device, C.dtype)
         cross = getattr(stats, "cross", None)
         P = None if cross is None else stats.cross_moment
         if centered:
@@ -222,7 +222,7 @@ class FactorCache:
             # Regularized towards W itself: W* = W (P + λI)(C̃ + λI)⁻¹, which is W exactly when
             # nothing upstream changed (P = C̃) and keeps W's action on directions the calibration
             # data barely covers (few rows for wide layers) instead of zeroing or amplifying them.
-            ridge = self.CROSS_RIDGE * C.diagonal().mean().clamp_min(1e-12)
+            ridge = ridge_scale(C.dtype, self.CROSS_RIDGE) * C.diagonal().mean().clamp_min(1e-12)
             eye = ridge * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
             W = torch.linalg.solve(C + eye, (W @ (P + eye)).T).T  # C̃ symmetric
         return W, C
@@ -235,13 +235,14 @@ class FactorCache:
         if bias is None or not self.centers(key, True):
             return bias
         stats = self.stats[key]
+        wide = stats.mean.dtype
         if key not in self._mean_output:
-            self._mean_output[key] = matrix.detach().to(torch.float64) @ stats.ref_mean
+            self._mean_output[key] = matrix.detach().to(wide) @ stats.ref_mean
         A, B = factors
         dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
         approx = A.detach().to(dtype) @ (B.detach().to(dtype) @ stats.mean.to(dtype))
-        shift = self._mean_output[key] - approx.to(torch.float64)
-        return (bias.detach().to(torch.float64) + shift).to(bias.dtype)
+        shift = self._mean_output[key] - approx.to(wide)
+        return (bias.detach().to(wide) + shift).to(bias.dtype)
 
     def svd(self, key: str, matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U_R, S_R, Vh_R) of `matrix` (float32 or wider), computing or widening the cached SVD."""
@@ -287,14 +288,13 @@ class FactorCache:
                 raise ValueError(f"whitened_svd needs calibration statistics for layer {key!r}: pass "
                                  "calibration_data=... to optimize/rewrite/allocate")
             path = self._disk("whitened-centered" if centered else "whitened", key, W, C)
-            ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
+            ridge = ridge_scale(C.dtype, 1e-6) * C.diagonal().mean().clamp_min(1e-12)
             weighed = W @ (C + ridge * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
             stored = self._load(path, lambda v: _confirms(v[0], v[1], v[2], weighed.to(v[1].dtype)))
             if stored is not None:
                 self._whitened[slot] = stored
                 return stored
-            ridge = 1e-6 * C.diagonal().mean().clamp_min(1e-12)
-            L = torch.linalg.cholesky(C + ridge * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
+            L = _cholesky(C, ridge)
             U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
             M = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T  # Vᵀ L⁻¹
             self._whitened[slot] = (U, S, M)
@@ -320,18 +320,18 @@ class FactorCache:
             _, S, _ = self.whitened(key, matrix, centered)
             energy = S.square()
             tail = energy.flip(0).cumsum(0).flip(0)
-            total = energy.sum().clamp_min(1e-300)
+            total = energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
             if centered:  # the mean's share of the output is reproduced exactly by the bias
                 C = self.second_moment(key)
-                W = matrix.detach().to(torch.float64)
-                total = ((W @ C) * W).sum().clamp_min(1e-300)
+                W = matrix.detach().to(C.device, C.dtype)
+                total = ((W @ C) * W).sum().clamp_min(torch.finfo(W.dtype).tiny)
             return [float(tail[r] / total) if r < len(tail) else 0.0 for r in ranks]
         C = self.second_moment(key)
-        W = matrix.detach().to(torch.float64)
+        W = matrix.detach().to(wide_dtype(matrix)) if C is None else matrix.detach().to(C.device, C.dtype)
         G = W @ C @ W.T if C is not None else W @ W.T  # output energy per direction
-        total = G.trace().clamp_min(1e-300)
+        total = G.trace().clamp_min(torch.finfo(G.dtype).tiny)
         U, _, _ = self.svd(key, matrix, max(ranks))
-        U = U.to(torch.float64)
+        U = U.to(W.dtype)
         captured = ((U.T @ G) * U.T).sum(1).cumsum(0)
         return [float((total - captured[r - 1]) / total) if r else 1.0 for r in ranks]
 
@@ -340,6 +340,23 @@ class FactorCache:
         self._whitened.clear()
         self._whitened_factors.clear()
         self._mean_output.clear()
+
+
+def wide_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype factorizations of `t` use on its device (`fxsketch.records.statistics_dtype`)."""
+    return statistics_dtype(t.device, t.dtype)
+
+
+def _cholesky(C: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factor of C + ridge·I, the ridge grown tenfold while rounding leaves the sum
+    indefinite (float32 statistics of nearly singular inputs)."""
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(C + ridge * eye)
+        if C.is_meta or not bool(info.any()):
+            return L
+        ridge = ridge * 10
+    return torch.linalg.cholesky(C + ridge * eye)  # still failing: torch's error names the cause
 
 
 def _confirms(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, W: torch.Tensor) -> bool:

@@ -79,7 +79,7 @@ class SVD(ReplacementKind):
             # keep B's subspace, fit A (and the bias) to the layer's real outputs
             centered = cache.centers(record.name, bias is not None)
             target, C = cache.target(record.name, W, centered)
-            A = refit_outer(target, B.to(torch.float64), C)
+            A = refit_outer(target, B.to(C.dtype), C)
             bias = cache.bias(record.name, W, (A, B), bias)
         return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias, precision)
 

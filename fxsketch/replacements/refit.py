@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fxsketch.records import ridge_scale
+
 __all__ = ["refit_outer", "refit_sketch"]
 
 SKETCH_RIDGE = 1e-4  # of the mean input energy, on S2's least squares (see refit_sketch)
@@ -15,12 +17,12 @@ SKETCH_RIDGE = 1e-4  # of the mean input energy, on S2's least squares (see refi
 
 def _solve_spd(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """M⁻¹ rhs for a symmetric positive semi-definite M, with a small ridge for singular cases."""
-    ridge = 1e-10 * M.diagonal().abs().mean().clamp_min(1e-300)
+    ridge = ridge_scale(M.dtype, 1e-10) * M.diagonal().abs().mean().clamp_min(torch.finfo(M.dtype).tiny)
     return torch.linalg.solve(M + ridge * torch.eye(M.shape[0], dtype=M.dtype, device=M.device), rhs)
 
 
 def refit_outer(W: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """The A minimizing E‖(W − A B) x‖² for fixed B: A = W C Bᵀ (B C Bᵀ)⁻¹ (all float64)."""
+    """The A minimizing E‖(W − A B) x‖² for fixed B: A = W C Bᵀ (B C Bᵀ)⁻¹ (in C's dtype)."""
     CB = C @ B.T
     return _solve_spd(B @ CB, (W @ CB).T).T
 
@@ -44,7 +46,7 @@ def refit_sketch(S1: torch.Tensor, S2: torch.Tensor, U1: torch.Tensor, U2: torch
     # Directions the calibration rows never reach (fewer rows than inputs) leave u2ᵀ C u2 nearly
     # singular: a ridge in the input space's own scale keeps S2 bounded there instead of letting
     # it fit noise (without it, 4 rows for 1024 inputs gave outputs 40x too large)
-    gram = u2.T @ CU2 + SKETCH_RIDGE * C.diagonal().mean().clamp_min(1e-300) * (u2.T @ u2)
+    gram = u2.T @ CU2 + SKETCH_RIDGE * C.diagonal().mean().clamp_min(torch.finfo(C.dtype).tiny) * (u2.T @ u2)
     for _ in range(iterations):
         residual = target - s1 @ u1
         s2 = _solve_spd(gram, CU2.T @ residual) / scale

@@ -91,7 +91,7 @@ class Sketch(ReplacementKind):
             # next whitened input directions for U2: the sketch can then represent the whitened
             # rank-2lk factorization), and the trainable halves are refit by least squares to the
             # layer's outputs on real inputs.
-            W = weight.detach().reshape(record.out_features, -1).to(torch.float64)
+            W = weight.detach().reshape(record.out_features, -1).to(moment.dtype)
             centered = cache.centers(record.name, bias is not None)
             target, C = cache.target(record.name, W, centered)
             U1, U2 = data_sketches(cache, record.name, W, centered, module.U1, module.U2)
@@ -129,7 +129,7 @@ class Dense(ReplacementKind):
 
 def data_sketches(cache, key: str, W: torch.Tensor, centered: bool, U1: torch.Tensor, U2: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Data-aware sketches (float64) of the shapes of `U1` (l, k, out) and `U2` (l, d, k).
+    """Data-aware sketches (in W's dtype) of the shapes of `U1` (l, k, out) and `U2` (l, d, k).
 
     From the layer's whitened decomposition W ≈ Σ_j u_j s_j m_j (`FactorCache.whitened`, on the
     calibration statistics): U1's l·k rows are the leading output directions u_1…u_lk, U2's l·k
@@ -142,12 +142,12 @@ def data_sketches(cache, key: str, W: torch.Tensor, centered: bool, U1: torch.Te
     d = U2.shape[1]
     Uw, _, Mw = cache.whitened(key, W, centered)
     n = Uw.shape[1]
-    u1 = U1.detach().to(torch.float64).reshape(l * k, out).clone()
-    u2 = U2.detach().to(torch.float64).permute(1, 0, 2).reshape(d, l * k).clone()
+    u1 = U1.detach().to(W.dtype).reshape(l * k, out).clone()
+    u2 = U2.detach().to(W.dtype).permute(1, 0, 2).reshape(d, l * k).clone()
     first = min(l * k, n)
     u1[:first] = Uw[:, :first].T * (out / k) ** 0.5
     second = max(0, min(l * k, n - l * k))
     if second:
         cols = Mw[l * k:l * k + second].T
-        u2[:, :second] = cols / cols.norm(dim=0).clamp_min(1e-300) * (d / k) ** 0.5
+        u2[:, :second] = cols / cols.norm(dim=0).clamp_min(torch.finfo(cols.dtype).tiny) * (d / k) ** 0.5
     return u1.reshape(l, k, out), u2.reshape(d, l, k).permute(1, 0, 2).contiguous()
