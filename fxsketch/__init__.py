@@ -10,6 +10,7 @@ initializes CUDA, and it loads the search (and with it Optuna and pandas) only w
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +32,10 @@ from fxsketch.select import match_layers
 from fxsketch.sequential import sequential_stats
 from fxsketch.spec import Categorical, Float, Int, LayerConfig, ParamSpec, TuningConfigs, load_spec
 from fxsketch.version import __version__  # noqa: F401  (fxsketch.__version__)
+
+# torch's own export code (deep copies of its tree specs) trips torch's LeafSpec deprecation; the
+# warning is about torch internals, not about anything a user of fxsketch can change
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 _SEARCH = {"optimize": "fxsketch.search", "Result": "fxsketch.result"}  # loaded on first use
 

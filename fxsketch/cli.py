@@ -6,6 +6,8 @@ import importlib
 import importlib.util
 import logging
 import sys
+import sysconfig
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -13,11 +15,10 @@ from typing import Any, Optional
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.tree import Tree
 
 import fxsketch
-from fxsketch import study_format as keys
 from fxsketch.capture import other_modules
 from fxsketch.demo import make_demo_task
 from fxsketch.plan import layer_cost
@@ -31,8 +32,16 @@ TARGET_HELP = ("A factory returning (model, example_inputs): path/to/file.py:cal
                "package.module:callable.")
 
 
+_OPTIONS = {"verbose": False}  # the root options, read by the commands
+_LIBRARY_FOLDERS = {str(Path(fxsketch.__file__).parent), *{sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib",
+                                                                                          "purelib", "platlib")}}
+USAGE_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, ImportError)
+
+
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fxsketch's debug messages.")) -> None:
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                       help="Log fxsketch's debug messages and show tracebacks.")) -> None:
+    _OPTIONS["verbose"] = verbose
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(lambda record: not hasattr(record, "fxsketch_resume"))  # the CLI words its own, in flags
@@ -48,15 +57,35 @@ def _resume_hint(storage: Any, study_name: Optional[str]) -> str:
 
 @contextmanager
 def _user_code(what: str):
-    """Show a failure of user code (or of the pass on it) with its traceback and exit non-zero."""
+    """Report a failure in `what`. fxsketch's own refusal of a bad argument (a selector that
+    matches nothing, an empty range, an unknown method) is the user's to fix from its message: the
+    message alone, exit 2. A failure that passed through the user's own code (their model, data
+    or accuracy function) shows the traceback, which names their line, and exits 1; so does any
+    other error, and every error with -v."""
     try:
         yield
     except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
         raise
     except Exception as exc:
+        message = f"[bold red]error[/bold red] in {what}: {escape(str(exc) or type(exc).__name__)}"
+        if isinstance(exc, USAGE_ERRORS) and not _OPTIONS["verbose"] and not _through_user_code(exc):
+            console.print(message, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         console.print_exception(max_frames=20)
-        console.print(f"[bold red]error[/bold red] in {what}: {type(exc).__name__}: {exc}", highlight=False)
+        console.print(message.replace(": ", f": {type(exc).__name__}: ", 1), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _through_user_code(exc: BaseException) -> bool:
+    """Whether the error's traceback (or its cause's) passes through a file that is neither
+    fxsketch's, nor the standard library's, nor an installed package's: the user's own code."""
+    while exc is not None:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if any(not frame.filename.startswith(tuple(_LIBRARY_FOLDERS)) and not frame.filename.startswith("<")
+               for frame in frames):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 _TARGET_FOLDERS: set[str] = set()  # folders of the target files this process has loaded
@@ -177,17 +206,6 @@ def inspect(
         console.print(f"{len(selected)} of {len(records)} matchable layers selected")
 
 
-def _progress_callback(progress, task):
-    def update(study, trial) -> None:
-        attrs = trial.user_attrs
-        estimate = "≈" if attrs.get(keys.SPEED_SOURCE) == "per-layer estimate" else " "
-        note = (f"acc {attrs[keys.ACCURACY]:.4f} speed{estimate}{attrs[keys.SPEED]:.3f}"
-                if keys.ACCURACY in attrs else trial.state.name.lower())
-        counted = keys.REUSED not in attrs  # a draw the study already held does not spend a trial
-        progress.update(task, advance=int(counted), description=f"{attrs.get(keys.UNIT, '')}: {note}")
-    return update
-
-
 @app.command()
 def optimize(
     target: str = typer.Argument(..., help=TARGET_HELP),
@@ -221,18 +239,13 @@ def optimize(
     calibration_data = _load_calibration(calibration)
     budgets = dict(max_flops=_budget(max_flops, "--max-flops"), max_params=_budget(max_params, "--max-params"),
                    max_bytes=_budget(max_bytes, "--max-bytes"))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("searching", total=trials)
-        with _user_code("optimize"), _interrupt_before_any_trial(storage):
-            result = fxsketch.optimize(
-                model, spec, example_inputs=example_inputs, accuracy_fn=accuracy_fn, accuracy_threshold=threshold,
-                n_trials=trials, calibration_data=calibration_data,
-                search=fxsketch.SearchOptions(
-                    objective=objective, seed=seed, **budgets,
-                    callbacks=(_progress_callback(progress, task),) if workers == 1 else ()),
-                study=fxsketch.StudyOptions(storage=storage, study_name=study_name,
-                                            load_if_exists=storage is not None, n_workers=workers))
+    with _user_code("optimize"), _interrupt_before_any_trial(storage):
+        result = fxsketch.optimize(
+            model, spec, example_inputs=example_inputs, accuracy_fn=accuracy_fn, accuracy_threshold=threshold,
+            n_trials=trials, calibration_data=calibration_data,
+            search=fxsketch.SearchOptions(objective=objective, seed=seed, **budgets),
+            study=fxsketch.StudyOptions(storage=storage, study_name=study_name,
+                                        load_if_exists=storage is not None, n_workers=workers))
     typer.echo(result.summary())
     _write_outputs(result, example_inputs, out, plan_out, report)
     if result.interrupted:
@@ -298,7 +311,8 @@ def demo(
 ) -> None:
     """Train a small MLP on the bundled digits data, optimize it, and save the result."""
     console.print("[bold]fxsketch demo[/bold]: MLP 64→1024→1024→10 on scikit-learn digits")
-    task = make_demo_task(seed=seed)
+    with _user_code("the demo"):
+        task = make_demo_task(seed=seed, progress=sys.stderr.isatty())
     dense = task.accuracy(task.model)
     threshold = dense - 0.01
     console.print(f"trained in {task.train_seconds:.1f}s; dense accuracy {dense:.4f}; "

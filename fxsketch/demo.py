@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
+from rich.progress import track
 from torch import nn
 
 __all__ = ["DemoTask", "make_demo_task"]
@@ -28,8 +30,9 @@ class DemoTask:
             return (model(self.x_val).argmax(1) == self.y_val).float().mean().item()
 
 
-def make_demo_task(hidden: int = 1024, epochs: int = 40, seed: int = 0) -> DemoTask:
-    """Train a 64→hidden→hidden→10 MLP on the digits data (1797 8×8 images) in a few seconds."""
+def make_demo_task(hidden: int = 1024, epochs: int = 40, seed: int = 0, progress: bool = False) -> DemoTask:
+    """Train a 64→hidden→hidden→10 MLP on the digits data (1797 8×8 images) in a few seconds
+    (`progress`: a bar over the epochs on standard error)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
@@ -45,7 +48,9 @@ def make_demo_task(hidden: int = 1024, epochs: int = 40, seed: int = 0) -> DemoT
                           nn.Linear(hidden, 10))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     start = time.perf_counter()
-    for _ in range(epochs):
+    epochs_run = track(range(epochs), "training the demo MLP", console=Console(stderr=True), transient=True,
+                       disable=not progress)
+    for _ in epochs_run:
         order = train[torch.randperm(len(train), generator=g)]
         for i in range(0, len(order), 64):
             batch = order[i:i + 64]

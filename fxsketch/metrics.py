@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import threading
@@ -14,6 +15,9 @@ import torch
 from torch import nn
 
 __all__ = ["TrialFailed", "call_metric", "time_limit"]
+
+log = logging.getLogger(__name__)
+_NOTED: set[tuple[str, str]] = set()  # (metric, function) pairs already told about returning a tensor
 
 
 class TrialFailed(Exception):
@@ -64,6 +68,10 @@ def call_metric(fn: Callable[[nn.Module], Any], module: nn.Module, what: str, li
     except Exception as exc:  # MemoryError and torch.OutOfMemoryError included
         raise TrialFailed(f"{what} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(raw, torch.Tensor) and raw.numel() == 1:
+        if (what, getattr(fn, "__qualname__", repr(fn))) not in _NOTED:
+            _NOTED.add((what, getattr(fn, "__qualname__", repr(fn))))
+            log.warning("%s returned a tensor (%s); fxsketch takes its .item(). Return a float to say what "
+                        "the score is, e.g. `return float(acc)`", what, raw.dtype)
         raw = raw.item()
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise TrialFailed(f"{what} returned {raw!r} ({type(raw).__name__}), not a number")

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["UNIT", "WHOLE_MODEL", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "SCORE", "NOTE", "WARM", "REUSED", "FINISHED",
+__all__ = ["UNIT", "WHOLE_MODEL", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "SCORE", "NOTE", "WARM", "REUSED", "FINISHED", "FLOPS",
            "running_trial", "trial_running"]
 
 UNIT = "fxsketch.unit"  # the tuning unit's key (a layer, a group, or WHOLE_MODEL)
@@ -24,6 +24,7 @@ SPEED = "fxsketch.speed"
 SPEED_SOURCE = "fxsketch.speed_source"  # what the speed is: a per-layer estimate, a FLOP ratio, ...
 SCORE = "fxsketch.score"
 NOTE = "fxsketch.note"  # why a trial was pruned, failed or reused an earlier result
+FLOPS = "fxsketch.flops"  # the trial's plan: FLOPs of the selected layers as a fraction of dense
 WARM = "fxsketch.warm"  # a whole-model warm-start trial: how its plan was made
 FINISHED = "fxsketch.finished"  # a study attribute: the plan a finished search returned, and on what
 REUSED = "fxsketch.reused"  # the trial drew values an earlier trial held (its number; -1: pruned before): not counted

@@ -267,10 +267,10 @@ def lowrank_linear(
     x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`(x · Bᵀ) · Aᵀ + bias` for x (..., K), B (R, K), A (N, R), bias (N,) through the fxsketch op."""
-    if (not torch.is_grad_enabled() and type(x) in _PLAIN and type(B) in _PLAIN and not x.is_cuda
-            and _CHEAP_ENV and _RAW_KEY not in _RAW_ENV and not torch.compiler.is_compiling()):
-        # the CPU's one path, spelled out: the checks of `_eager_inference` and an unset
-        # FXSKETCH_KERNEL inline, since on a small layer every call counts against the two GEMMs
+    if (type(x) in _PLAIN and type(B) in _PLAIN and not x.is_cuda and _CHEAP_ENV and _RAW_KEY not in _RAW_ENV
+            and not torch.compiler.is_compiling()):
+        # the CPU's one path, spelled out (the op's composite body, autograd included), with an
+        # unset FXSKETCH_KERNEL checked inline: on a small layer every call counts against the two GEMMs
         return F.linear(F.linear(x, B), A, bias)
     if _eager_inference(x, B):
         return _lowrank_linear_impl(x, B, A, bias, eager=True)

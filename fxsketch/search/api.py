@@ -25,6 +25,7 @@ from fxsketch.search.context import SearchJob
 from fxsketch.search.evaluate import ran
 from fxsketch.search.finish import finish, keep_best
 from fxsketch.search.parallel import run_parallel
+from fxsketch.search.progress import progress_wanted, step
 from fxsketch.search.run import open_study, prepare, run_strategy
 from fxsketch.workers import fresh_journal, open_storage, resolve_callable
 
@@ -54,6 +55,7 @@ def optimize(
     calibration_data: Iterable[Any] | None = None,
     experiment_dir: str | os.PathLike | None = None,
     verbose: bool = False,
+    progress: bool | None = None,
     search: SearchOptions | None = None,
     calibration: CalibrationOptions | None = None,
     study: StudyOptions | None = None,
@@ -80,6 +82,8 @@ def optimize(
             resumed when it exists), the factor cache, and at the end the best plan
             (`best_plan.json`) and the saved best model (`best_model.pt2`).
         verbose: print a line per trial and the validation steps.
+        progress: show a progress bar (the unit in progress, trials done, the best result so far)
+            and a spinner during long steps, on standard error; None (default): when it is a terminal.
         search: how the search runs (`SearchOptions`: objective, strategy, budgets, sampler, ...).
         calibration: refits and distillation (`CalibrationOptions`).
         study: storage, resuming and worker processes (`StudyOptions`).
@@ -107,14 +111,15 @@ def optimize(
     if calibration.recover_steps and not batches:
         raise ValueError("recover_steps needs calibration_data to distill on")
     job = SearchJob(spec, as_inputs(example_inputs), accuracy_fn, accuracy_threshold, speed_fn, n_trials, timeout,
-                    batches, verbose, search, calibration, study)
+                    batches, verbose, search, calibration, study, progress_wanted(progress))
     storage = study.storage
     if study.n_workers > 1:
         storage = storage if storage is not None else fresh_journal()
         job = _shared(job, storage)
     opened = open_storage(storage, study.heartbeat_interval)  # a wrong URL fails before any work
-    ctx = prepare(model, job)
-    dense_accuracy = _dense_accuracy(ctx.accuracy_fn, ctx.build({}), accuracy_threshold)
+    with step("capturing the model" + (" and calibrating" if batches else ""), job.progress):
+        ctx = prepare(model, job)
+        dense_accuracy = _dense_accuracy(ctx.accuracy_fn, ctx.build({}), accuracy_threshold)
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fxsketch reports trials itself
     interrupted = False
@@ -130,7 +135,8 @@ def optimize(
             interrupted = True
     finally:
         optuna.logging.set_verbosity(optuna_verbosity)
-    result = finish(ctx, trials, dense_accuracy)
+    with step("validating the best plan and timing it", job.progress):
+        result = finish(ctx, trials, dense_accuracy)
     result.interrupted = result.interrupted or interrupted
     if experiment_dir is not None:
         keep_best(result, experiment_dir, job.inputs)

@@ -47,6 +47,7 @@ class SearchJob:
     search: SearchOptions
     calibration: CalibrationOptions
     study: StudyOptions
+    progress: bool = False  # a progress bar (this process's trials)
 
     @property
     def strategy(self) -> str:

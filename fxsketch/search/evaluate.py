@@ -15,7 +15,7 @@ from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.plan import plan_cost
 from fxsketch.search.context import TrialContext
 
-__all__ = ["evaluate", "over_budget", "remember", "ran", "print_trial", "plan_key"]
+__all__ = ["evaluate", "over_budget", "remember", "ran", "plan_key"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     reused, else the plan built and measured. Returns (accuracy, speed) for a multi-objective
     search, else the score."""
     trial.set_user_attr(keys.UNIT, unit)
+    selected = [ctx.records[n] for n in ctx.selected]
+    trial.set_user_attr(keys.FLOPS, plan_cost(selected, plan).flops / max(plan_cost(selected, {}).flops, 1))
     key = (unit, plan_key(values))
     # one read of the study: what other workers (or an earlier run) finished, and what they run now
     trials = trial.study.get_trials(deepcopy=False)
@@ -140,16 +142,3 @@ def remember(ctx: TrialContext, trials: list[optuna.trial.FrozenTrial]) -> None:
         ctx.memo.setdefault((attrs[keys.UNIT], values), (attrs[keys.ACCURACY], attrs[keys.SPEED], t.number))
         ctx.seen.setdefault(attrs[keys.UNIT], set()).add(values)
 
-
-def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """An Optuna callback printing one line per finished trial (`verbose=True`)."""
-    attrs = trial.user_attrs
-    entry = ", ".join(f"{k}={v}" for k, v in attrs.get(keys.ENTRY, {}).items())
-    if trial.state == optuna.trial.TrialState.COMPLETE:
-        score = f" score={attrs[keys.SCORE]:.4f}" if keys.SCORE in attrs else ""
-        source = attrs.get(keys.SPEED_SOURCE)
-        print(f"trial {trial.number:3d} {attrs.get(keys.UNIT)} [{entry}] accuracy={attrs[keys.ACCURACY]:.4f} "
-              f"speed={attrs[keys.SPEED]:.3f}{f' ({source})' if source else ''}{score}")
-    else:
-        print(f"trial {trial.number:3d} {attrs.get(keys.UNIT)} [{entry}] {trial.state.name.lower()}: "
-              f"{attrs.get(keys.NOTE, '')}")

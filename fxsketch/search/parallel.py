@@ -40,10 +40,11 @@ def run_parallel(model: nn.Module, job: SearchJob, study: optuna.Study, storage:
 
 
 def worker_job(job: SearchJob, index: int, n_trials: int, storage: str, study_name: str) -> SearchJob:
-    """Worker `index`'s job: its share of the trials on the shared study, its own seed, quiet."""
+    """Worker `index`'s job: its share of the trials on the shared study, its own seed, quiet (the
+    first one shows the progress bar of its share when the caller's would show)."""
     seed = job.search.seed
     return dataclasses.replace(
-        job, n_trials=n_trials, verbose=False,
+        job, n_trials=n_trials, verbose=False, progress=job.progress and index == 0,
         search=dataclasses.replace(job.search, seed=None if seed is None else seed + index, callbacks=()),
         study=dataclasses.replace(job.study, storage=storage, study_name=study_name, load_if_exists=True,
                                   n_workers=1))

@@ -18,7 +18,8 @@ from fxsketch.capture import capture, find_layers, other_modules
 from fxsketch.plan import Budget, plan_cost
 from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.search.context import SearchJob, TrialContext
-from fxsketch.search.evaluate import print_trial, remember
+from fxsketch.search.evaluate import remember
+from fxsketch.search.progress import print_trial, search_progress
 from fxsketch.search.joint import run_joint
 from fxsketch.search.layerwise import run_layerwise
 from fxsketch.search.warm import unit_sensitivity, warm_start_plans
@@ -89,12 +90,14 @@ def run_strategy(ctx: TrialContext, study: optuna.Study) -> None:
     job = ctx.job
     ctx.deadline = None if job.timeout is None else time.monotonic() + job.timeout
     remember(ctx, study.get_trials(deepcopy=False))
-    callbacks = [*([print_trial] if job.verbose else []), *job.search.callbacks]
     units = list(ctx.units.values())
     try:
-        if job.strategy == "joint":
-            run_joint(ctx, study, units, job.n_trials, job.timeout, callbacks)
-        else:
-            run_layerwise(ctx, study, units, job.n_trials, job.timeout, callbacks)
+        with search_progress(job.n_trials, job.accuracy_threshold, job.progress) as advance:
+            callbacks = [*([print_trial] if job.verbose else []), *([advance] if advance else []),
+                         *job.search.callbacks]
+            if job.strategy == "joint":
+                run_joint(ctx, study, units, job.n_trials, job.timeout, callbacks)
+            else:
+                run_layerwise(ctx, study, units, job.n_trials, job.timeout, callbacks)
     finally:
         ctx.deadline = None  # finishing (validation, timing) is not cut short
