@@ -12,6 +12,8 @@ factors are a snapshot: the backend is for inference; train the rewritten module
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -55,12 +57,30 @@ def backend(plan: Any = None, inner: str | Callable = "inductor") -> Callable:
         plan = plan.plan
     plan = normalize_plan(plan) if plan is not None else {}
     cache = FactorCache()  # shared by recompilations (new batch sizes) of the same model
+    matched: set[str] = set()  # plan entries replaced in some graph fragment so far
 
     def fxsketch_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any):
-        rewrite_dynamo_graph(gm, example_inputs, plan, cache)
+        first = not matched
+        matched.update(rewrite_dynamo_graph(gm, example_inputs, plan, cache))
+        if first and plan:  # a model split by graph breaks compiles fragment by fragment: judge at the end
+            atexit.register(warn_unmatched, unmatched)
+        log.info("graph fragment compiled; plan entries not replaced in any fragment so far: %s",
+                 ", ".join(unmatched()) or "none")
         return _inner(inner)(gm, example_inputs)
 
+    def unmatched() -> list[str]:
+        """The plan entries no compiled graph fragment held (yet)."""
+        return sorted(set(plan) - matched)
+
+    fxsketch_backend.unmatched = unmatched
     return fxsketch_backend
+
+
+def warn_unmatched(unmatched: Callable[[], list[str]]) -> None:
+    """Warn about the plan entries no graph fragment held (run at exit: fragments compile lazily)."""
+    missing = unmatched()
+    if missing:
+        log.warning("plan entries that no compiled graph fragment held (left out): %s", ", ".join(missing))
 
 
 def compile_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Mapping | None = None):
@@ -69,7 +89,15 @@ def compile_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opt
     plan, inner = options.pop("plan", None), options.pop("inner", "inductor")
     if options:
         raise ValueError(f"unknown fxsketch backend options {sorted(options)}: it takes 'plan' and 'inner'")
-    return backend(plan, inner)(gm, example_inputs)
+    # one backend per plan: the graph fragments of one model share its factor cache and its count
+    # of the entries matched
+    key = (json.dumps(plan, sort_keys=True, default=str), inner if isinstance(inner, str) else id(inner))
+    if key not in _OPTION_BACKENDS:
+        _OPTION_BACKENDS[key] = backend(plan, inner)
+    return _OPTION_BACKENDS[key](gm, example_inputs)
+
+
+_OPTION_BACKENDS: dict[tuple[str, Any], Callable] = {}
 
 
 def _inner(inner: str | Callable) -> Callable:
@@ -96,10 +124,7 @@ def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
             layer = _layer(gm, node, values, position)
             if layer is not None:
                 found.setdefault(layer[0].name, []).append(layer)
-    missing = sorted(set(plan) - set(found))
-    if missing:
-        log.warning("plan entries with no matching layer in the compiled graph (left out): %s; layers seen: %s",
-                    ", ".join(missing), ", ".join(found) or "none")
+    log.debug("graph fragment layers: %s", ", ".join(found) or "none")
     done = []
     for name, layers in found.items():
         if name in plan and _replace(gm, name, layers, plan[name], cache):

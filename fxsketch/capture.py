@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import sys
-from collections.abc import Sequence
+import sysconfig
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
+import torch.fx.experimental.symbolic_shapes
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
@@ -19,6 +25,8 @@ from fxsketch.records import LayerRecord, fetch
 __all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs", "describe_inputs"]
 
 log = logging.getLogger(__name__)
+_LIBRARY_FOLDERS = (str(Path(__file__).parent),
+                    *{sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 _LINEAR_FNS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 # x·W + b with W stored (in, out): transformers' Conv1D (GPT-2) and hand-written addmm layers
@@ -72,7 +80,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModul
         return gm
     modules = list(model.named_modules())
     owned = copy.deepcopy(model)
-    errors = []
+    errors, failures = [], []
     tracers = (_symbolic_trace, _export) if inputs is not None else (_symbolic_trace,)
     for tracer in tracers:
         try:
@@ -80,6 +88,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModul
             _propagate_shapes(gm, inputs)
         except Exception as exc:  # every tracer failure is reported together below
             cause = _unwrap_shape_prop(exc)
+            failures.append(cause)
             errors.append(f"{tracer.__doc__} failed with {type(cause).__name__}: {_first_line(cause)}")
             log.debug("capture with %s failed", tracer.__name__, exc_info=True)
             continue
@@ -88,6 +97,14 @@ def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModul
         gm.meta["fxsketch_tracer"] = tracer.__name__.lstrip("_")
         return gm
     described = f" on example_inputs {describe_inputs(inputs)}" if inputs is not None else ""
+    branch = next((frame for frame in map(data_dependent_branch, failures) if frame is not None), None)
+    if branch is not None:
+        raise CaptureError(
+            f"could not capture {type(model).__name__} as one graph: its forward branches on a tensor's value at "
+            f"{branch.filename}:{branch.lineno} (`{branch.line}`), which no whole-graph capture can follow. "
+            "The torch.compile backend can: it splits the graph there and rewrites each part "
+            "(torch.compile(model, backend=\"fxsketch\", options={\"plan\": plan}))."
+        )
     raise CaptureError(
         f"could not capture {type(model).__name__} as a graph{described}:\n  - " + "\n  - ".join(errors)
         + ("" if inputs is not None else "\nPass example_inputs so that torch.export can try too.") +
@@ -95,6 +112,26 @@ def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModul
         "run on them; or export the model yourself (torch.export.export(model, args, strict=False)"
         ".module()) and pass the resulting GraphModule."
     )
+
+
+def user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of `exc`'s traceback (or its causes') in the user's own code: a file
+    neither fxsketch's, nor the standard library's, nor an installed package's."""
+    while exc is not None:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if not f.filename.startswith(_LIBRARY_FOLDERS) and not f.filename.startswith("<")]
+        if frames:
+            return frames[-1]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def data_dependent_branch(exc: BaseException) -> traceback.FrameSummary | None:
+    """The user's line where torch.export met Python control flow on a tensor's value, if that is
+    what `exc` is (symbolic tracing stops at any branch on a tensor, shapes included, which export
+    follows: only export's data-dependent guard says that the value decides)."""
+    data_dependent = isinstance(exc, torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode)
+    return user_frame(exc) if data_dependent else None
 
 
 def describe_inputs(inputs: tuple) -> str:
@@ -129,6 +166,31 @@ def _symbolic_trace(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
 
 def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     """torch.export.export(strict=False)"""
+    # on a data-dependent branch torch logs, then prints, the partial graph (KBs): capture reports
+    # the failure itself, so only a successful export's output reaches standard error
+    printed = io.StringIO()
+    with _quiet(_EXPORT_LOGGER), contextlib.redirect_stderr(printed):
+        gm = _export_quietly(model, inputs)
+    sys.stderr.write(printed.getvalue())
+    return gm
+
+
+_EXPORT_LOGGER = "torch.fx.experimental.symbolic_shapes"
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Only errors from logger `name` while the block runs: a failed attempt is reported by capture."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export_quietly(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     _register_library_types()
     auto = torch.export.Dim.AUTO
     dynamic = tuple({i: auto for i in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in inputs)

@@ -6,8 +6,6 @@ import importlib
 import importlib.util
 import logging
 import sys
-import sysconfig
-import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +17,7 @@ from rich.markup import escape
 from rich.tree import Tree
 
 import fxsketch
-from fxsketch.capture import other_modules
+from fxsketch.capture import other_modules, user_frame
 from fxsketch.demo import make_demo_task
 from fxsketch.plan import layer_cost
 from fxsketch.select import match_layers
@@ -33,8 +31,6 @@ TARGET_HELP = ("A factory returning (model, example_inputs): path/to/file.py:cal
 
 
 _OPTIONS = {"verbose": False}  # the root options, read by the commands
-_LIBRARY_FOLDERS = {str(Path(fxsketch.__file__).parent), *{sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib",
-                                                                                          "purelib", "platlib")}}
 USAGE_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, ImportError)
 
 
@@ -68,24 +64,12 @@ def _user_code(what: str):
         raise
     except Exception as exc:
         message = f"[bold red]error[/bold red] in {what}: {escape(str(exc) or type(exc).__name__)}"
-        if isinstance(exc, USAGE_ERRORS) and not _OPTIONS["verbose"] and not _through_user_code(exc):
+        if isinstance(exc, USAGE_ERRORS) and not _OPTIONS["verbose"] and user_frame(exc) is None:
             console.print(message, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         console.print_exception(max_frames=20)
         console.print(message.replace(": ", f": {type(exc).__name__}: ", 1), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-
-
-def _through_user_code(exc: BaseException) -> bool:
-    """Whether the error's traceback (or its cause's) passes through a file that is neither
-    fxsketch's, nor the standard library's, nor an installed package's: the user's own code."""
-    while exc is not None:
-        frames = traceback.extract_tb(exc.__traceback__)
-        if any(not frame.filename.startswith(tuple(_LIBRARY_FOLDERS)) and not frame.filename.startswith("<")
-               for frame in frames):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 _TARGET_FOLDERS: set[str] = set()  # folders of the target files this process has loaded

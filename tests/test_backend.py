@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsketch
-from fxsketch.backend import qualified_name
+from fxsketch.backend import warn_unmatched, qualified_name
 
 
 class MLP(nn.Module):
@@ -128,10 +128,46 @@ def test_plan_from_a_file_and_unmatched_entries_warn(tmp_path, caplog):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"plan": {**plan, "encoder.missing": {"method": "svd", "low_rank": 2}}}))
     x = make()
-    compiled = torch.compile(model, backend=fxsketch.backend(plan=str(path), inner="eager"))
+    chosen = fxsketch.backend(plan=str(path), inner="eager")
+    compiled = torch.compile(model, backend=chosen)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), fxsketch.rewrite(model, plan, x)(x), rtol=1e-5, atol=1e-5)
-    assert "encoder.missing" in caplog.text and "layers.0" in caplog.text
+    assert chosen.unmatched() == ["encoder.missing"]
+    warn_unmatched(chosen.unmatched)  # what runs at exit
+    assert "encoder.missing" in caplog.text
+
+
+class Branching(nn.Module):
+    """Python control flow on a tensor's value: one graph cannot hold it; Dynamo splits it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) if h.sum() > 0 else self.c(h)
+
+
+def test_a_model_split_by_a_branch_is_captured_by_the_backend_with_one_short_message(caplog, capfd):
+    torch.manual_seed(0)
+    model, x = Branching().eval(), torch.rand(4, 8)
+    with pytest.raises(fxsketch.CaptureError) as caught:
+        fxsketch.capture(model, x)
+    message = str(caught.value)
+    assert len(message) < 500 and "h.sum() > 0" in message and 'backend="fxsketch"' in message
+    assert "def forward" not in capfd.readouterr().err  # torch's partial graph is not printed
+    plan = {name: {"method": "svd", "low_rank": 4} for name in ("a", "b", "c")}
+    chosen = fxsketch.backend(plan=plan, inner="eager")
+    torch._dynamo.reset()
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        out = torch.compile(model, backend=chosen)(x)
+    assert chosen.unmatched() == ["c"]  # a and b were replaced, in different fragments; c never ran
+    assert "plan entries" not in caplog.text  # nothing is warned about while fragments compile
+    taken = nn.Sequential(model.a, nn.ReLU(), model.b)  # the branch this input takes, without the branch
+    with torch.no_grad():
+        expected = fxsketch.rewrite(taken, {"0": plan["a"], "2": plan["b"]}, x)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_plan_from_a_result():

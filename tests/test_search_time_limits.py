@@ -62,3 +62,17 @@ def test_a_function_that_catches_every_exception_is_still_stopped():
                 pass
     with pytest.raises(TrialFailed, match=r"accuracy_fn did not return within 0.2 s"):
         call_metric(stubborn, None, "accuracy_fn", 0.2)
+
+
+def test_a_tensor_score_is_taken_with_a_note_once_and_other_shapes_are_refused(caplog):
+    import torch
+
+    def tensor_accuracy(model):
+        return torch.tensor(0.75)
+
+    with caplog.at_level("WARNING"):
+        assert call_metric(tensor_accuracy, None, "accuracy_fn") == 0.75
+        assert call_metric(tensor_accuracy, None, "accuracy_fn") == 0.75
+    assert caplog.text.count("returned a tensor") == 1 and "float(acc)" in caplog.text
+    with pytest.raises(TrialFailed, match="not a number"):
+        call_metric(lambda m: torch.tensor([0.5, 0.7]), None, "accuracy_fn")
