@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fxsketch.capture import module_type_of, call_arguments, functional_record, is_functional_layer
+from fxsketch.fitted import factors_of, install_factors
 from fxsketch.nn import LowRankConv2d, LowRankLinear, op_call
 from fxsketch.plan import build_entry, normalize_plan
 from fxsketch.records import LayerRecord
@@ -53,6 +55,7 @@ def backend(plan: Any = None, inner: str | Callable = "inductor") -> Callable:
             name, or a backend callable).
     """
     _inner(inner)  # an unknown inner backend fails here, not later inside Dynamo
+    fitted = factors_of(plan) if plan is not None else {}  # a Result's or a saved plan's fitted factors
     if hasattr(plan, "plan") and not isinstance(plan, Mapping):
         plan = plan.plan
     plan = normalize_plan(plan) if plan is not None else {}
@@ -61,7 +64,7 @@ def backend(plan: Any = None, inner: str | Callable = "inductor") -> Callable:
 
     def fxsketch_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any):
         first = not matched
-        matched.update(rewrite_dynamo_graph(gm, example_inputs, plan, cache))
+        matched.update(rewrite_dynamo_graph(gm, example_inputs, plan, cache, fitted))
         if first and plan:  # a model split by graph breaks compiles fragment by fragment: judge at the end
             atexit.register(warn_unmatched, unmatched)
         log.info("graph fragment compiled; plan entries not replaced in any fragment so far: %s",
@@ -93,7 +96,10 @@ def compile_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opt
     # of the entries matched
     key = (json.dumps(plan, sort_keys=True, default=str), inner if isinstance(inner, str) else id(inner))
     if key not in _OPTION_BACKENDS:
-        _OPTION_BACKENDS[key] = backend(plan, inner)
+        # Dynamo calls this inside its tracing context, where torch.load makes meta tensors: the
+        # plan's fitted factors are read outside it
+        with unset_fake_temporarily(), torch._guards.tracing(None):
+            _OPTION_BACKENDS[key] = backend(plan, inner)
     return _OPTION_BACKENDS[key](gm, example_inputs)
 
 
@@ -115,8 +121,10 @@ def _inner(inner: str | Callable) -> Callable:
 
 
 def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], plan: Mapping[str, Mapping],
-                         cache: FactorCache) -> list[str]:
-    """Replace every planned linear/conv2d node of a Dynamo graph in place; returns the names done."""
+                         cache: FactorCache, fitted: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+                         ) -> list[str]:
+    """Replace every planned linear/conv2d node of a Dynamo graph in place (a layer in `fitted`
+    with its stored tensors); returns the names done."""
     values = _placeholder_values(gm, example_inputs)
     found: dict[str, list[tuple[LayerRecord, torch.Tensor, torch.Tensor | None]]] = {}
     for position, node in enumerate(gm.graph.nodes):
@@ -127,7 +135,7 @@ def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
     log.debug("graph fragment layers: %s", ", ".join(found) or "none")
     done = []
     for name, layers in found.items():
-        if name in plan and _replace(gm, name, layers, plan[name], cache):
+        if name in plan and _replace(gm, name, layers, plan[name], cache, (fitted or {}).get(name)):
             done.append(name)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -177,15 +185,18 @@ def _tensor(gm, node, values):
     return None
 
 
-def _replace(gm, name, layers, entry, cache) -> bool:
-    """Build `entry` for layer `name` from the weights Dynamo handed over and route its nodes
-    through it; False when it stays dense. The factors are registered as constants of `gm`."""
+def _replace(gm, name, layers, entry, cache, stored=None) -> bool:
+    """Build `entry` for layer `name` from the weights Dynamo handed over (or from its `stored`
+    fitted tensors) and route its nodes through it; False when it stays dense. The factors are
+    registered as constants of `gm`."""
     record, weight, bias = layers[0]
     with torch.no_grad():
-        module = build_entry(gm, record, entry, cache, weight=weight.detach(),
+        module = build_entry(gm, record, entry, cache, copy_weights=stored is None, weight=weight.detach(),
                              bias=None if bias is None else bias.detach())
         if module is None:
             return False
+        if stored is not None:
+            install_factors(module, stored, name)
         module = _as_single_op(module, record)
     base = private_path(gm, name)
     for key in op_call(module).tensors:

@@ -13,6 +13,7 @@ import pandas as pd
 import torch.fx
 
 from fxsketch import study_format as keys
+from fxsketch.fitted import REFERENCE, fitted_factors, save_factors
 from fxsketch.measure import Speedup
 from fxsketch.plan import layer_cost
 from fxsketch.records import LayerRecord
@@ -168,7 +169,9 @@ class Result:
         return str(write_report(self, path))
 
     def save_plan(self, path: str | os.PathLike) -> None:
-        """Write the plan as JSON (`{"plan": {...}}` beside metadata); `fxsketch.load_plan` reads it."""
+        """Write the plan as JSON (`{"plan": {...}}` beside metadata; `fxsketch.load_plan` reads it) and
+        the replacements' fitted factors beside it (`<stem>.factors.pt`, plain tensors), so that
+        `rewrite`, the compile backend and `fxsketch apply` rebuild this model bit for bit."""
         data = {
             "fxsketch_version": __version__,
             "plan": self.plan,
@@ -184,6 +187,9 @@ class Result:
             "notes": self.notes,
             "flops_ratio": self.flops_ratio,
         }
+        factors = fitted_factors(self.graph_module)
+        if factors:  # beside the JSON: every route rebuilds this model bit for bit without calibration
+            data[REFERENCE] = save_factors(path, factors)
         with open(path, "w") as f:
             json.dump(data, f, indent=2, default=_json_default)
 

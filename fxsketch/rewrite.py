@@ -15,6 +15,7 @@ from torch import nn
 
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_layers, input_of
+from fxsketch.fitted import MODULES, factors_of, install_factors
 from fxsketch.nn import op_call
 from fxsketch.plan import Plan, build_entry, find_record, normalize_plan
 from fxsketch.records import LayerRecord, fetch
@@ -36,6 +37,7 @@ def rewrite(
     refit: bool = True,
     sequential: bool = False,
     mask: Any = "auto",
+    use_fitted: bool = True,
 ) -> torch.fx.GraphModule:
     """Capture `model` and apply `plan` without any search; `model` itself is never changed.
 
@@ -52,11 +54,15 @@ def rewrite(
             of the calibration data, held in memory at once).
         mask: which token rows of the calibration data count ("auto": the `attention_mask`
             input, if any; see `fxsketch.calibrate`).
+        use_fitted: a plan saved by `Result.save_plan` (or a Result) carries each layer's fitted
+            factors: install them, rebuilding the optimized model bit for bit without calibration
+            data. False fits them again (from `calibration_data` where a kind needs it).
 
     Returns:
         A new GraphModule in which every planned layer runs on the fxsketch ops.
     """
-    plan = normalize_plan(plan)
+    fitted = factors_of(plan) if use_fitted else {}
+    plan = normalize_plan(plan.plan if hasattr(plan, "graph_module") else plan)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
     gm = capture(model, inputs)
     records = {r.name: r for r in find_layers(gm)}
@@ -69,7 +75,7 @@ def rewrite(
     if calibration_data is not None:
         stats = (sequential_stats(gm, list(calibration_data), plan, list(records.values()), mask=mask, refit=refit)
                  if sequential else calibrate(gm, calibration_data, list(records.values()), mask=mask))
-    new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit), copy_weights=copy_weights)
+    new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit), copy_weights=copy_weights, fitted=fitted)
     if inputs is not None:
         check_same_output_shapes(gm, new, inputs)
     return new
@@ -82,12 +88,13 @@ def apply_plan(
     cache: FactorCache,
     copy_weights: bool = True,
     share_weights: bool = False,
+    fitted: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> torch.fx.GraphModule:
     """A rewritten deep copy of `gm` (which stays untouched) with each plan entry built and installed.
 
     With `share_weights` the copy's kept parameters are `gm`'s own tensors (buffers are still
     copied): the search's trial builds, which never train them, skip copying a large model's
-    weights on every trial.
+    weights on every trial. A layer in `fitted` gets those stored tensors instead of a fit.
     """
     # The dense weights of the layers being replaced are dropped from the copy: share them instead
     # of copying them (for large layers that is most of the copy's cost).
@@ -106,8 +113,11 @@ def apply_plan(
     nodes = {n.name: n for n in new.graph.nodes}
     for name, entry in plan.items():
         record = find_record(records, name, gm)
-        module = build_entry(new, record, entry, cache, copy_weights)
+        stored = (fitted or {}).get(name)
+        module = build_entry(new, record, entry, cache, copy_weights and stored is None)
         if module is not None:
+            if stored is not None:
+                install_factors(module, stored, name)
             _install(new, record, [nodes[n.name] for n in record.nodes], module)
     new.graph.eliminate_dead_code()
     _drop_unused_attributes(new)
@@ -153,6 +163,7 @@ def _install(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx
     else:
         path = record.name if _owner_is_replaceable(gm, record, nodes) else private_path(gm, record.name)
     _set_submodule(gm, path, module)
+    gm.meta.setdefault(MODULES, {})[record.name] = path
     for node in nodes:
         with gm.graph.inserting_before(node):
             call = emit(gm.graph, input_of(node), module, lambda t: gm.graph.get_attr(f"{path}.{t}"), path)

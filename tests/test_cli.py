@@ -195,14 +195,15 @@ def test_optimize_with_calibration_and_budgets_then_apply(tmp_path):
     entries = json.loads(plan.read_text())
     entries = entries.get("plan", entries)
     assert entries and all(e["method"] == "whitened_svd" for e in entries.values())
-    # whitened factors depend on the calibration data: apply needs it, and then reproduces the model
-    result = _runner_invoke("apply", target, "--plan", str(plan), "--out", str(tmp_path / "bad.pt2"))
-    assert result.exit_code != 0 and "calibration" in result.output
+    # whitened factors depend on the calibration data: the plan carries them, so apply needs none
     applied = tmp_path / "applied.pt2"
-    result = _runner_invoke("apply", target, "--plan", str(plan), "--out", str(applied), "--calibration", calib)
+    result = _runner_invoke("apply", target, "--plan", str(plan), "--out", str(applied))
     assert result.exit_code == 0, result.output
     x = torch.randn(9, 16)
-    torch.testing.assert_close(fxsketch.load(applied)(x), fxsketch.load(out)(x), rtol=1e-4, atol=1e-5)
+    assert torch.equal(fxsketch.load(applied)(x), fxsketch.load(out)(x))
+    (tmp_path / "plan.factors.pt").unlink()  # without them, the calibration data is needed again
+    result = _runner_invoke("apply", target, "--plan", str(plan), "--out", str(tmp_path / "bad.pt2"))
+    assert result.exit_code == 2 and "factors" in result.output
 
 
 def test_bad_calibration_and_budget_options(tmp_path):
