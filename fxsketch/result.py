@@ -229,6 +229,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         for key, attr in (("accuracy", keys.ACCURACY), ("speed", keys.SPEED), ("score", keys.SCORE)):
             row[key] = t.user_attrs.get(attr, math.nan)
         row["speed_source"] = t.user_attrs.get(keys.SPEED_SOURCE, "")
+        row["flops"] = t.user_attrs.get(keys.FLOPS, math.nan)  # the plan's FLOPs over dense, selected layers
         row["note"] = t.user_attrs.get(keys.NOTE, "")
         row["counted"] = keys.REUSED not in t.user_attrs
         row["duration_s"] = t.duration.total_seconds() if t.duration else math.nan
@@ -236,7 +237,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     columns = ["number", "layer", "state", "method"]
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return pd.DataFrame(columns=columns + ["accuracy", "speed", "score", "speed_source", "note", "counted",
-                                               "duration_s"])
+        return pd.DataFrame(columns=columns + ["accuracy", "speed", "score", "speed_source", "flops", "note",
+                                               "counted", "duration_s"])
     ordered = columns + [c for c in frame.columns if c not in columns]
     return frame.reindex(columns=ordered)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fxsketch.plan import Entry
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import KINDS, dense_cost, get_kind
+from fxsketch.replacements.base import AUTO_MIN_GAIN, AUTO_MIN_WIDTH
 from fxsketch.select import match_layers
 from fxsketch.spec import Categorical, LayerConfig, ParamSpec, TuningConfigs
 
@@ -77,8 +78,10 @@ def resolve_units(
             if problem:
                 raise ValueError(f"config {index}: {problem}")
             if space is None:
-                log.warning("skipping %s: no configuration is cheaper than the dense layer",
-                            ", ".join(r.name for r in group))
+                log.warning("skipping %s: no configuration is at least %.1fx cheaper than the dense layer "
+                            "and keeps its function (\"auto\" leaves layers narrower than %d dense)",
+                            ", ".join(f"{r.name} ({r.in_features}->{r.out_features})" for r in group),
+                            AUTO_MIN_GAIN, AUTO_MIN_WIDTH)
                 continue
             key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
             units.append(Unit(key, [r.name for r in group], space, cfg.copy_weights, default_method))

@@ -177,3 +177,31 @@ def test_a_calibrated_sketch_stays_bounded_with_fewer_calibration_rows_than_inpu
     with torch.no_grad():
         dense, ours = model(x), gm(x)
     assert (ours - dense).abs().max() <= 0.5 * dense.abs().max()
+
+
+AUTO_SHAPES = [(512, 256), (64, 1024), (1024, 64), (768, 3072), (48, 40), (512, 10), (10, 512), (31, 300)]
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened_svd", "sketch"])
+@pytest.mark.parametrize("shape", AUTO_SHAPES)
+def test_every_auto_configuration_is_at_least_the_stated_margin_cheaper_than_dense(method, shape):
+    """"auto" generates only configurations 1.5× cheaper than dense, every combination of its
+    values included (the seed promises that only efficient configurations are explored), and none
+    for a layer too narrow to keep its function at any such rank."""
+    import itertools
+
+    from fxsketch.records import LayerRecord
+    from fxsketch.replacements.base import AUTO_MIN_GAIN, AUTO_MIN_WIDTH
+
+    inputs, outputs = shape
+    record = LayerRecord("layer", "Linear", "Linear", (outputs, inputs), tokens=1)
+    kind = fxsketch.get_kind(method)
+    space = kind.auto_space(record)
+    if min(shape) < AUTO_MIN_WIDTH:
+        assert space is None
+        return
+    grids = {name: spec.values() for name, spec in space.items()}
+    dense = fxsketch.replacements.dense_cost(record).flops_per_token
+    for values in itertools.product(*grids.values()):
+        params = dict(zip(grids, values))
+        assert kind.cost(record, params).flops_per_token * AUTO_MIN_GAIN <= dense, params

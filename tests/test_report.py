@@ -40,3 +40,19 @@ def test_no_plotting_library_is_a_clear_error(result, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="fxsketch\\[plot\\]"):
         result.report(tmp_path / "report.html")
+
+
+def test_the_report_draws_untimed_trials_at_their_flop_ratio_marks_the_result_and_names_the_objective(tmp_path):
+    latency = _run(n_trials=10, objective="latency", accuracy_threshold=0.97)
+    untimed = latency.trials[latency.trials["speed_source"] == "not timed (infeasible)"]
+    assert len(untimed) and untimed["flops"].between(0, 1).all()  # below the bar: never timed, but costed
+    text = open(latency.report(tmp_path / "latency.html"), encoding="utf-8").read()
+    assert "below threshold, not timed (at its FLOP ratio)" in text
+    assert ("returned model (whole-model timing)" in text) == bool(latency.plan)
+    assert "FLOP ratio vs dense" not in text
+    flops = _run(n_trials=6)
+    text = open(flops.report(tmp_path / "flops.html"), encoding="utf-8").read()
+    assert "FLOP ratio vs dense (dense FLOPs over plan FLOPs)" in text
+    png = flops.report(tmp_path / "flops.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

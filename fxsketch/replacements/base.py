@@ -19,7 +19,8 @@ from fxsketch.space import Int, ParamSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Cost", "ReplacementKind", "FactorCache", "dense_cost", "lowrank_cost", "efficient_rank_limit"]
+__all__ = ["Cost", "ReplacementKind", "FactorCache", "dense_cost", "lowrank_cost", "efficient_rank_limit",
+           "auto_rank_limit", "AUTO_MIN_GAIN", "AUTO_MIN_WIDTH"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,15 @@ def _bias(record: LayerRecord) -> int:
 
 
 AUTO_MIN_GAIN = 1.5
+AUTO_MIN_WIDTH = 32  # "auto" offers no low-rank form of a layer with fewer inputs or outputs than this
+
+
+def auto_rank_limit(record: LayerRecord) -> int:
+    """The largest rank an "auto" space offers: `efficient_rank_limit`, or 0 for a layer too narrow
+    for any rank to keep its function (a 10-way classifier head at rank ≤ 6 is no longer one)."""
+    if min(record.in_features, record.out_features) < AUTO_MIN_WIDTH:
+        return 0
+    return efficient_rank_limit(record)
 
 
 def efficient_rank_limit(record: LayerRecord, min_gain: float = AUTO_MIN_GAIN) -> int:

@@ -9,7 +9,7 @@ import torch
 from fxsketch.nn import CastLowRankLinear, Int8LowRankLinear, LowRankConv2d, LowRankLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
-    Cost, FactorCache, ReplacementKind, efficient_rank_limit, lowrank_cost, rank_space,
+    Cost, FactorCache, ReplacementKind, auto_rank_limit, lowrank_cost, rank_space,
 )
 from fxsketch.replacements.precision import HALF_DTYPES, PRECISION_BITS, fast_precisions
 from fxsketch.replacements.refit import refit_outer
@@ -58,7 +58,7 @@ class SVD(ReplacementKind):
         return {"low_rank": min(record.out_features, record.in_features)}
 
     def auto_space(self, record: LayerRecord, precision: bool = False):
-        space = rank_space(efficient_rank_limit(record))
+        space = rank_space(auto_rank_limit(record))
         if space is None:
             return None
         faster = fast_precisions(record) if precision else []

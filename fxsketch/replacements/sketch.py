@@ -10,7 +10,7 @@ import torch
 from fxsketch.nn import SKConv2d, SKLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
-    Cost, ReplacementKind, dense_cost, efficient_rank_limit, lowrank_cost, rank_space,
+    Cost, ReplacementKind, auto_rank_limit, dense_cost, lowrank_cost, rank_space,
 )
 from fxsketch.replacements.refit import refit_sketch
 from fxsketch.replacements.registry import register_kind
@@ -58,13 +58,12 @@ class Sketch(ReplacementKind):
         return {"num_terms": each, "low_rank": each}
 
     def auto_space(self, record: LayerRecord, precision: bool = False):
-        # Efficient while 2·l·k·(in+out) < in·out (the seed's rule); the search prunes the
-        # (l, k) pairs of these ranges that cross it before evaluating them.
-        k_limit = efficient_rank_limit(record) // 2
-        ks = rank_space(k_limit)
+        # Every (l, k) pair is efficient: 2·l·k·(in+out) stays 1.5× below in·out at the largest l
+        limit = auto_rank_limit(record)
+        terms = [l for l in (1, 2, 3) if 2 * l <= limit]
+        ks = rank_space(limit // (2 * terms[-1])) if terms else None
         if ks is None:
             return None
-        terms = [l for l in (1, 2, 3) if 2 * l * ks.low <= efficient_rank_limit(record)]
         return {"num_terms": Categorical(terms), "low_rank": ks}
 
     def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
