@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from fxsketch.capture import as_inputs, describe_inputs
@@ -126,12 +128,16 @@ def package(
     example_inputs: Any,
     dynamic_batch: bool = True,
     dynamic_other_dims: bool = True,
+    progress: bool | None = None,
 ) -> str:
     """Compile `module` ahead of time into an AOTInductor package (`.pt2`) that runs without Python
     model code: `torch._inductor.aoti_load_package(path)` loads it, fxsketch need not be installed.
 
     The fxsketch ops are decomposed into their ATen bodies first, so the package is self-contained;
-    the plan and version travel in the package metadata (`loader.get_metadata()`).
+    the plan and version travel in the package metadata (`loader.get_metadata()`). A model whose
+    outputs are library types (transformers' `ModelOutput`s) needs their modules imported before
+    loading: they are recorded in the metadata (`fxsketch_output_modules`) and logged.
+    `progress` shows a spinner while it compiles (None: when standard error is a terminal).
     """
 
     _check_save_arguments(module, path)
@@ -140,10 +146,36 @@ def package(
     decompositions[torch.ops.fxsketch.int8_linear.default] = int8_linear_reference
     decompositions[torch.ops.fxsketch.int8_lowrank_linear.default] = int8_lowrank_linear_reference
     program = program.run_decompositions(decompositions)
+    types = output_types(program)
+    modules = sorted({name.rpartition(".")[0] for name in types})
     metadata = {"fxsketch_version": __version__,
-                "fxsketch_plan": json.dumps(getattr(module, "meta", {}).get("fxsketch_plan", {}))}
-    return torch._inductor.aoti_compile_and_package(
-        program, package_path=os.fspath(path), inductor_configs={"aot_inductor.metadata": metadata})
+                "fxsketch_plan": json.dumps(getattr(module, "meta", {}).get("fxsketch_plan", {})),
+                "fxsketch_output_types": json.dumps(types), "fxsketch_output_modules": json.dumps(modules)}
+    if modules:
+        log.warning("%s returns %s: a process that loads it must first import %s (torch rebuilds the outputs "
+                    "from those types; the package's metadata lists them as fxsketch_output_modules)",
+                    os.fspath(path), ", ".join(types), ", ".join(modules))
+    show = sys.stderr.isatty() if progress is None else progress
+    with Console(stderr=True).status("compiling the AOTInductor package") if show else contextlib.nullcontext():
+        return torch._inductor.aoti_compile_and_package(
+            program, package_path=os.fspath(path), inductor_configs={"aot_inductor.metadata": metadata})
+
+
+def output_types(program: torch.export.ExportedProgram) -> list[str]:
+    """The qualified names of the non-builtin container types in an exported program's outputs
+    (e.g. `transformers.modeling_outputs.BaseModelOutputWithPooling`): what a loading process must
+    have imported for torch to rebuild them."""
+    found: set[str] = set()
+    pending = [program.call_spec.out_spec]
+    while pending:
+        spec = pending.pop()
+        if spec is None:
+            continue
+        kind = getattr(spec, "type", None)
+        if kind is not None and kind.__module__ not in ("builtins", "collections"):
+            found.add(f"{kind.__module__}.{kind.__qualname__}")
+        pending.extend(spec.children() if hasattr(spec, "children") else getattr(spec, "children_specs", ()))
+    return sorted(found)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

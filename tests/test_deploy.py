@@ -233,3 +233,23 @@ def test_bytes_overwritten_inside_a_weight_are_refused_naming_the_member(tmp_pat
     (tmp_path / "damaged.pt2").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"damaged: member '\S+/data/weights/weight_0' does not match the checksum"):
         fxsketch.load(tmp_path / "damaged.pt2")
+
+
+def test_a_package_records_the_output_types_a_loading_process_must_import(tmp_path, monkeypatch, caplog):
+    """A transformers model returns a ModelOutput: the package names its module in its metadata and
+    says so when it is written (torch cannot rebuild the outputs in a process that never imported it)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    written = {}
+
+    def compile_and_package(program, package_path, inductor_configs):  # the compile itself is tested above
+        written.update(inductor_configs["aot_inductor.metadata"])
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    fxsketch.package(model, tmp_path / "bert.pt2", ids, progress=False)
+    assert json.loads(written["fxsketch_output_modules"]) == ["transformers.modeling_outputs"]
+    assert "import transformers.modeling_outputs" in caplog.text
