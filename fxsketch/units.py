@@ -67,6 +67,12 @@ def resolve_units(
                                  "narrow one of the selectors so each layer is tuned once")
             owner[name] = index
         chosen = [by_name[n] for n in names if _supported(by_name[n], cfg, default_method)]
+        if not cfg.separate and not callable(cfg.params) and len(chosen) > 1:
+            # a layer with no automatic configuration of its own would leave the whole group without one
+            alone = [r for r in chosen if _unit_space(cfg, [r], default_method, precision) is None]
+            if alone and len(alone) < len(chosen):
+                _warn_skipped(alone)
+                chosen = [r for r in chosen if r not in alone]
         groups = [[r] for r in chosen] if cfg.separate else _joint_groups(chosen, cfg)
         for group in groups:
             if callable(cfg.params):
@@ -78,14 +84,18 @@ def resolve_units(
             if problem:
                 raise ValueError(f"config {index}: {problem}")
             if space is None:
-                log.warning("skipping %s: no configuration is at least %.1fx cheaper than the dense layer "
-                            "and keeps its function (\"auto\" leaves layers narrower than %d dense)",
-                            ", ".join(f"{r.name} ({r.in_features}->{r.out_features})" for r in group),
-                            AUTO_MIN_GAIN, AUTO_MIN_WIDTH)
+                _warn_skipped(group)
                 continue
             key = group[0].name if cfg.separate else f"group{index}:{group[0].name}+{len(group) - 1}"
             units.append(Unit(key, [r.name for r in group], space, cfg.copy_weights, default_method))
     return units
+
+
+def _warn_skipped(records: list[LayerRecord]) -> None:
+    log.warning("skipping %s: no configuration is at least %.1fx cheaper than the dense layer and keeps its "
+                "function (\"auto\" leaves layers narrower than %d dense)",
+                ", ".join(f"{r.name} ({r.in_features}->{r.out_features})" for r in records),
+                AUTO_MIN_GAIN, AUTO_MIN_WIDTH)
 
 
 def _space_problem(space: dict[str, ParamSpec], records: list[LayerRecord], default_method: str) -> str:

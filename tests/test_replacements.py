@@ -205,3 +205,17 @@ def test_every_auto_configuration_is_at_least_the_stated_margin_cheaper_than_den
     for values in itertools.product(*grids.values()):
         params = dict(zip(grids, values))
         assert kind.cost(record, params).flops_per_token * AUTO_MIN_GAIN <= dense, params
+
+
+def test_a_layer_with_no_cheap_auto_configuration_is_skipped_with_one_line(caplog):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    x = torch.randn(4, 512)
+    spec = fxsketch.LayerConfig({"type": "Linear"}, params="auto")
+    with caplog.at_level("WARNING"):
+        result = fxsketch.optimize(model, spec, example_inputs=x, accuracy_fn=lambda m: 1.0, n_trials=2,
+                                   progress=False, search=fxsketch.SearchOptions(objective="flops", seed=0))
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 1 and "2 (256->10)" in skipped[0] and "narrower than 32" in skipped[0]
+    assert set(result.trials["layer"]) == {"0"}

@@ -199,10 +199,11 @@ def test_joint_vs_separate_tuning():
     joint = SKAutoTuner(trained_mlp(), TuningConfigs([joint_config]), accuracy_eval_func, OptunaSearch(n_trials=2))
     sep.tune()
     joint.tune()
-    assert len(sep.get_results_dataframe()) == 6 and len(joint.get_results_dataframe()) == 2
-    assert set(joint.get_results_dataframe()["layer_name"]) == {"fc1+fc2+fc3"}
+    # fc3 (128 -> 10) gets no automatic rank (too narrow): it stays dense, alone or in the group
+    assert len(sep.get_results_dataframe()) == 4 and len(joint.get_results_dataframe()) == 2
+    assert set(joint.get_results_dataframe()["layer_name"]) == {"fc1+fc2"}
     shared = joint.get_best_params()
-    assert shared["fc1"] == shared["fc2"] == shared["fc3"]
+    assert shared["fc1"] == shared["fc2"] and "fc3" not in shared
 
 
 # --------------------------------------------------------------------------- samplers and persistence

@@ -19,9 +19,9 @@ from fxsketch.plan import Budget, plan_cost
 from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.search.context import SearchJob, TrialContext
 from fxsketch.search.evaluate import remember
-from fxsketch.search.progress import print_trial, search_progress
 from fxsketch.search.joint import run_joint
 from fxsketch.search.layerwise import run_layerwise
+from fxsketch.search.progress import print_trial, search_progress
 from fxsketch.search.warm import unit_sensitivity, warm_start_plans
 from fxsketch.select import match_layers
 from fxsketch.spec import load_spec
