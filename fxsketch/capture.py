@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxsketch.records import LayerRecord, fetch
 
-__all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs", "describe_inputs"]
+__all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs", "describe_inputs", "user_frame"]
 
 log = logging.getLogger(__name__)
 _LIBRARY_FOLDERS = (str(Path(__file__).parent),
@@ -97,7 +97,7 @@ def capture(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModul
         gm.meta["fxsketch_tracer"] = tracer.__name__.lstrip("_")
         return gm
     described = f" on example_inputs {describe_inputs(inputs)}" if inputs is not None else ""
-    branch = next((frame for frame in map(data_dependent_branch, failures) if frame is not None), None)
+    branch = next((frame for frame in map(_data_dependent_branch, failures) if frame is not None), None)
     if branch is not None:
         raise CaptureError(
             f"could not capture {type(model).__name__} as one graph: its forward branches on a tensor's value at "
@@ -126,7 +126,7 @@ def user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     return None
 
 
-def data_dependent_branch(exc: BaseException) -> traceback.FrameSummary | None:
+def _data_dependent_branch(exc: BaseException) -> traceback.FrameSummary | None:
     """The user's line where torch.export met Python control flow on a tensor's value, if that is
     what `exc` is (symbolic tracing stops at any branch on a tensor, shapes included, which export
     follows: only export's data-dependent guard says that the value decides)."""

@@ -19,6 +19,7 @@ from rich.tree import Tree
 import fxsketch
 from fxsketch.capture import other_modules, user_frame
 from fxsketch.demo import make_demo_task
+from fxsketch.display import progress_wanted
 from fxsketch.plan import layer_cost
 from fxsketch.select import match_layers
 
@@ -63,12 +64,12 @@ def _user_code(what: str):
     except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
         raise
     except Exception as exc:
-        message = f"[bold red]error[/bold red] in {what}: {escape(str(exc) or type(exc).__name__)}"
+        head, text = f"[bold red]error[/bold red] in {escape(what)}", escape(str(exc) or type(exc).__name__)
         if isinstance(exc, USAGE_ERRORS) and not _OPTIONS["verbose"] and user_frame(exc) is None:
-            console.print(message, highlight=False, soft_wrap=True)
+            console.print(f"{head}: {text}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         console.print_exception(max_frames=20)
-        console.print(message.replace(": ", f": {type(exc).__name__}: ", 1), highlight=False, soft_wrap=True)
+        console.print(f"{head}: {type(exc).__name__}: {text}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -296,7 +297,7 @@ def demo(
     """Train a small MLP on the bundled digits data, optimize it, and save the result."""
     console.print("[bold]fxsketch demo[/bold]: MLP 64→1024→1024→10 on scikit-learn digits")
     with _user_code("the demo"):
-        task = make_demo_task(seed=seed, progress=sys.stderr.isatty())
+        task = make_demo_task(seed=seed, progress=progress_wanted(None))
     dense = task.accuracy(task.model)
     threshold = dense - 0.01
     console.print(f"trained in {task.train_seconds:.1f}s; dense accuracy {dense:.4f}; "

@@ -8,17 +8,16 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import zipfile
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from fxsketch.capture import as_inputs, describe_inputs
+from fxsketch.display import progress_wanted, step
 from fxsketch.kernels.int8 import int8_linear_reference, int8_lowrank_linear_reference
 from fxsketch.version import __version__
 
@@ -155,8 +154,7 @@ def package(
         log.warning("%s returns %s: a process that loads it must first import %s (torch rebuilds the outputs "
                     "from those types; the package's metadata lists them as fxsketch_output_modules)",
                     os.fspath(path), ", ".join(types), ", ".join(modules))
-    show = sys.stderr.isatty() if progress is None else progress
-    with Console(stderr=True).status("compiling the AOTInductor package") if show else contextlib.nullcontext():
+    with step("compiling the AOTInductor package", progress_wanted(progress)):
         return torch._inductor.aoti_compile_and_package(
             program, package_path=os.fspath(path), inductor_configs={"aot_inductor.metadata": metadata})
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from fxsketch.calibrate import iterate_batches
 from fxsketch.capture import as_inputs
+from fxsketch.display import progress_wanted, step
 from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.options import CalibrationOptions, SearchOptions, StudyOptions, merge_legacy
 from fxsketch.plan import Budget
@@ -25,7 +26,6 @@ from fxsketch.search.context import SearchJob
 from fxsketch.search.evaluate import ran
 from fxsketch.search.finish import finish, keep_best
 from fxsketch.search.parallel import run_parallel
-from fxsketch.search.progress import progress_wanted, step
 from fxsketch.search.run import open_study, prepare, run_strategy
 from fxsketch.workers import fresh_journal, open_storage, resolve_callable
 

@@ -4,7 +4,6 @@ summarize a whole-model trial instead of listing its parameters."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fxsketch import study_format as keys
 
-__all__ = ["describe_unit", "describe_values", "print_trial", "progress_wanted", "search_progress", "step"]
+__all__ = ["describe_unit", "describe_values", "print_trial", "search_progress"]
 
 SHOWN_PARAMS = 6  # a unit with more values than this is summarized, not listed
 
@@ -51,21 +50,6 @@ def print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
               f"{f' ({source})' if source else ''}{score}")
     else:
         print(f"{head} {trial.state.name.lower()}: {attrs.get(keys.NOTE, '')}")
-
-
-def progress_wanted(progress: bool | None) -> bool:
-    """`progress`, or when None whether standard error is a terminal."""
-    return sys.stderr.isatty() if progress is None else bool(progress)
-
-
-@contextmanager
-def step(description: str, enabled: bool) -> Iterator[None]:
-    """A spinner naming a long step (capture and calibration, validating the result) while it runs."""
-    if not enabled:
-        yield
-        return
-    with Console(stderr=True).status(description):
-        yield
 
 
 @contextmanager
