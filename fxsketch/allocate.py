@@ -293,6 +293,15 @@ def _output_score(gm: torch.fx.GraphModule, batches: Sequence[Any]) -> Callable[
     return score
 
 
+def entry_sensitivity(gm: torch.fx.GraphModule, records: Mapping[str, LayerRecord], plans: Mapping[str, Mapping],
+                      cache: FactorCache, batches: Sequence[Any]) -> dict[str, float]:
+    """Each plan's measured effect on its own: the relative squared error of `gm`'s outputs with only
+    that plan applied (on a few calibration batches, real tokens only), by key. The search ranks
+    units by it for reduced precision, whose error the factorizations' spectra do not predict."""
+    score = _output_score(gm, batches)
+    return {key: -score(apply_plan(gm, records, dict(plan), cache, share_weights=True)) for key, plan in plans.items()}
+
+
 def target_error_units(units, records, cache, weights, tolerance: float) -> dict[str, dict[str, Any]]:
     """Per unit, the cheapest rank whose relative output error stays under `tolerance` per layer
     (units that cannot reach it stay dense): the plan that spends FLOPs only where they matter."""

@@ -118,3 +118,32 @@ def test_the_pareto_front_spans_rank_and_precision():
     assert front and not any(dominates(a, b) for a in front for b in front)
     # the precision-only plan was evaluated: nothing on the front is less accurate than all of it
     assert max(p.accuracy for p in front) >= first.user_attrs["fxsketch.accuracy"]
+
+
+@needs_fbgemm
+def test_when_every_layer_in_int8_misses_the_bar_the_least_sensitive_layers_keep_it():
+    """Layer 0's inputs have one huge feature (which its weights ignore): per-tensor int8 activations
+    leave the others no resolution, so the all-int8 plan fails, while layers 2 and 4 take int8 at
+    no cost. The warm start measures each unit alone and keeps the largest feasible set."""
+    model = wide_mlp()
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(3))
+    x[:, 0] *= 1000
+
+    def fidelity(m):
+        with torch.no_grad():
+            ref, out = model(x), m(x)
+        return 1 - float((out - ref).square().sum() / ref.square().sum())
+
+    result = fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params="auto"), example_inputs=x,
+                               accuracy_fn=fidelity, accuracy_threshold=0.99, n_trials=9, calibration_data=[x],
+                               progress=False, search=fxsketch.SearchOptions(seed=0))
+    warm = {t.user_attrs["fxsketch.warm"]: t for t in result.study.trials if "fxsketch.warm" in t.user_attrs}
+    assert warm["warm start: every tuned layer in reduced precision"].user_attrs["fxsketch.accuracy"] < 0.99
+    subset = warm["warm start: the 2 units least sensitive to reduced precision"]
+    assert subset.user_attrs["fxsketch.plan"] == {"2": {"method": "int8"}, "4": {"method": "int8"}}
+    assert subset.user_attrs["fxsketch.accuracy"] >= 0.99
+    assert result.accuracy >= 0.99 and fidelity(result.graph_module) >= 0.99
+    first = result.plan.get("0", {})
+    assert first.get("method") != "int8" and first.get("precision", "float") != "int8"

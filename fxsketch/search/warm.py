@@ -16,7 +16,9 @@ from typing import Any
 import optuna
 
 from fxsketch import study_format as keys
-from fxsketch.allocate import ALLOCATABLE, allocate_units, layer_errors, target_error_units, unit_choices, unit_weights
+from fxsketch.allocate import (
+    ALLOCATABLE, allocate_units, entry_sensitivity, layer_errors, target_error_units, unit_choices, unit_weights,
+)
 from fxsketch.metrics import TrialFailed
 from fxsketch.plan import Budget, plan_cost
 from fxsketch.replacements import get_kind
@@ -82,8 +84,9 @@ def precision_plan(units: list[Unit]) -> dict[str, dict[str, Any]]:
 
 
 def _lifted(plan: dict[str, dict[str, Any]], units: list[Unit], precise: dict[str, dict[str, Any]]) -> dict:
-    """`plan` with its low-rank factors in int8 where the unit's space offers it, and the layers
-    it leaves dense in `precise`'s entry: the allocation on top of a precision that kept accuracy."""
+    """`plan` with its low-rank factors in int8 where `precise` has the layer in int8 and the unit's
+    space offers it, and the layers it leaves dense in `precise`'s entry: the allocation on top of
+    a precision that kept accuracy (all of it, or the units least sensitive to it)."""
     out = dict(precise)
     for unit in units:
         for name in unit.layers:
@@ -91,7 +94,8 @@ def _lifted(plan: dict[str, dict[str, Any]], units: list[Unit], precise: dict[st
             if entry is None:
                 continue
             space = unit.space.get("precision")
-            out[name] = {**entry, "precision": "int8"} if space is not None and space.contains("int8") else entry
+            lift = name in precise and space is not None and space.contains("int8")
+            out[name] = {**entry, "precision": "int8"} if lift else entry
     return out
 
 
@@ -138,7 +142,9 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
         score = trial(precise, "warm start: every tuned layer in reduced precision")
         used += bool(fresh)
         best = (precise, score) if math.isfinite(score) else None
-        precise = precise if best is not None else {}
+        if best is None:  # some layers are too sensitive: as many as keep the bar, the least sensitive first
+            best, used = _precision_subset(ctx, units, precise, trial, used, limit)
+        precise = best[0] if best is not None else {}
     for _ in range(4 * limit):  # plans repeat at nearby budgets: those cost no trial
         if used >= limit or hi - lo < 0.01:
             break
@@ -170,6 +176,32 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
             plan = candidate
         else:
             rejected.add(unit.key)
+
+
+def _precision_subset(ctx: TrialContext, units: list[Unit], precise: dict, trial, used: int, limit: int):
+    """The largest feasible precision plan over the units least sensitive to it: units ranked by
+    the measured output error of each one alone in reduced precision (on the calibration data),
+    the count bisected in whole-model trials. Returns (best plan and score or None, trials used)."""
+    ranked = [u for u in units if all(n in precise for n in u.layers)]
+    if len(ranked) < 2 or not ctx.job.batches or used >= limit:
+        return None, used
+    errors = entry_sensitivity(ctx.gm, ctx.records, {u.key: {n: precise[n] for n in u.layers} for u in ranked},
+                               ctx.cache, ctx.job.batches)
+    ranked.sort(key=lambda u: errors[u.key])
+    log.info("sensitivity to reduced precision, least first: %s",
+             ", ".join(f"{u.key} {errors[u.key]:.2e}" for u in ranked))
+    feasible, infeasible, best = 0, len(ranked), None
+    while used < limit and infeasible - feasible > 1:
+        count = (feasible + infeasible) // 2
+        plan = {n: precise[n] for u in ranked[:count] for n in u.layers}
+        fresh = (keys.WHOLE_MODEL, plan_key(plan)) not in ctx.memo
+        score = trial(plan, f"warm start: the {count} units least sensitive to reduced precision")
+        used += bool(fresh)
+        if math.isfinite(score):
+            feasible, best = count, (plan, score)
+        else:
+            infeasible = count
+    return best, used
 
 
 def _joint_runner(ctx: TrialContext, study: optuna.Study, units: list[Unit], callbacks: list):
