@@ -107,10 +107,9 @@ def _fused_ops() -> SimpleNamespace:
     `torch.compile`, they reach Inductor as Triton kernels it compiles into the graph."""
     from fxsketch.kernels.triton_lowrank import lowrank_linear_triton, pointwise_conv_triton  # optional off Linux
 
-    linear = torch.library.triton_op("fxsketch::lowrank_linear_fused", lowrank_linear_triton, mutates_args=(),
-                                     schema="(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
-    pointwise = torch.library.triton_op("fxsketch::pointwise_conv_fused", pointwise_conv_triton, mutates_args=(),
-                                        schema="(Tensor t, Tensor A, Tensor? bias=None) -> Tensor")
+    # the schemas come from the functions' annotations (triton_op infers them, whatever it is given)
+    linear = torch.library.triton_op("fxsketch::lowrank_linear_fused", lowrank_linear_triton, mutates_args=())
+    pointwise = torch.library.triton_op("fxsketch::pointwise_conv_fused", pointwise_conv_triton, mutates_args=())
     # explicit fakes: fake propagation outside a tracer need not run the kernel's launch code
     linear.register_fake(lambda x, B, A, bias=None: _lowrank_out("lowrank_linear_fused", x, B, A))
     pointwise.register_fake(lambda t, A, bias=None: t.new_empty((t.shape[0], A.shape[0], *t.shape[2:])))
