@@ -100,9 +100,12 @@ def compile_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opt
         # plan's fitted factors are read outside it
         with unset_fake_temporarily(), torch._guards.tracing(None):
             _OPTION_BACKENDS[key] = backend(plan, inner)
+        while len(_OPTION_BACKENDS) > OPTION_BACKENDS_KEPT:  # each holds its plan's factors: keep the newest
+            _OPTION_BACKENDS.pop(next(iter(_OPTION_BACKENDS)))
     return _OPTION_BACKENDS[key](gm, example_inputs)
 
 
+OPTION_BACKENDS_KEPT = 8
 _OPTION_BACKENDS: dict[tuple[str, Any], Callable] = {}
 
 
