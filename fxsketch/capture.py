@@ -9,7 +9,7 @@ import logging
 import sys
 import sysconfig
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxsketch.display import quiet_logger
 from fxsketch.records import LayerRecord, fetch
 
 __all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs", "describe_inputs", "user_frame"]
@@ -169,25 +170,13 @@ def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     # on a data-dependent branch torch logs, then prints, the partial graph (KBs): capture reports
     # the failure itself, so only a successful export's output reaches standard error
     printed = io.StringIO()
-    with _quiet(_EXPORT_LOGGER), contextlib.redirect_stderr(printed):
+    with quiet_logger(_EXPORT_LOGGER, logging.ERROR), contextlib.redirect_stderr(printed):
         gm = _export_quietly(model, inputs)
     sys.stderr.write(printed.getvalue())
     return gm
 
 
 _EXPORT_LOGGER = "torch.fx.experimental.symbolic_shapes"
-
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Only errors from logger `name` while the block runs: a failed attempt is reported by capture."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _export_quietly(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import logging
 import math
 import os
 from pathlib import Path
@@ -36,6 +35,7 @@ import optuna
 import torch
 from torch import nn
 
+from fxsketch.display import quiet_logger
 from fxsketch.spec import read_config_file
 from fxsketch.study_format import running_trial
 from fxsketch.tuner import OptunaSearch
@@ -297,7 +297,7 @@ class LightningAccuracy:
             trial = running_trial.get()  # set by fxsketch.optimize around each evaluation
         with contextlib.ExitStack() as stack:
             if not self.verbose:
-                stack.enter_context(_quiet(self._pl.__name__))
+                stack.enter_context(quiet_logger(self._pl.__name__))  # its tips and GPU notices
             return self._evaluate(model, trial)
 
     def _evaluate(self, model: nn.Module, trial: optuna.trial.Trial | None) -> float:
@@ -420,18 +420,6 @@ def _lightning_for_installed():
         except ImportError:
             continue
     return None
-
-
-@contextlib.contextmanager
-def _quiet(package: str):
-    """Lightning's informational messages (GPU available, tips) off for one call."""
-    logger = logging.getLogger(package)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
