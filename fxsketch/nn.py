@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from fxsketch.kernels import (
-    cast_linear, cast_lowrank_linear, int8_linear, int8_lowrank_linear, lowrank_conv2d, lowrank_linear, quantize_weight,
+    cast_linear, cast_lowrank_linear, int8_linear, int8_lowrank_linear, int8_weight_linear, lowrank_conv2d,
+    lowrank_linear, quantize_weight,
 )
+from fxsketch.kernels.int8 import WEIGHT_ONLY_QMAX, WEIGHT_QMAX
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "CastLinear", "CastLowRankLinear", "Int8Linear", "Int8LowRankLinear",
-           "SKLinear", "SKConv2d", "OpCall", "op_call", "direct_call"]
+__all__ = ["LowRankLinear", "LowRankConv2d", "CastLinear", "CastLowRankLinear", "Int8Linear", "Int8WeightLinear",
+           "Int8LowRankLinear", "SKLinear", "SKConv2d", "OpCall", "op_call", "direct_call"]
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -174,6 +176,8 @@ class Int8Linear(nn.Module):
     whose input is quantized to int8 on every call: `fxsketch::int8_linear`. The weights do not
     train; the bias does, and gradients reach the input."""
 
+    qmax = WEIGHT_QMAX
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -186,7 +190,7 @@ class Int8Linear(nn.Module):
         """Quantize a float weight (out × in) per output channel; the bias keeps the weight's dtype."""
         with torch.device(weight.device):
             layer = cls(weight.shape[1], weight.shape[0], bias is not None)
-        q, scale = quantize_weight(weight)
+        q, scale = quantize_weight(weight, cls.qmax)
         _copy_into(layer, weight_q=q, weight_scale=scale)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(weight.dtype).clone())
@@ -197,6 +201,17 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8WeightLinear(Int8Linear):
+    """A Linear whose weight alone is int8 (±127 per output channel, plain tensors), computed in the
+    input's dtype: `fxsketch::int8_weight_linear`. Half the weight bytes of bf16, a quarter of
+    float32; what it buys is memory traffic, so it pays where a GEMM is bound by weight reads."""
+
+    qmax = WEIGHT_ONLY_QMAX
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_weight_linear(x, self.weight_q, self.weight_scale, self.bias)
 
 
 class Int8LowRankLinear(nn.Module):
@@ -381,6 +396,9 @@ def op_call(module: nn.Module) -> OpCall | None:
         return OpCall(cast_lowrank_linear, torch.ops.fxsketch.cast_lowrank_linear.default, ("B", "A", "bias"), ())
     if kind is Int8Linear:
         return OpCall(int8_linear, torch.ops.fxsketch.int8_linear.default, ("weight_q", "weight_scale", "bias"), ())
+    if kind is Int8WeightLinear:
+        return OpCall(int8_weight_linear, torch.ops.fxsketch.int8_weight_linear.default,
+                      ("weight_q", "weight_scale", "bias"), ())
     if kind is Int8LowRankLinear:
         return OpCall(int8_lowrank_linear, torch.ops.fxsketch.int8_lowrank_linear.default,
                       ("B_q", "B_scale", "A_q", "A_scale", "bias"), ())

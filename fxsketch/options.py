@@ -51,8 +51,10 @@ class SearchOptions:
             of the stored weights: int8 counts one byte a weight), a fraction of their dense cost
             (float ≤ 1) or absolute (int); a trial over budget is pruned before evaluation.
         warm_start: with calibration data, start from the rank allocation's plans.
-        allocation_sensitivity: how the warm start's allocations weigh each unit's output error
-            (None, "output", an accuracy function or a mapping; see `fxsketch.allocate`).
+        allocation_sensitivity: how the warm start's allocations weigh each unit's output error:
+            "auto" (default) measures it ("output": one probe per unit on the calibration data) when
+            there is a warm start; None leaves every unit's relative error as it is; or "output",
+            an accuracy function or a mapping (see `fxsketch.allocate`).
         trial_timeout: seconds one trial's `accuracy_fn` (and `speed_fn`) may take; a call past it
             fails the trial with that note and the search goes on (Python-level code in the main
             thread on POSIX: a call stuck in native code stops only when it returns to Python).
@@ -70,7 +72,7 @@ class SearchOptions:
     max_params: float | int | None = None
     max_bytes: float | int | None = None
     warm_start: bool = True
-    allocation_sensitivity: Any = None
+    allocation_sensitivity: Any = "auto"
     trial_timeout: float | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +99,11 @@ class SearchOptions:
                                                or not isinstance(self.trial_timeout, (int, float))
                                                or not self.trial_timeout > 0):
             raise ValueError(f"trial_timeout must be None or a positive number of seconds, got {self.trial_timeout!r}")
+
+    @property
+    def sensitivity(self) -> Any:
+        """`allocation_sensitivity` with "auto" resolved ("output"; it only acts with a warm start)."""
+        return "output" if self.allocation_sensitivity in ("auto",) else self.allocation_sensitivity
 
     @property
     def multi(self) -> bool:

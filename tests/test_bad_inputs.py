@@ -356,7 +356,7 @@ CASES: list[Case] = [
     Case("rewrite-unknown-layer", "rewrite", lambda f: fxsketch.rewrite(MLP(), {"fc3": FC1["fc1"]}, X), ValueError,
          r"'fc3'.*not a Linear/Conv2d layer.*closest: fc2, fc1"),
     Case("rewrite-unknown-method", "rewrite", lambda f: fxsketch.rewrite(MLP(), {"fc1": {"method": "qr"}}, X),
-         ValueError, r"unknown replacement method 'qr'; known methods: bf16, dense, fp16, int8, sketch, svd"),
+         ValueError, r"unknown replacement method 'qr'; known methods: bf16, dense, fp16, int8, int8_weight, sketch, svd"),
     Case("rewrite-method-none", "rewrite", lambda f: fxsketch.rewrite(MLP(), {"fc1": {"method": None}}, X),
          ValueError, r"unknown replacement method None; known methods"),
     Case("rewrite-unknown-param", "rewrite",

@@ -16,7 +16,9 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import fxsketch
-from fxsketch.kernels import cast_linear, cast_lowrank_linear, lowrank_conv2d, lowrank_linear
+from fxsketch.kernels import (
+    cast_linear, cast_lowrank_linear, int8_weight_linear, lowrank_conv2d, lowrank_linear, quantize_weight,
+)
 
 
 def _compiled_forward(fn, *args):
@@ -47,7 +49,22 @@ CASES = {  # the op's call, and the ATen ops the compiled graph must run instead
     "cast_linear": (lambda: cast_linear(X, B.bfloat16()), {"aten.mm.default", "aten._to_copy.default"}),
     "cast_lowrank_linear": (lambda: cast_lowrank_linear(X, B.bfloat16(), A.bfloat16(), BIAS.bfloat16()),
                             {"aten.mm.default", "aten.addmm.default", "aten._to_copy.default"}),
+    "int8_weight_linear": (lambda: int8_weight_linear(X, *quantize_weight(B, 127), None),
+                           {"aten.mm.default", "aten._to_copy.default", "aten.mul.Tensor"}),
 }
+
+
+def test_every_export_records_one_op_per_layer_though_eager_cpu_calls_skip_it():
+    """The eager CPU shortcut (two F.linear calls) never leaks into a graph: non-strict export (fake
+    tensors), strict export (Dynamo) and FX tracing all record the single fxsketch op."""
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU())
+    gm = fxsketch.rewrite(model, {"0": {"method": "svd", "low_rank": 4}}, (X,))
+    for strict in (False, True):
+        program = torch.export.export(gm, (X,), strict=strict)
+        assert "fxsketch.lowrank_linear.default" in _targets(program.graph), (strict, _targets(program.graph))
+        torch.testing.assert_close(program.module()(X), gm(X))
+    traced = torch.fx.symbolic_trace(lambda x: lowrank_linear(x, B, A, BIAS))
+    assert [str(n.target) for n in traced.graph.nodes if n.op == "call_function"] == ["fxsketch.lowrank_linear"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

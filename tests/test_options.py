@@ -129,7 +129,7 @@ def _run(model, **kw):
 
 def test_allocation_sensitivity_moves_the_warm_start_budget_to_the_weighted_layer():
     model = _model()
-    plain = _first_warm_plan(_run(model))
+    plain = _first_warm_plan(_run(model, allocation_sensitivity=None))
     heavy = _first_warm_plan(_run(model, allocation_sensitivity={"0": 1e6, "2": 1e-6}))
     rank = lambda plan, n: plan.get(n, {}).get("low_rank", 10**9)  # noqa: E731  (dense: the largest)
     assert rank(heavy, "0") >= rank(plain, "0")
@@ -137,9 +137,10 @@ def test_allocation_sensitivity_moves_the_warm_start_budget_to_the_weighted_laye
     assert (rank(heavy, "0"), rank(heavy, "2")) != (rank(plain, "0"), rank(plain, "2"))
 
 
-def test_measured_allocation_sensitivity_is_probed_once_and_reused(monkeypatch):
-    """"output" is measured once, at half the FLOPs, and every warm-start allocation reuses it (as
-    per-layer weights) instead of probing again."""
+@pytest.mark.parametrize("given", [{"allocation_sensitivity": "output"}, {}], ids=["output", "default"])
+def test_measured_allocation_sensitivity_is_probed_once_and_reused(monkeypatch, given):
+    """"output" (the default with calibration data) is measured once, at half the FLOPs, and every
+    warm-start allocation reuses it (as per-layer weights) instead of probing again."""
     import sys
 
     alloc = sys.modules["fxsketch.allocate"]  # the module (fxsketch.allocate is also the function)
@@ -157,7 +158,7 @@ def test_measured_allocation_sensitivity_is_probed_once_and_reused(monkeypatch):
     monkeypatch.setattr(alloc, "unit_weights", counting_probe)  # called by the allocator
     monkeypatch.setattr("fxsketch.search.warm.unit_weights", counting_probe)  # and by the search
     monkeypatch.setattr("fxsketch.search.warm.allocate_units", recording_allocate)
-    result = _run(_model(), allocation_sensitivity="output")
+    result = _run(_model(), **given)
     assert result.plan and _first_warm_plan(result)
     probes = [c for c in calls if not isinstance(c[0], dict)]  # a mapping is only read, not probed
     assert probes == [("output", 0.5)] and len(calls) > 1
@@ -190,3 +191,17 @@ def test_rewrite_sequential_flag_matches_rewrite_sequential():
         assert err(flagged) <= err(independent) * 1.0001
     with pytest.raises(ValueError, match="calibration_data"):
         fxsketch.rewrite(model, plan, (x,), sequential=True)
+
+
+def test_unweighted_allocations_probe_nothing_and_auto_needs_no_calibration(monkeypatch):
+    def no_probe(*args, **kw):
+        raise AssertionError("allocation_sensitivity=None must not probe the model")
+
+    monkeypatch.setattr("fxsketch.search.warm.unit_weights", no_probe)
+    assert _run(_model(), allocation_sensitivity=None).plan is not None
+    x = _batches(1, seed=5)[0][0]
+    result = fxsketch.optimize(_model(), fxsketch.LayerConfig(["0", "2"], params="auto"), example_inputs=x,
+                               accuracy_fn=lambda m: 1.0, accuracy_threshold=0.5, objective="flops", n_trials=3, seed=0)
+    assert result.plan is not None  # the default "auto" asks for no calibration data
+    assert fxsketch.SearchOptions().sensitivity == "output"
+    assert fxsketch.SearchOptions(allocation_sensitivity=None).sensitivity is None

@@ -83,7 +83,7 @@ def test_sketch_parameter_without_method_names_the_fix():
 
 
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(ValueError, match="known methods: bf16, dense, fp16, int8, sketch, svd"):
+    with pytest.raises(ValueError, match="known methods: bf16, dense, fp16, int8, int8_weight, sketch, svd"):
         _run(spec=LayerConfig("0", params={"method": ["tucker"]}))
 
 

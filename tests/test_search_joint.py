@@ -39,9 +39,11 @@ def test_joint_trials_are_whole_plans_under_a_whole_model_budget():
     assert pruned["note"].str.contains("over the FLOP budget|not cheaper").all()
 
 
-def test_the_warm_start_plan_is_the_first_joint_trial():
-    model, result = _optimize(strategy="joint", max_flops=0.4)
-    warm = fxsketch.allocate(model, SPEC, [CALIB[:1000]], budget=0.4, example_inputs=CALIB[:64])
+@pytest.mark.parametrize("sensitivity", [None, "output"])
+def test_the_warm_start_plan_is_the_first_joint_trial(sensitivity):
+    model, result = _optimize(strategy="joint", max_flops=0.4, allocation_sensitivity=sensitivity)
+    warm = fxsketch.allocate(model, SPEC, [CALIB[:1000]], budget=0.4, example_inputs=CALIB[:64],
+                             sensitivity=sensitivity)
     first = result.trials.sort_values("number").iloc[0]
     assert {name: first[f"{name}.low_rank"] for name in warm} == {n: e["low_rank"] for n, e in warm.items()}
 

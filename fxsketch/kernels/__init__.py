@@ -2,8 +2,9 @@
 
 from fxsketch.kernels.int8 import quantize_weight
 from fxsketch.kernels.ops import (
-    cast_linear, cast_lowrank_linear, int8_linear, int8_lowrank_linear, lowrank_conv2d, lowrank_linear,
+    cast_linear, cast_lowrank_linear, int8_linear, int8_lowrank_linear, int8_weight_linear, lowrank_conv2d,
+    lowrank_linear,
 )
 
 __all__ = ["lowrank_linear", "lowrank_conv2d", "cast_linear", "cast_lowrank_linear", "int8_linear",
-           "int8_lowrank_linear", "quantize_weight"]
+           "int8_lowrank_linear", "int8_weight_linear", "quantize_weight"]

@@ -21,21 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["WEIGHT_QMAX", "quantize_weight", "activation_qparams", "int8_linear_reference",
-           "int8_lowrank_linear_reference", "int8_linear_fbgemm", "fbgemm_available"]
+__all__ = ["WEIGHT_QMAX", "WEIGHT_ONLY_QMAX", "quantize_weight", "activation_qparams", "int8_linear_reference",
+           "int8_lowrank_linear_reference", "int8_linear_fbgemm", "fbgemm_available", "int8_weight_linear_aten"]
 
 WEIGHT_QMAX = 63
+WEIGHT_ONLY_QMAX = 127  # weight-only layers dequantize before a float GEMM: no integer sums to saturate
 _QMIN, _QMAX = 0, 255  # activations: unsigned 8-bit, affine
 _SMALL_SCALE = 6.1e-5  # ATen's smallest activation scale (ChooseQuantizationParams)
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, float32 scale per output row) with `weight ≈ q · scale[:, None]`, symmetric,
-    rounded to nearest. Rows of zeros get scale 1."""
+def quantize_weight(weight: torch.Tensor, qmax: int = WEIGHT_QMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per output row) with `weight ≈ q · scale[:, None]`, symmetric onto
+    ±qmax, rounded to nearest. Rows of zeros get scale 1."""
     w = weight.detach().reshape(weight.shape[0], -1).float()
-    scale = w.abs().amax(1) / WEIGHT_QMAX
+    scale = w.abs().amax(1) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale[:, None]), -WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8)
     return q, scale
 
 
@@ -76,6 +77,15 @@ def int8_lowrank_linear_reference(x: torch.Tensor, B_q: torch.Tensor, B_scale: t
                                   A_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference of `fxsketch::int8_lowrank_linear`: each factor an `int8_linear_reference`."""
     return int8_linear_reference(int8_linear_reference(x, B_q, B_scale), A_q, A_scale, bias)
+
+
+def int8_weight_linear_aten(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The body of `fxsketch::int8_weight_linear`: the weight dequantized to x's dtype, then a float
+    GEMM. Eager, the dequantized weight is materialized on every call; under `torch.compile`
+    Inductor folds the dequantization into the GEMM's loads, so only int8 bytes are read."""
+    weight = weight_q.to(x.dtype) * weight_scale.to(x.dtype)[:, None]
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 @functools.cache

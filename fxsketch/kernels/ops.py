@@ -4,10 +4,12 @@
 their weights' dtype (bf16, fp16) and return x's: a layer in reduced precision inside a float32 model.
 `fxsketch::int8_linear(x, weight_q, weight_scale, bias)` is a Linear with int8 weights (one scale
 per output channel) and dynamically quantized int8 activations; `fxsketch::int8_lowrank_linear`
-runs the two factors of a low-rank layer that way. Their bodies are in `fxsketch.kernels.int8`.
+runs the two factors of a low-rank layer that way. `fxsketch::int8_weight_linear(x, weight_q,
+weight_scale, bias)` keeps only the weight in int8 and computes in x's dtype. Their bodies are in
+`fxsketch.kernels.int8`.
 
 `fxsketch::lowrank_linear(x, B, A, bias)` computes `(x · Bᵀ) · Aᵀ + bias` for x of shape (..., K),
-B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. These four ops are
+B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. These five ops are
 composite (CompositeImplicitAutograd): `torch.export` records each as one node, while
 `torch.compile` traces through it and sees what runs, two GEMMs (cast and GEMM for the cast ops),
 or on CUDA the fused Triton kernel as a `torch.library.triton_op` whose kernel Inductor compiles
@@ -28,7 +30,7 @@ from fxsketch.kernels.aten import (
     cast_linear_aten, cast_lowrank_linear_aten, lowrank_conv2d_aten, lowrank_linear_aten,
 )
 from fxsketch.kernels.choose import choose, chosen
-from fxsketch.kernels.int8 import fbgemm_available, int8_linear_fbgemm, int8_linear_reference
+from fxsketch.kernels.int8 import fbgemm_available, int8_linear_fbgemm, int8_linear_reference, int8_weight_linear_aten
 
 BACKENDS = ("aten", "triton")
 _ENV = "FXSKETCH_KERNEL"
@@ -37,6 +39,8 @@ _ENV = "FXSKETCH_KERNEL"
 _RAW_ENV = getattr(os.environ, "_data", None)
 _CHEAP_ENV = isinstance(_RAW_ENV, dict) and hasattr(os.environ, "encodekey")
 _RAW_KEY = os.environ.encodekey(_ENV) if _CHEAP_ENV else None
+if not _CHEAP_ENV:  # no plain mapping to peek at: `_RAW_KEY in _RAW_ENV` always holds, so callers read os.environ
+    _RAW_ENV, _RAW_KEY = {None: None}, None
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what "auto" may send to the fused kernel
 
 _LIB = torch.library.Library("fxsketch", "DEF")
@@ -48,13 +52,14 @@ _LIB.define(
 _LIB.define("cast_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 _LIB.define("cast_lowrank_linear(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None) -> Tensor")
+_LIB.define("int8_weight_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None) -> Tensor")
 _LIB.define("int8_lowrank_linear(Tensor x, Tensor B_q, Tensor B_scale, Tensor A_q, Tensor A_scale, "
             "Tensor? bias=None) -> Tensor")
 
 
 def _forced_kernel() -> str | None:
     """The FXSKETCH_KERNEL setting (None when unset), read cheaply: it may change at any time."""
-    if _CHEAP_ENV and _RAW_KEY not in _RAW_ENV:
+    if _RAW_KEY not in _RAW_ENV:
         return None
     return os.environ.get(_ENV) or None
 
@@ -160,6 +165,7 @@ _LIB.impl("lowrank_linear", _lowrank_linear_impl, "CompositeImplicitAutograd")
 _LIB.impl("lowrank_conv2d", _lowrank_conv2d_impl, "CompositeImplicitAutograd")
 _LIB.impl("cast_linear", cast_linear_aten, "CompositeImplicitAutograd")
 _LIB.impl("cast_lowrank_linear", cast_lowrank_linear_aten, "CompositeImplicitAutograd")
+_LIB.impl("int8_weight_linear", int8_weight_linear_aten, "CompositeImplicitAutograd")
 _LIB.impl("int8_linear", _int8_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("int8_lowrank_linear", _int8_lowrank_linear_impl, "CompositeExplicitAutograd")
 
@@ -260,16 +266,19 @@ def _eager_inference(x: torch.Tensor, B: torch.Tensor) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TENSOR = torch.Tensor
+_is_compiling = torch.compiler.is_compiling  # one global lookup, not two attribute reads
 
 
 def lowrank_linear(
     x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`(x · Bᵀ) · Aᵀ + bias` for x (..., K), B (R, K), A (N, R), bias (N,) through the fxsketch op."""
-    if (type(x) in _PLAIN and type(B) in _PLAIN and not x.is_cuda and _CHEAP_ENV and _RAW_KEY not in _RAW_ENV
-            and not torch.compiler.is_compiling()):
+    if type(x) is _TENSOR and not x.is_cuda and _RAW_KEY not in _RAW_ENV and not _is_compiling():
         # the CPU's one path, spelled out (the op's composite body, autograd included), with an
-        # unset FXSKETCH_KERNEL checked inline: on a small layer every call counts against the two GEMMs
+        # unset FXSKETCH_KERNEL checked inline and the cheapest tests first: on a small layer every
+        # 0.1 µs counts against the two GEMMs. Tracers' inputs (FX proxies, fake tensors) are not
+        # plain tensors, and Dynamo answers `_is_compiling()`, so graphs still hold the one op.
         return F.linear(F.linear(x, B), A, bias)
     if _eager_inference(x, B):
         return _lowrank_linear_impl(x, B, A, bias, eager=True)
@@ -320,3 +329,11 @@ def cast_lowrank_linear(x: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     if _eager_inference(x, B):
         return cast_lowrank_linear_aten(x, B, A, bias)
     return torch.ops.fxsketch.cast_lowrank_linear(x, B, A, bias)
+
+
+def int8_weight_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x · (weight_q · weight_scale)ᵀ + bias` in x's dtype (int8 weight only), through the fxsketch op."""
+    if _eager_inference(x, weight_scale):
+        return int8_weight_linear_aten(x, weight_q, weight_scale, bias)
+    return torch.ops.fxsketch.int8_weight_linear(x, weight_q, weight_scale, bias)

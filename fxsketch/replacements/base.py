@@ -26,19 +26,21 @@ __all__ = ["Cost", "ReplacementKind", "FactorCache", "dense_cost", "lowrank_cost
 @dataclass(frozen=True)
 class Cost:
     """Exact cost of one layer: stored numbers and FLOPs per output position (token or pixel).
-    `bits` is the width of the stored weights and of the GEMMs' operands: an 8-bit GEMM moves a
-    quarter of the bytes and does at most four times the multiply-adds per SIMD instruction."""
+    `bits` is the width of the stored weights and, unless `gemm_bits` says otherwise (weight-only
+    kinds), of the GEMMs' operands: an 8-bit GEMM moves a quarter of the bytes and does at most four
+    times the multiply-adds per SIMD instruction."""
 
     params: int
     flops_per_token: int
     rank: int | None = None
     bits: int = 32
+    gemm_bits: int | None = None
 
     @property
     def work(self) -> float:
         """FLOPs per token in float32 equivalents: a b-bit FLOP counts b/32 (what a SIMD register of
         fixed width does in one instruction)."""
-        return self.flops_per_token * self.bits / 32
+        return self.flops_per_token * (self.gemm_bits or self.bits) / 32
 
 
 def dense_cost(record: LayerRecord) -> Cost:

@@ -3,6 +3,7 @@
 `int8`: weights int8 per output channel, the input quantized to int8 on every call
 (`fxsketch::int8_linear`): same FLOPs as dense, a quarter of the weight bytes, 8-bit GEMMs.
 `bf16`, `fp16`: weights in that dtype, computed in it inside a float32 model (`fxsketch::cast_linear`).
+`int8_weight`: the weight alone int8 (`fxsketch::int8_weight_linear`), computed in the layer's dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from fxsketch.kernels.int8 import fbgemm_available
-from fxsketch.nn import CastLinear, Int8Linear
+from fxsketch.nn import CastLinear, Int8Linear, Int8WeightLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import Cost, FactorCache, ReplacementKind, dense_cost
 from fxsketch.replacements.registry import register_kind
@@ -28,6 +29,10 @@ def fast(record: LayerRecord, precision: str) -> bool:
     a CPU with FBGEMM; bf16 and fp16 on CUDA; bf16 on a CPU whose oneDNN has native bf16 GEMMs
     (AVX512-BF16 or AMX). Elsewhere the ops run correct but slow (int8's reference; bf16 ran MiniLM
     at 0.13x on an AVX2 CPU), so searches do not offer them."""
+    if precision == "int8_weight":
+        # measured on an AVX2 CPU: FBGEMM's dynamic int8 beat it at every size (ATen's int8-weight GEMM
+        # ran 4-30x slower than dense float32); on CUDA it has no timing yet, so no search offers it
+        return False
     if record.op_type != "Linear" or record.dtype != torch.float32 or record.unsupported:
         return False
     if precision == "int8":
@@ -91,3 +96,20 @@ class BF16(Half):
 @register_kind
 class FP16(Half):
     name = "fp16"
+
+
+@register_kind
+class Int8Weight(WholeLayer):
+    """Weight-only int8: the GEMM runs in the layer's own dtype on a weight dequantized as it is
+    read (by Inductor under `torch.compile`; eager, before the GEMM). Chosen by name; searches offer
+    it only where `fast` says it is measured faster than the layer's dtype."""
+
+    name = "int8_weight"
+
+    def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
+        return Int8WeightLinear.from_float(weight.reshape(record.out_features, -1), bias)
+
+    def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
+        dense = dense_cost(record)
+        return Cost(params=dense.params, flops_per_token=dense.flops_per_token, bits=8,
+                    gemm_bits=PRECISION_BITS["float"])

@@ -105,7 +105,7 @@ def optimize(
             cache_dir=study.cache_dir if study.cache_dir is not None else experiment_dir / "factors")
     _check_arguments(accuracy_fn, speed_fn, n_trials, accuracy_threshold, timeout, search)
     batches = list(iterate_batches(calibration_data)) if calibration_data is not None else None
-    if search.allocation_sensitivity is not None and not (batches and search.warm_start):
+    if search.allocation_sensitivity not in (None, "auto") and not (batches and search.warm_start):
         raise ValueError("allocation_sensitivity weighs the warm start's allocations: it needs calibration_data= "
                          "and warm_start=True")
     if calibration.recover_steps and not batches:

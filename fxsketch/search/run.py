@@ -62,7 +62,7 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
         ctx.baseline = copy.deepcopy(model)
     ctx.check_weights()  # records the weights' versions before any evaluation
     if batches and options.warm_start:
-        ctx.sensitivity = unit_sensitivity(ctx, units, options.allocation_sensitivity, batches)
+        ctx.sensitivity = unit_sensitivity(ctx, units, options.sensitivity, batches)
         ctx.warm = warm_start_plans(ctx, units)
         ctx.warm_joint = not worker  # of parallel workers, the first runs the whole-model warm start
     return ctx
