@@ -238,6 +238,16 @@ class Int8LowRankLinear(nn.Module):
             layer.bias = nn.Parameter(bias.detach().to(B.dtype).clone())
         return layer
 
+    def quantize_from(self, source: "LowRankLinear") -> None:
+        """Take `source`'s float factors (same shapes), quantized, and its bias, in place: how
+        factors trained in float (int8 ones do not train) reach this layer."""
+        if (source.B.shape, source.A.shape) != (self.B_q.shape, self.A_q.shape):
+            raise ValueError(f"factor shapes differ: {tuple(source.B.shape)}, {tuple(source.A.shape)} into "
+                             f"{tuple(self.B_q.shape)}, {tuple(self.A_q.shape)}")
+        (B_q, B_scale), (A_q, A_scale) = quantize_weight(source.B), quantize_weight(source.A)
+        _copy_into(self, B_q=B_q, B_scale=B_scale, A_q=A_q, A_scale=A_scale,
+                   bias=None if self.bias is None else source.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_lowrank_linear(x, self.B_q, self.B_scale, self.A_q, self.A_scale, self.bias)
 

@@ -103,7 +103,7 @@ class SearchOptions:
     @property
     def sensitivity(self) -> Any:
         """`allocation_sensitivity` with "auto" resolved ("output"; it only acts with a warm start)."""
-        return "output" if self.allocation_sensitivity in ("auto",) else self.allocation_sensitivity
+        return "output" if self.allocation_sensitivity == "auto" else self.allocation_sensitivity
 
     @property
     def multi(self) -> bool:
@@ -118,7 +118,9 @@ class CalibrationOptions:
     Args:
         refit: refit each replacement's trainable factors to the layer's outputs (least squares).
         recover_steps, recover_lr: distill each candidate (and the final model) for this many Adam
-            steps on the calibration data against the original model before judging it.
+            steps on the calibration data against the original model before judging it. int8
+            factors are trained in float and quantized after; a plan of whole layers in a reduced
+            precision has nothing to train and is judged as built.
         recover_loss_fn: the distillation loss `(outputs, targets, inputs) -> scalar tensor`
             (default relative MSE; `fxsketch.recover.masked_mse()` leaves padding out).
     """

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from fxsketch.capture import as_inputs
-from fxsketch.nn import LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
+from fxsketch.nn import Int8LowRankLinear, LowRankConv2d, LowRankLinear, SKConv2d, SKLinear
 from fxsketch.rewrite import rewrite
 
-__all__ = ["distill", "factor_parameters", "masked_mse", "relative_mse", "rewrite_sequential", "with_taps"]
+__all__ = ["distill", "factor_parameters", "float_factors", "masked_mse", "quantize_trained", "relative_mse",
+           "rewrite_sequential", "with_taps"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,25 @@ _REPLACEMENTS = (LowRankLinear, LowRankConv2d, SKLinear, SKConv2d)
 def factor_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of every fxsketch replacement inside `module`."""
     return [p for m in module.modules() if isinstance(m, _REPLACEMENTS) for p in m.parameters() if p.requires_grad]
+
+
+def float_factors(plan: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`plan` with its int8 low-rank factors in float: the twin that distillation trains (int8
+    factors do not train), before `quantize_trained` carries the result back."""
+    return {name: ({k: v for k, v in entry.items() if k != "precision"} if entry.get("precision") == "int8" else entry)
+            for name, entry in plan.items()}
+
+
+def quantize_trained(student: nn.Module, twin: nn.Module) -> None:
+    """Give every replacement of `student` the values of `twin`'s layer of the same name, the
+    float factors quantized where `student` holds them in int8 (`float_factors` made `twin`)."""
+    trained = dict(twin.named_modules())
+    with torch.no_grad():
+        for name, layer in student.named_modules():
+            if isinstance(layer, Int8LowRankLinear):
+                layer.quantize_from(trained[name])
+            elif isinstance(layer, _REPLACEMENTS):
+                layer.load_state_dict(trained[name].state_dict())
 
 
 def float_tensors(out: Any) -> list[torch.Tensor]:

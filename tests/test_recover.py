@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import fxsketch
-from fxsketch.recover import masked_mse, with_taps
+from fxsketch.kernels import quantize_weight
+from fxsketch.kernels.int8 import fbgemm_available
+from fxsketch.recover import float_factors, masked_mse, quantize_trained, with_taps
 from conftest import CALIB, calib_mlp as _model, HELD_OUT, rel_error as _rel_error, Tokens, tokens as _tokens
 
 
@@ -26,6 +28,45 @@ def test_distill_lowers_the_loss_and_only_trains_the_factors():
     with pytest.raises(ValueError, match="no fxsketch replacement"):
         fxsketch.distill(fxsketch.capture(model, CALIB[:8]), model, [CALIB], steps=1)
 
+
+
+INT8_PLAN = {"0": {"method": "svd", "low_rank": 3, "precision": "int8"}, "2": {"method": "svd", "low_rank": 3},
+             "4": {"method": "int8"}}
+
+
+def test_int8_factors_are_distilled_in_float_then_quantized():
+    """int8 factors do not train: their float twin (`float_factors`) is distilled and its factors
+    quantized back (`quantize_trained`); the student ends closer to the teacher than as fitted."""
+    model = _model()
+    student = fxsketch.rewrite(model, INT8_PLAN, CALIB[:8])
+    twin_plan = float_factors(INT8_PLAN)
+    assert twin_plan == {"0": {"method": "svd", "low_rank": 3}, "2": INT8_PLAN["2"], "4": INT8_PLAN["4"]}
+    twin = fxsketch.rewrite(model, twin_plan, CALIB[:8])
+    before = _rel_error(student, model)
+    fxsketch.distill(twin, model, [CALIB[i:i + 250] for i in range(0, 1500, 250)], steps=60, lr=3e-3)
+    quantize_trained(student, twin)
+    layer, trained = student.get_submodule("0"), twin.get_submodule("0")
+    for (q, scale), factor in ((quantize_weight(trained.B), "B"), (quantize_weight(trained.A), "A")):
+        assert torch.equal(getattr(layer, f"{factor}_q"), q) and torch.equal(getattr(layer, f"{factor}_scale"), scale)
+    torch.testing.assert_close(layer.bias, trained.bias)
+    torch.testing.assert_close(student.get_submodule("2").B, twin.get_submodule("2").B)
+    assert _rel_error(student, model) < 0.8 * before
+    with pytest.raises(ValueError, match="factor shapes differ"):
+        layer.quantize_from(fxsketch.rewrite(model, {"0": {"method": "svd", "low_rank": 2}}, CALIB[:8]).get_submodule("0"))
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="int8 is offered only where FBGEMM runs it")
+def test_a_search_with_recovery_handles_plans_with_nothing_to_train_and_int8_factors():
+    """recover_steps with an "auto" space on the CPU: whole-layer int8 plans (nothing trains) and
+    int8 factors (trained as float, then quantized) are trials like any other, not errors."""
+    model = _model()
+    result = fxsketch.optimize(model, fxsketch.LayerConfig(["0", "2"], params="auto"), example_inputs=CALIB[:64],
+                               accuracy_fn=lambda m: 1.0 - _rel_error(m, model), accuracy_threshold=0.5,
+                               n_trials=6, seed=0, calibration_data=[CALIB[:500]], recover_steps=3)
+    states = {t.state.name for t in result.study.trials}
+    assert states <= {"COMPLETE", "PRUNED"}, states
+    methods = {e.get("method") for e in result.study.trials[0].user_attrs.get("fxsketch.plan", {}).values()}
+    assert methods == {"int8"}  # the precision-only warm start, with nothing to distill, was a trial
 
 
 def test_recover_steps_need_calibration_data():

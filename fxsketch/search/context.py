@@ -22,7 +22,7 @@ from fxsketch.plan import Budget, plan_cost
 from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.options import CalibrationOptions, SearchOptions, StudyOptions
 from fxsketch.records import LayerRecord, fetch
-from fxsketch.recover import distill
+from fxsketch.recover import distill, factor_parameters, float_factors, quantize_trained
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan
 from fxsketch.units import Unit
@@ -123,9 +123,15 @@ class TrialContext:
         self.check_weights()
         module = apply_plan(self.gm, self.records, plan, self.cache, copy_weights=copy_weights,
                             share_weights=share and not steps)
-        if steps and plan:
-            distill(module, self.gm, self.job.batches, steps=steps, lr=recovery.recover_lr,
-                    loss_fn=recovery.recover_loss_fn)
+        if not (steps and plan):
+            return module
+        twin_plan = float_factors(plan)
+        twin = module if twin_plan == plan else apply_plan(self.gm, self.records, twin_plan, self.cache)
+        if not factor_parameters(twin):  # every layer whole in a precision: nothing to train
+            return module
+        distill(twin, self.gm, self.job.batches, steps=steps, lr=recovery.recover_lr, loss_fn=recovery.recover_loss_fn)
+        if twin is not module:  # int8 factors: trained in float, then quantized
+            quantize_trained(module, twin)
         return module
 
     def weights(self, units: list[Unit]) -> dict[str, torch.Tensor]:
