@@ -62,6 +62,19 @@ def loaded_in_fresh_process(path, x: torch.Tensor, expected: torch.Tensor, tmp_p
     return proc.stdout
 
 
+def int8_loads_in_fresh_process(gm: torch.fx.GraphModule, x: torch.Tensor, tmp_path, ops: set[str]) -> None:
+    """Save `gm` (traced at `x`) as `.pt2`, check that the program holds `ops`, and load it in a new
+    process: it maps a batch of another size as `gm` does and keeps its int8 tensors as int8."""
+    path = tmp_path / "int8.pt2"
+    program = fxsketch.save(gm, path, x)
+    assert ops <= {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    x7 = torch.randn(7, x.shape[-1])
+    with torch.no_grad():
+        out = loaded_in_fresh_process(path, x7, gm(x7), tmp_path,
+                                      "print(sorted({str(t.dtype) for t in m.state_dict().values()}))")
+    assert "torch.int8" in out
+
+
 # --------------------------------------------------------------------------- the rank-6 MLP of the search tests
 
 

@@ -15,7 +15,7 @@ from fxsketch.kernels.int8 import (
 )
 from fxsketch.capture import find_layers
 from fxsketch.plan import speed_bound
-from conftest import loaded_in_fresh_process
+from conftest import int8_loads_in_fresh_process
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no FBGEMM")
 SHAPES = [((5,), 16, 8), ((2, 7), 96, 33), ((), 40, 3), ((64,), 384, 128)]
@@ -159,15 +159,7 @@ def test_rewrite_on_meta_builds_every_tensor_there():
 
 def test_saved_int8_model_loads_weights_only_in_a_fresh_process(tmp_path):
     _, gm, x = _rewritten()
-    path = tmp_path / "int8.pt2"
-    program = fxsketch.save(gm, path, x)
-    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert {"fxsketch.int8_linear.default", "fxsketch.int8_lowrank_linear.default"} <= ops
-    x7 = torch.randn(7, 32)
-    with torch.no_grad():
-        out = loaded_in_fresh_process(path, x7, gm(x7), tmp_path,
-                                      "print(sorted({str(t.dtype) for t in m.state_dict().values()}))")
-    assert "torch.int8" in out
+    int8_loads_in_fresh_process(gm, x, tmp_path, {"fxsketch.int8_linear.default", "fxsketch.int8_lowrank_linear.default"})
 
 
 def test_plan_entries_are_checked():

@@ -18,7 +18,7 @@ from fxsketch.plan import plan_cost, speed_bound
 from fxsketch.replacements.precision import fast
 from fxsketch.spec import load_spec
 from fxsketch.units import resolve_units
-from conftest import loaded_in_fresh_process
+from conftest import int8_loads_in_fresh_process
 
 
 def _reference(x, q, scale, bias):
@@ -90,15 +90,7 @@ def test_rewrite_emits_one_op_per_layer_close_to_the_model_and_builds_on_meta():
 
 def test_saved_model_loads_weights_only_in_a_fresh_process(tmp_path):
     model, x = _model(), torch.randn(8, 32)
-    gm = fxsketch.rewrite(model, PLAN, x)
-    path = tmp_path / "int8_weight.pt2"
-    program = fxsketch.save(gm, path, x)
-    assert "fxsketch.int8_weight_linear.default" in {str(n.target) for n in program.graph.nodes}
-    x5 = torch.randn(5, 32)
-    with torch.no_grad():
-        out = loaded_in_fresh_process(path, x5, gm(x5), tmp_path,
-                                      "print(sorted({str(t.dtype) for t in m.state_dict().values()}))")
-    assert "torch.int8" in out
+    int8_loads_in_fresh_process(fxsketch.rewrite(model, PLAN, x), x, tmp_path, {"fxsketch.int8_weight_linear.default"})
 
 
 def test_cost_counts_int8_bytes_and_float_gemms():
