@@ -33,10 +33,9 @@ import torch  # noqa: E402
 import fxsketch  # noqa: E402
 from fxsketch import Int, LayerConfig  # noqa: E402
 from fxsketch.examples import minilm as M  # noqa: E402
-from fxsketch.kernels import quantize_weight  # noqa: E402
 from fxsketch.measure import time_rounds  # noqa: E402
-from fxsketch.nn import Int8LowRankLinear, LowRankLinear  # noqa: E402
 from fxsketch.plan import speed_bound  # noqa: E402
+from fxsketch.recover import quantize_trained  # noqa: E402
 
 
 def speed(dense: torch.nn.Module, variant: torch.nn.Module, x: tuple) -> tuple[float, float, float]:
@@ -50,20 +49,6 @@ def speed(dense: torch.nn.Module, variant: torch.nn.Module, x: tuple) -> tuple[f
 def with_int8(records: list, plan: dict[str, dict]) -> dict[str, dict]:
     """`plan`'s factors in int8 and every encoder Linear it leaves whole in int8."""
     return {r.name: ({**plan[r.name], "precision": "int8"} if r.name in plan else {"method": "int8"}) for r in records}
-
-
-def install_quantized(int8_model: torch.fx.GraphModule, trained: torch.fx.GraphModule) -> None:
-    """Copy `trained`'s float factors, quantized per output channel, into `int8_model`'s int8 layers."""
-    for name, layer in int8_model.named_modules():
-        if isinstance(layer, Int8LowRankLinear):
-            source = trained.get_submodule(name)
-            assert isinstance(source, LowRankLinear), name
-            (B_q, B_s), (A_q, A_s) = quantize_weight(source.B), quantize_weight(source.A)
-            with torch.no_grad():
-                for buffer, value in (("B_q", B_q), ("B_scale", B_s), ("A_q", A_q), ("A_scale", A_s)):
-                    getattr(layer, buffer).copy_(value)
-                if layer.bias is not None:
-                    layer.bias.copy_(source.bias)
 
 
 def main() -> None:
@@ -100,7 +85,7 @@ def main() -> None:
         if args.distill_steps:
             fxsketch.distill(M.Blocks(small), M.Blocks(gm), data, steps=args.distill_steps, lr=1e-3, schedule="cosine")
             distilled = fidelity(small)
-            install_quantized(quantized, small)
+            quantize_trained(quantized, small)
             row(f"{budget:.0%} FLOPs allocation, distilled {args.distill_steps}, int8", quantized, mixed,
                 f"float factors {distilled:.4f}")
 

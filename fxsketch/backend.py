@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -63,10 +64,7 @@ def backend(plan: Any = None, inner: str | Callable = "inductor") -> Callable:
     matched: set[str] = set()  # plan entries replaced in some graph fragment so far
 
     def fxsketch_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any):
-        first = not matched
         matched.update(rewrite_dynamo_graph(gm, example_inputs, plan, cache, fitted))
-        if first and plan:  # a model split by graph breaks compiles fragment by fragment: judge at the end
-            atexit.register(warn_unmatched, unmatched)
         log.info("graph fragment compiled; plan entries not replaced in any fragment so far: %s",
                  ", ".join(unmatched()) or "none")
         return _inner(inner)(gm, example_inputs)
@@ -76,6 +74,8 @@ def backend(plan: Any = None, inner: str | Callable = "inductor") -> Callable:
         return sorted(set(plan) - matched)
 
     fxsketch_backend.unmatched = unmatched
+    if plan:  # a model split by graph breaks compiles fragment by fragment, lazily: judge at the end
+        atexit.register(warn_unmatched, unmatched)
     return fxsketch_backend
 
 
@@ -94,19 +94,23 @@ def compile_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opt
         raise ValueError(f"unknown fxsketch backend options {sorted(options)}: it takes 'plan' and 'inner'")
     # one backend per plan: the graph fragments of one model share its factor cache and its count
     # of the entries matched
-    key = (json.dumps(plan, sort_keys=True, default=str), inner if isinstance(inner, str) else id(inner))
+    # a plan dict or path is keyed by its text; a Result by identity, held by the entry so that the
+    # id stays its own (the fitted factors differ between Results whose plans read alike)
+    text = (json.dumps(plan, sort_keys=True, default=str) if plan is None or isinstance(plan, (Mapping, str, os.PathLike))
+            else id(plan))
+    key = (text, inner if isinstance(inner, str) else id(inner))
     if key not in _OPTION_BACKENDS:
         # Dynamo calls this inside its tracing context, where torch.load makes meta tensors: the
         # plan's fitted factors are read outside it
         with unset_fake_temporarily(), torch._guards.tracing(None):
-            _OPTION_BACKENDS[key] = backend(plan, inner)
+            _OPTION_BACKENDS[key] = (backend(plan, inner), plan)
         while len(_OPTION_BACKENDS) > OPTION_BACKENDS_KEPT:  # each holds its plan's factors: keep the newest
             _OPTION_BACKENDS.pop(next(iter(_OPTION_BACKENDS)))
-    return _OPTION_BACKENDS[key](gm, example_inputs)
+    return _OPTION_BACKENDS[key][0](gm, example_inputs)
 
 
 OPTION_BACKENDS_KEPT = 8
-_OPTION_BACKENDS: dict[tuple[str, Any], Callable] = {}
+_OPTION_BACKENDS: dict[tuple[str | int, Any], tuple[Callable, Any]] = {}
 
 
 def _inner(inner: str | Callable) -> Callable:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 import subprocess
 import sys
@@ -149,7 +151,7 @@ class Branching(nn.Module):
         return self.b(h) if h.sum() > 0 else self.c(h)
 
 
-def test_a_model_split_by_a_branch_is_captured_by_the_backend_with_one_short_message(caplog, capfd):
+def test_a_model_split_by_a_branch_is_captured_by_the_backend_with_one_short_message(caplog, capfd, monkeypatch):
     torch.manual_seed(0)
     model, x = Branching().eval(), torch.rand(4, 8)
     with pytest.raises(fxsketch.CaptureError) as caught:
@@ -158,12 +160,16 @@ def test_a_model_split_by_a_branch_is_captured_by_the_backend_with_one_short_mes
     assert len(message) < 500 and "h.sum() > 0" in message and 'backend="fxsketch"' in message
     assert "def forward" not in capfd.readouterr().err  # torch's partial graph is not printed
     plan = {name: {"method": "svd", "low_rank": 4} for name in ("a", "b", "c")}
+    at_exit = []
+    monkeypatch.setattr(importlib.import_module("fxsketch.backend").atexit, "register",
+                        lambda *args: at_exit.append(args))
     chosen = fxsketch.backend(plan=plan, inner="eager")
     torch._dynamo.reset()
     with torch.no_grad(), caplog.at_level("WARNING"):
         out = torch.compile(model, backend=chosen)(x)
     assert chosen.unmatched() == ["c"]  # a and b were replaced, in different fragments; c never ran
     assert "plan entries" not in caplog.text  # nothing is warned about while fragments compile
+    assert len(at_exit) == 1  # one check at exit, however many fragments compiled
     taken = nn.Sequential(model.a, nn.ReLU(), model.b)  # the branch this input takes, without the branch
     with torch.no_grad():
         expected = fxsketch.rewrite(taken, {"0": plan["a"], "2": plan["b"]}, x)(x)
@@ -178,6 +184,14 @@ def test_plan_from_a_result():
     compiled = torch.compile(model, backend=fxsketch.backend(plan=result, inner="eager"))
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), result.graph_module(x), rtol=1e-5, atol=1e-5)
+    # by name, a Result is its own plan: a second one whose plan reads alike gets its own backend
+    backends = importlib.import_module("fxsketch.backend")._OPTION_BACKENDS
+    for same_plan in (result, copy.copy(result)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend="fxsketch", options={"plan": same_plan, "inner": "eager"})(x)
+    assert sum(entry[1] is result for entry in backends.values()) == 1
+    assert sum(entry[1] is not result and entry[1].plan == result.plan for entry in backends.values()) == 1
 
 
 def test_backend_by_name_without_importing_fxsketch(tmp_path):

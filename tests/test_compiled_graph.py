@@ -5,6 +5,7 @@ per layer (tests/test_ops.py)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -137,3 +138,21 @@ def test_compile_sees_the_fused_triton_kernel_on_cuda():
     targets = json.loads(run.stdout.strip().splitlines()[-1])
     assert targets.count("triton_kernel_wrapper_functional") == 2, targets
     assert not [t for t in targets if "fxsketch" in t or "mm" in t], targets
+
+
+def test_a_symbolic_batch_is_not_pinned_by_the_per_shape_kernel_choice(monkeypatch):
+    """Traced with a dynamic batch where the per-shape choice applies (CUDA's "auto"), the op
+    takes the ATen chain rather than read the size (which would pin the graph to one batch)."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    ops = importlib.import_module("fxsketch.kernels.ops")
+    monkeypatch.setattr(ops, "kernel_backend", lambda x: "auto")
+    shape_env = ShapeEnv()
+    batch = shape_env.create_symintnode(shape_env.create_symbol(6, ConstantSource("batch")), hint=6)
+    with FakeTensorMode(shape_env=shape_env):
+        x, b, a = torch.empty(batch, 12), torch.empty(4, 12), torch.empty(10, 4)
+        assert not isinstance(x.shape[0], int)
+        assert ops._pick("linear", x, b, a, None, None, None) == "aten"
+    assert not shape_env.guards  # nothing read the batch size

@@ -98,6 +98,8 @@ def _pick(kind: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, bias, fu
     if backend != "auto":
         return backend
     M = x.numel() // max(x.shape[-1], 1) if kind == "linear" else x.shape[0] * x.shape[2] * x.shape[3]
+    if tracing and not isinstance(M, int):  # a symbolic size: reading it would pin the graph to one value
+        return "aten"
     key = (kind, 1 << max(M - 1, 0).bit_length(), tuple(B.shape), A.shape[0], x.dtype, bias is not None,
            torch.backends.cuda.matmul.allow_tf32, x.device.index, geometry)
     if tracing:  # fake tensors cannot be timed: a traced graph keeps what eager chose for the shape

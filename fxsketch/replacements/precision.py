@@ -30,8 +30,8 @@ def fast(record: LayerRecord, precision: str) -> bool:
     (AVX512-BF16 or AMX). Elsewhere the ops run correct but slow (int8's reference; bf16 ran MiniLM
     at 0.13x on an AVX2 CPU), so searches do not offer them."""
     if precision == "int8_weight":
-        # measured on an AVX2 CPU: FBGEMM's dynamic int8 beat it at every size (ATen's int8-weight GEMM
-        # ran 4-30x slower than dense float32); on CUDA it has no timing yet, so no search offers it
+        # measured on an AVX2 CPU: FBGEMM's dynamic int8 beat it from 16 rows up (ATen's int8-weight GEMM
+        # ran 4-40x slower than dense float32); on CUDA it has no timing yet, so no search offers it
         return False
     if record.op_type != "Linear" or record.dtype != torch.float32 or record.unsupported:
         return False

@@ -126,7 +126,8 @@ class TrialContext:
         if not (steps and plan):
             return module
         twin_plan = float_factors(plan)
-        twin = module if twin_plan == plan else apply_plan(self.gm, self.records, twin_plan, self.cache)
+        twin = (module if twin_plan == plan
+                else apply_plan(self.gm, self.records, twin_plan, self.cache, copy_weights=copy_weights))
         if not factor_parameters(twin):  # every layer whole in a precision: nothing to train
             return module
         distill(twin, self.gm, self.job.batches, steps=steps, lr=recovery.recover_lr, loss_fn=recovery.recover_loss_fn)

@@ -43,7 +43,7 @@ def evaluate(ctx: TrialContext, trial: optuna.Trial, plan: dict[str, dict[str, A
     search, else the score."""
     trial.set_user_attr(keys.UNIT, unit)
     selected = [ctx.records[n] for n in ctx.selected]
-    trial.set_user_attr(keys.FLOPS, plan_cost(selected, plan).flops / max(plan_cost(selected, {}).flops, 1))
+    trial.set_user_attr(keys.FLOPS, plan_cost(selected, plan).flops / max(ctx.selected_dense[0], 1))
     key = (unit, plan_key(values))
     # one read of the study: what other workers (or an earlier run) finished, and what they run now
     trials = trial.study.get_trials(deepcopy=False)
