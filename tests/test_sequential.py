@@ -12,7 +12,7 @@ from fxsketch.recover import rewrite_sequential
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan
 from fxsketch.sequential import sequential_stats
-from conftest import CALIB, calib_mlp as _model, rel_error as _rel_error
+from conftest import CALIB, HELD_OUT, calib_mlp as _model, rel_error as _rel_error
 
 
 def test_sequential_statistics_are_the_inputs_of_the_partly_replaced_model():
@@ -63,3 +63,26 @@ def test_sequential_fitting_undoes_upstream_error(method):
     sequential = rewrite_sequential(model, plan, [CALIB[:700], CALIB[700:]], CALIB[:8])
     assert set(sequential.meta["fxsketch_plan"]) == set(plan)
     assert _rel_error(sequential, model) < 0.9 * _rel_error(plain, model)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_the_search_fits_its_candidates_as_the_matching_rewrite_does(sequential):
+    """With calibration data the search builds every candidate with a sequential fit by default
+    (`CalibrationOptions(sequential=True)`); the model it returns is the one `rewrite_sequential`
+    (or, with False, the plain calibrated `rewrite`) makes of the same plan."""
+    model = _model()
+    batches = [CALIB[:700], CALIB[700:]]
+    spec = fxsketch.LayerConfig({"type": "Linear"}, params={"method": "whitened_svd", "low_rank": [2, 3]})
+    result = fxsketch.optimize(model, spec, example_inputs=CALIB[:8], accuracy_fn=lambda m: 1.0,
+                               accuracy_threshold=0.5, n_trials=4, calibration_data=batches,
+                               search=fxsketch.SearchOptions(objective="flops", seed=0, warm_start=False),
+                               calibration=fxsketch.CalibrationOptions(sequential=sequential))
+    assert len(result.plan) > 1
+    reference = (rewrite_sequential(model, result.plan, batches, CALIB[:8]) if sequential
+                 else fxsketch.rewrite(model, result.plan, CALIB[:8], calibration_data=batches))
+    other = (fxsketch.rewrite(model, result.plan, CALIB[:8], calibration_data=batches) if sequential
+             else rewrite_sequential(model, result.plan, batches, CALIB[:8]))
+    with torch.no_grad():
+        got, want, not_want = (m(HELD_OUT) for m in (result.graph_module, reference, other))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, not_want, atol=1e-5)

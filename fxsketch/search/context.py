@@ -25,6 +25,7 @@ from fxsketch.records import LayerRecord, fetch
 from fxsketch.recover import distill, factor_parameters, float_factors, quantize_trained
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan
+from fxsketch.sequential import sequential_stats
 from fxsketch.units import Unit
 
 __all__ = ["SearchJob", "TrialContext"]
@@ -121,19 +122,29 @@ class TrialContext:
         recovery = self.job.calibration
         steps = recovery.recover_steps
         self.check_weights()
-        module = apply_plan(self.gm, self.records, plan, self.cache, copy_weights=copy_weights,
+        cache = self.fit_cache(plan) if copy_weights else self.cache
+        module = apply_plan(self.gm, self.records, plan, cache, copy_weights=copy_weights,
                             share_weights=share and not steps)
         if not (steps and plan):
             return module
         twin_plan = float_factors(plan)
         twin = (module if twin_plan == plan
-                else apply_plan(self.gm, self.records, twin_plan, self.cache, copy_weights=copy_weights))
+                else apply_plan(self.gm, self.records, twin_plan, cache, copy_weights=copy_weights))
         if not factor_parameters(twin):  # every layer whole in a precision: nothing to train
             return module
         distill(twin, self.gm, self.job.batches, steps=steps, lr=recovery.recover_lr, loss_fn=recovery.recover_loss_fn)
         if twin is not module:  # int8 factors: trained in float, then quantized
             quantize_trained(module, twin)
         return module
+
+    def fit_cache(self, plan: dict) -> FactorCache:
+        """The factors to build `plan` from: with sequential calibration and low-rank entries, fitted
+        to the inputs each layer receives under `plan` (`sequential_stats`); else the study's cache."""
+        calibration = self.job.calibration
+        if not (calibration.sequential and self.job.batches and any("low_rank" in e for e in plan.values())):
+            return self.cache
+        stats = sequential_stats(self.gm, self.job.batches, plan, list(self.records.values()), refit=calibration.refit)
+        return FactorCache(stats, refit=calibration.refit)
 
     def weights(self, units: list[Unit]) -> dict[str, torch.Tensor]:
         """The captured weight tensor of every layer of `units`, by name."""

@@ -156,7 +156,7 @@ def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
             "objective": ctx.objective, "strategy": ctx.job.strategy,
             "units": sorted([key, sorted(u.layers), repr(u.space)] for key, u in ctx.units.items()),
             "budget": [options.max_flops, options.max_params, options.max_bytes], "method": ctx.default_method,
-            "calibration": [calibration.refit, calibration.recover_steps, calibration.recover_lr,
+            "calibration": [calibration.refit, calibration.sequential, calibration.recover_steps, calibration.recover_lr,
                             bool(ctx.job.batches)]}
 
 
