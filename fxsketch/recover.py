@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -178,8 +179,6 @@ def with_taps(gm: torch.fx.GraphModule, names: Any) -> torch.fx.GraphModule:
     shares `gm`'s parameters and submodules (training it trains `gm`); `gm` itself is unchanged.
     Its forward takes the graph's placeholders positionally, flat.
     """
-    import copy
-
     names = [names] if isinstance(names, str) else list(names)
     graph = copy.deepcopy(gm.graph)
     nodes = {n.name: n for n in graph.nodes}

@@ -22,7 +22,7 @@ def test_budget_smaller_than_the_units_warns(caplog):
     result = _run(n_trials=1)
     assert len(result.trials) == 1
     assert set(result.trials["layer"]) == {"0"}
-    assert "n_trials=1 is below the 2 tuning units: 1 of them get no trial of their own" in caplog.text
+    assert "1 trial(s) left for 2 tuning units: 1 of them get no trial of their own" in caplog.text
     assert result.notes[0] == "1 unit(s) not searched (no trial of its own ran; raise n_trials or timeout): 2"
 
 

@@ -4,7 +4,12 @@ warm-start plan and the per-unit bests combined."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
+
+import torch
+from torch import nn
 
 
 import fxsketch
@@ -97,3 +102,46 @@ def test_optimize_with_calibration_uses_whitened_svd_and_starts_from_the_error_c
             checked += 1
     assert checked
     assert result.accuracy >= 0.9
+
+
+def test_with_fewer_trials_left_than_units_the_descent_takes_them_all(caplog):
+    torch.manual_seed(0)
+    layers = [m for _ in range(8) for m in (nn.Linear(48, 48), nn.Tanh())]
+    model = nn.Sequential(*layers, nn.Linear(48, 6)).eval()
+    spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 8]}, params="auto")
+    result = fxsketch.optimize(model, spec, example_inputs=CALIB[:64], accuracy_fn=lambda m: 1.0,
+                               accuracy_threshold=0.5, objective="flops", n_trials=9, seed=0,
+                               calibration_data=[CALIB[:500]])
+    notes = [t.user_attrs.get("fxsketch.warm", "") for t in result.study.trials]
+    counted = result.trials[result.trials["counted"]]
+    assert len(counted) == 9 and set(counted["layer"]) == {"*"}  # no per-unit trial: 9 trials, 8 units
+    assert sum("descent" in n for n in notes) > (9 - 3) // 2  # more than half of what the bisection left
+    assert "0 trial(s) left after the warm start's 9 whole-model trials for 8 tuning units" in caplog.text
+    assert not any("not searched" in n for n in result.notes)  # the warm start's plan was returned
+
+
+def test_the_leading_whole_model_plans_are_timed_on_the_whole_model_and_the_fastest_is_returned(monkeypatch):
+    finish = importlib.import_module("fxsketch.search.finish")
+    timed, chosen = [], []
+
+    class Rounds:  # the second of the leading plans runs fastest
+        def median(self, i):
+            return 0.5 if i == 1 else 1.0
+
+    def fake_time_rounds(fns, inputs, **kwargs):
+        timed.append(len(fns))
+        return Rounds()
+
+    fastest = finish._fastest_joint
+    monkeypatch.setattr(finish, "time_rounds", fake_time_rounds)
+    monkeypatch.setattr(finish, "_fastest_joint", lambda ctx, study: chosen.append(fastest(ctx, study)) or chosen[-1])
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(48, 48), nn.Tanh())], nn.Linear(48, 6)).eval()
+    spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 8]}, params={"low_rank": [8, 16, 24, 32, 40]})
+    result = fxsketch.optimize(model, spec, example_inputs=CALIB[:64], accuracy_fn=lambda m: 1.0,
+                               accuracy_threshold=0.5, n_trials=9, calibration_data=[CALIB[:500]],
+                               search=fxsketch.SearchOptions(seed=0))
+    assert timed == [finish.LEADING_TIMED]
+    leading = finish.leading_joint(result.study, finish.LEADING_TIMED)
+    assert len({json.dumps(p, sort_keys=True) for p, _ in leading}) == finish.LEADING_TIMED
+    assert chosen == [leading[1]]  # the measured fastest, not the best estimate

@@ -17,11 +17,15 @@ similarity structure.
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 import os
+import random
 import re
+import sysconfig
 from collections.abc import Iterable, Mapping, Sequence
+from pydoc_data.topics import topics
 from typing import Any
 
 import torch
@@ -115,8 +119,6 @@ def sentences(split: str = "evaluation") -> list[str]:
 
 @functools.cache
 def _manual() -> dict[str, list[str]]:
-    from pydoc_data.topics import topics
-
     halves: dict[str, list[str]] = {"calibration": [], "evaluation": []}
     seen: set[str] = set()
     keys = sorted(topics)
@@ -146,9 +148,6 @@ def _new_sentences(text: str, seen: set[str]) -> list[str]:
 def _stdlib_docstrings() -> Iterable[str]:
     """The docstrings of the standard library's modules, classes and functions, read from the
     source files with `ast` (nothing is imported), in path order; tests and demos are skipped."""
-    import ast
-    import sysconfig
-
     root = sysconfig.get_paths()["stdlib"]
     skip = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
     for path, dirs, files in os.walk(root):
@@ -350,8 +349,6 @@ def distillation_batches(n_sentences: int | None = None, batch_size: int = 32, m
     """Length-grouped `(input_ids, attention_mask)` batches of the "distillation" sentences (the
     first `n_sentences`, or all), the batch order shuffled with `seed`: extra unlabelled text for
     `fxsketch.distill`, disjoint from the calibration and evaluation sentences."""
-    import random
-
     data = batches(tokenizer(), sentences("distillation")[:n_sentences], batch_size, max_length, by_length=True)
     random.Random(seed).shuffle(data)
     return data

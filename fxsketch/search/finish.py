@@ -21,14 +21,14 @@ from torch import nn
 
 from fxsketch.allocate import layer_errors
 from fxsketch.deploy import save
-from fxsketch.measure import Speedup, measure_speedup
+from fxsketch.measure import Speedup, measure_speedup, time_rounds
 from fxsketch import study_format as keys
 from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.plan import plan_cost, speed_bound
 from fxsketch.records import fetch
 from fxsketch.result import Result, trials_frame
 from fxsketch.search.context import TrialContext
-from fxsketch.search.joint import ParetoPoint, best_joint, pareto_points
+from fxsketch.search.joint import ParetoPoint, leading_joint, pareto_points
 from fxsketch.search.layerwise import best_entry, searched
 from fxsketch.units import Unit
 
@@ -81,7 +81,6 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
     pareto = pareto_points(ctx, study, functools.partial(ctx.build, share=False)) if ctx.multi else []
     plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
     notes = _unit_notes(study, units) if strategy == "layerwise" and not pareto else []
-    warm = best_joint(study) if strategy == "layerwise" and ctx.threshold is not None else None
     basis = _basis(ctx, study)
     held = study.user_attrs.get(keys.FINISHED) if not pareto else None
     decided = isinstance(held, dict) and held.get("basis") == basis
@@ -96,6 +95,8 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
             plan = dict(held["plan"])
             steps = [{"layers": len(plan), "dropped": None, "accuracy": accuracy,
                       "source": "the plan this study holds as finished, on the same trials"}]
+    warm = (_fastest_joint(ctx, study) if strategy == "layerwise" and ctx.threshold is not None and not decided
+            else None)
     if not decided and warm is None:
         plan, accuracy, steps, module = _validate(ctx, plan, accuracies, verbose)
     elif not decided:  # the best whole-model (warm-start) plan, unless the per-unit bests combined beat it
@@ -108,6 +109,7 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
             done = _validate(ctx, dict(warm[0]), {}, verbose)
             for step in done[2]:
                 step["source"] = "warm start (whole-model trial)"
+            notes = []  # what the per-unit search did not reach does not bear on this plan
             done = (done[0], done[1], tried + done[2], done[3])
         plan, accuracy, steps, module = done
     if plan and not ctx.job.calibration.recover_steps:  # the returned model owns its weights (the same values)
@@ -209,6 +211,24 @@ def _back_off_slow(ctx: TrialContext, plan: dict, accuracy, module: nn.Module, m
     return plan, accuracy, module, measured
 
 
+LEADING_TIMED = 3  # feasible whole-model plans timed on the whole model before one is returned
+
+
+def _fastest_joint(ctx: TrialContext, study: optuna.Study) -> tuple[dict, float] | None:
+    """The feasible whole-model plan (and its accuracy) to return: of the `LEADING_TIMED` best by
+    their trials' speed, the one that runs fastest on the whole model, timed interleaved. Trials
+    are scored by per-layer estimates, which do not tell plans a few per cent apart, and one
+    disturbed layer timing can put a plan first."""
+    leading = leading_joint(study, LEADING_TIMED)
+    if len(leading) < 2 or ctx.objective != "latency" or ctx.speed_fn is not None:
+        return leading[0] if leading else None
+    rounds = time_rounds([ctx.build(dict(plan)) for plan, _ in leading], ctx.inputs, cap_s=3.0)
+    fastest = min(range(len(leading)), key=rounds.median)
+    log.info("the %d leading whole-model plans, timed on the whole model: %s ms per call; returning plan %d",
+             len(leading), ", ".join(f"{rounds.median(i) * 1e3:.2f}" for i in range(len(leading))), fastest + 1)
+    return leading[fastest]
+
+
 def _chosen_plan(ctx: TrialContext, study: optuna.Study, units: list[Unit], strategy: str,
                  pareto: list[ParetoPoint]) -> tuple[dict, dict[str, float]]:
     """The plan to validate: per-unit bests combined, the best joint plan, or a Pareto point."""
@@ -216,7 +236,7 @@ def _chosen_plan(ctx: TrialContext, study: optuna.Study, units: list[Unit], stra
         point = pareto[0] if ctx.threshold is not None else max(pareto, key=lambda p: (p.accuracy, p.speed))
         return dict(point.plan), {}
     if strategy == "joint":
-        best = best_joint(study)
+        best = _fastest_joint(ctx, study)
         if best is None:
             log.warning("no plan met the accuracy threshold: the model stays dense")
             return {}, {}

@@ -22,7 +22,7 @@ from fxsketch.search.evaluate import evaluate, over_budget, plan_key
 from fxsketch.units import Unit, invalid_reason, suggest_entry, warm_params
 from fxsketch.workers import optimize_study
 
-__all__ = ["ParetoPoint", "run_joint", "evaluate_plan", "best_joint", "pareto_points", "flat_values"]
+__all__ = ["ParetoPoint", "run_joint", "evaluate_plan", "best_joint", "leading_joint", "pareto_points", "flat_values"]
 
 
 @dataclass
@@ -88,11 +88,21 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def best_joint(study: optuna.Study) -> tuple[dict, float] | None:
     """The plan and accuracy of the best feasible single-objective joint trial, or None."""
-    scored = [t for t in _complete(study) if math.isfinite(t.value)]
-    if not scored:
-        return None
-    best = max(scored, key=lambda t: (t.value, t.user_attrs[keys.ACCURACY]))
-    return best.user_attrs[keys.PLAN], best.user_attrs[keys.ACCURACY]
+    leading = leading_joint(study, 1)
+    return leading[0] if leading else None
+
+
+def leading_joint(study: optuna.Study, count: int) -> list[tuple[dict, float]]:
+    """The plans and accuracies of the `count` best feasible single-objective joint trials with
+    different plans, best first."""
+    scored = sorted((t for t in _complete(study) if math.isfinite(t.value)),
+                    key=lambda t: (t.value, t.user_attrs[keys.ACCURACY]), reverse=True)
+    out: dict[str, tuple[dict, float]] = {}
+    for t in scored:
+        if len(out) == count:
+            break
+        out.setdefault(plan_key(t.user_attrs[keys.PLAN]), (t.user_attrs[keys.PLAN], t.user_attrs[keys.ACCURACY]))
+    return list(out.values())
 
 
 def pareto_points(ctx: TrialContext, study: optuna.Study, build: Callable[[dict], nn.Module]) -> list[ParetoPoint]:

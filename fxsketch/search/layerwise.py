@@ -35,15 +35,17 @@ def run_layerwise(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_t
     A unit that finishes early (its space exhausted) leaves its share to the units after it.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    if n_trials < len(units):
-        log.warning("n_trials=%d is below the %d tuning units: %d of them get no trial of their own and stay "
-                    "dense unless a whole-model trial replaces them (give n_trials >= %d to search every unit)",
-                    n_trials, len(units), len(units) - n_trials, len(units))
     used = warm = 0
     if ctx.warm and ctx.warm_joint and ctx.threshold is not None:
         before = ctx.started
         warm_joint(ctx, study, units, n_trials, callbacks)
         used = warm = ctx.started - before
+    if n_trials - used < len(units):
+        left = max(0, n_trials - used)
+        after = f" after the warm start's {warm} whole-model trials" if warm else ""
+        log.warning("%d trial(s) left%s for %d tuning units: %d of them get no trial of their own and stay "
+                    "dense unless a whole-model trial replaces them (give n_trials >= %d to search every unit)",
+                    left, after, len(units), len(units) - left, len(units) + used)
     for i, unit in enumerate(units):
         share = -(-max(0, n_trials - used) // (len(units) - i))  # ceil: earlier units get the remainder
         left = None if deadline is None else deadline - time.monotonic()

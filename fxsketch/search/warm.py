@@ -117,7 +117,9 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
        dense: to its largest rank that saves FLOPs), the unit whose step adds the least predicted
        output error per FLOP saved first; a feasible step is kept, a unit whose step fails is not
        moved again. It stops when no unit can move, or after half the trials left: the per-unit
-       search (which starts from the warm-start ranks of each unit) gets the rest.
+       search (which starts from the warm-start ranks of each unit) gets the rest. When fewer
+       trials are left than units, the per-unit search could not reach them all: the descent
+       takes every trial left.
 
     `fxsketch.search.finish` returns the best of these plans unless the per-unit bests, combined and backed off,
     are faster. Skipped when the study already holds whole-model trials (a resumed study, a call on
@@ -163,7 +165,10 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
         budget = (lo + hi) / 2
     if best is None:
         return
-    plan, rejected, stop = best[0], set(), used + (n_trials - used) // 2
+    left = n_trials - used
+    # with fewer trials left than units the per-unit search cannot reach every unit; the descent,
+    # which moves the unit that costs least accuracy per FLOP, gets them all
+    plan, rejected, stop = best[0], set(), used + (left if left < len(units) else left // 2)
     while used < stop:
         step = _cheaper_step(ctx, usable, plan, weights, rejected)
         if step is None:
