@@ -363,7 +363,7 @@ def target() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model, x
 
 
-_ACCURACY_SLICE = slice(224, 288)  # evaluation sentences the benchmark's table does not use
+_ACCURACY_SLICE = slice(224, None)  # evaluation sentences the benchmark's table does not use (93)
 
 
 @functools.cache
@@ -374,7 +374,8 @@ def _accuracy_data() -> tuple[list, torch.Tensor]:
 
 
 def accuracy(module: nn.Module) -> float:
-    """Fidelity of `module` to the original model on 64 held-out evaluation sentences: an accuracy
-    function for `fxsketch optimize ... --accuracy fxsketch.examples.minilm:accuracy`."""
+    """Fidelity of `module` to the original model on the 93 held-out evaluation sentences after the
+    first 224 (which the benchmarks' tables use): an accuracy function for
+    `fxsketch optimize ... --accuracy fxsketch.examples.minilm:accuracy`."""
     data, reference = _accuracy_data()
     return fidelity(reference, embed(module, data))

@@ -22,7 +22,7 @@ from fxsketch.search.evaluate import evaluate, over_budget, plan_key
 from fxsketch.units import Unit, invalid_reason, suggest_entry, warm_params
 from fxsketch.workers import optimize_study
 
-__all__ = ["ParetoPoint", "run_joint", "evaluate_plan", "best_joint", "leading_joint", "pareto_points", "flat_values"]
+__all__ = ["ParetoPoint", "run_joint", "evaluate_plan", "leading_joint", "pareto_points", "flat_values"]
 
 
 @dataclass
@@ -84,12 +84,6 @@ def run_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_trial
 def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.user_attrs.get(keys.UNIT) == keys.WHOLE_MODEL]
-
-
-def best_joint(study: optuna.Study) -> tuple[dict, float] | None:
-    """The plan and accuracy of the best feasible single-objective joint trial, or None."""
-    leading = leading_joint(study, 1)
-    return leading[0] if leading else None
 
 
 def leading_joint(study: optuna.Study, count: int) -> list[tuple[dict, float]]:
