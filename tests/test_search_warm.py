@@ -104,10 +104,14 @@ def test_optimize_with_calibration_uses_whitened_svd_and_starts_from_the_error_c
     assert result.accuracy >= 0.9
 
 
-def test_with_fewer_trials_left_than_units_the_descent_takes_them_all(caplog):
+def _eight_layers() -> nn.Module:
+    """48 → 48 (eight times, tanh) → 6, seed 0: more tuning units than a short search has trials."""
     torch.manual_seed(0)
-    layers = [m for _ in range(8) for m in (nn.Linear(48, 48), nn.Tanh())]
-    model = nn.Sequential(*layers, nn.Linear(48, 6)).eval()
+    return nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(48, 48), nn.Tanh())], nn.Linear(48, 6)).eval()
+
+
+def test_with_fewer_trials_left_than_units_the_descent_takes_them_all(caplog):
+    model = _eight_layers()
     spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 8]}, params="auto")
     result = fxsketch.optimize(model, spec, example_inputs=CALIB[:64], accuracy_fn=lambda m: 1.0,
                                accuracy_threshold=0.5, objective="flops", n_trials=9, seed=0,
@@ -135,8 +139,7 @@ def test_the_leading_whole_model_plans_are_timed_on_the_whole_model_and_the_fast
     fastest = finish._fastest_joint
     monkeypatch.setattr(finish, "time_rounds", fake_time_rounds)
     monkeypatch.setattr(finish, "_fastest_joint", lambda ctx, study: chosen.append(fastest(ctx, study)) or chosen[-1])
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(48, 48), nn.Tanh())], nn.Linear(48, 6)).eval()
+    model = _eight_layers()
     spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 8]}, params={"low_rank": [8, 16, 24, 32, 40]})
     result = fxsketch.optimize(model, spec, example_inputs=CALIB[:64], accuracy_fn=lambda m: 1.0,
                                accuracy_threshold=0.5, n_trials=9, calibration_data=[CALIB[:500]],
