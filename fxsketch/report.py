@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from fxsketch.study_format import UNTIMED
+
 if TYPE_CHECKING:
     from fxsketch.result import Result
 
@@ -37,9 +39,6 @@ def write_report(result: "Result", path: str | Path) -> Path:
             return path
     _png(result, path)
     return path
-
-
-UNTIMED = "not timed (infeasible)"
 
 
 def _speed_axis(result: "Result") -> str:

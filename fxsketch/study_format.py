@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["UNIT", "WHOLE_MODEL", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "SCORE", "NOTE", "WARM", "REUSED", "FINISHED", "FLOPS",
+__all__ = ["UNIT", "WHOLE_MODEL", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "UNTIMED", "SCORE", "NOTE", "WARM", "REUSED", "FINISHED", "FLOPS",
            "running_trial", "trial_running"]
 
 UNIT = "fxsketch.unit"  # the tuning unit's key (a layer, a group, or WHOLE_MODEL)
@@ -22,6 +22,7 @@ PLAN = "fxsketch.plan"  # a whole-model trial's plan
 ACCURACY = "fxsketch.accuracy"
 SPEED = "fxsketch.speed"
 SPEED_SOURCE = "fxsketch.speed_source"  # what the speed is: a per-layer estimate, a FLOP ratio, ...
+UNTIMED = "not timed (infeasible)"  # the SPEED_SOURCE of a trial that missed the bar and was not timed
 SCORE = "fxsketch.score"
 NOTE = "fxsketch.note"  # why a trial was pruned, failed or reused an earlier result
 FLOPS = "fxsketch.flops"  # the trial's plan: FLOPs of the selected layers as a fraction of dense

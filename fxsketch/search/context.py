@@ -26,6 +26,7 @@ from fxsketch.recover import distill, factor_parameters, float_factors, quantize
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan
 from fxsketch.sequential import sequential_stats
+from fxsketch import study_format as keys
 from fxsketch.units import Unit
 
 __all__ = ["SearchJob", "TrialContext"]
@@ -210,7 +211,7 @@ class TrialContext:
         """What a trial's speed figure is: a cost ratio, the user's speed_fn, or a latency estimate or
         measurement (a NaN was not timed)."""
         if not math.isfinite(speed):
-            return "not timed (infeasible)"
+            return keys.UNTIMED
         if self.speed_fn is not None:
             return "speed_fn"
         if self.objective == "flops":
