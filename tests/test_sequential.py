@@ -3,6 +3,9 @@ replaced model, plans are checked as rewrite checks them, and sequential fitting
 
 from __future__ import annotations
 
+import importlib
+import json
+
 import pytest
 import torch
 
@@ -66,10 +69,14 @@ def test_sequential_fitting_undoes_upstream_error(method):
 
 
 @pytest.mark.parametrize("sequential", [True, False])
-def test_the_search_fits_its_candidates_as_the_matching_rewrite_does(sequential):
+def test_the_search_fits_its_candidates_as_the_matching_rewrite_does(sequential, monkeypatch):
     """With calibration data the search builds every candidate with a sequential fit by default
     (`CalibrationOptions(sequential=True)`); the model it returns is the one `rewrite_sequential`
     (or, with False, the plain calibrated `rewrite`) makes of the same plan."""
+    context = importlib.import_module("fxsketch.search.context")
+    fitted = []
+    monkeypatch.setattr(context, "sequential_stats", lambda gm, b, plan, *a, **k: fitted.append(
+        json.dumps(plan, sort_keys=True)) or sequential_stats(gm, b, plan, *a, **k))
     model = _model()
     batches = [CALIB[:700], CALIB[700:]]
     spec = fxsketch.LayerConfig({"type": "Linear"}, params={"method": "whitened_svd", "low_rank": [2, 3]})
@@ -86,3 +93,4 @@ def test_the_search_fits_its_candidates_as_the_matching_rewrite_does(sequential)
         got, want, not_want = (m(HELD_OUT) for m in (result.graph_module, reference, other))
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, not_want, atol=1e-5)
+    assert len(fitted) == len(set(fitted))  # each plan fitted once (finishing builds it several times)

@@ -7,6 +7,7 @@ set up then and never change, the last ones are the caches and counters trials u
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class TrialContext:
     # (unit, values) -> (accuracy, speed, first trial): a repeated draw is not evaluated again
     memo: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
     seen: dict[str, set[str]] = field(default_factory=dict)
+    last_fit: tuple[str, FactorCache] | None = None  # the last plan's sequential fit, by its text
 
     def trial_limit(self) -> float | None:
         """Seconds a trial's metric call may take: the trial timeout, and no later than the deadline."""
@@ -144,8 +146,12 @@ class TrialContext:
         calibration = self.job.calibration
         if not (calibration.sequential and self.job.batches and any("low_rank" in e for e in plan.values())):
             return self.cache
-        stats = sequential_stats(self.gm, self.job.batches, plan, list(self.records.values()), refit=calibration.refit)
-        return FactorCache(stats, refit=calibration.refit)
+        key = json.dumps(plan, sort_keys=True)
+        if self.last_fit is None or self.last_fit[0] != key:  # finishing builds one plan several times
+            stats = sequential_stats(self.gm, self.job.batches, plan, list(self.records.values()),
+                                     refit=calibration.refit)
+            self.last_fit = (key, FactorCache(stats, refit=calibration.refit))
+        return self.last_fit[1]
 
     def weights(self, units: list[Unit]) -> dict[str, torch.Tensor]:
         """The captured weight tensor of every layer of `units`, by name."""
