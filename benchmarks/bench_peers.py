@@ -147,8 +147,10 @@ def search_rows(model: nn.Module, x: tuple, calibration: list, n_trials: int, fo
         result.save_plan(stem + ".json")
         result.trials.to_csv(stem + ".trials.csv", index=False)  # how the search got there
         fxsketch.save(result.graph_module, stem + ".pt2", x)
-        kinds = sorted({(e["method"], e.get("precision", "float")) for e in result.plan.values()})
-        print(f"optimize at {bar}: {len(result.plan)} layers replaced ({', '.join('/'.join(k) for k in kinds)}), "
+        tables = {r.name for r in result.tables}
+        kinds = sorted({(e["method"], e.get("precision", "float")) for n, e in result.plan.items() if n not in tables})
+        print(f"optimize at {bar}: {len(result.plan) - len(tables)} layers replaced "
+              f"({', '.join('/'.join(k) for k in kinds)}), {len(tables)} embedding tables as int8 rows, "
               f"{n_trials} trials, {time.perf_counter() - t0:.0f}s, held-out fidelity {result.accuracy:.4f}, "
               f"speedup at the search {result.speedup}")
         rows[f"fxsketch optimize, fidelity bar {bar}"] = (

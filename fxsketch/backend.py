@@ -24,7 +24,9 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from fxsketch.capture import module_type_of, call_arguments, functional_record, is_functional_layer
+from fxsketch.capture import (
+    call_arguments, functional_record, is_functional_layer, is_table_lookup, module_type_of, table_record,
+)
 from fxsketch.fitted import factors_of, install_factors
 from fxsketch.nn import LowRankConv2d, LowRankLinear, op_call
 from fxsketch.plan import build_entry, normalize_plan
@@ -130,12 +132,12 @@ def _inner(inner: str | Callable) -> Callable:
 def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], plan: Mapping[str, Mapping],
                          cache: FactorCache, fitted: Mapping[str, Mapping[str, torch.Tensor]] | None = None
                          ) -> list[str]:
-    """Replace every planned linear/conv2d node of a Dynamo graph in place (a layer in `fitted`
+    """Replace every planned linear/conv2d node and embedding lookup of a Dynamo graph in place (a layer in `fitted`
     with its stored tensors); returns the names done."""
     values = _placeholder_values(gm, example_inputs)
     found: dict[str, list[tuple[LayerRecord, torch.Tensor, torch.Tensor | None]]] = {}
     for position, node in enumerate(gm.graph.nodes):
-        if is_functional_layer(node):
+        if is_functional_layer(node) or is_table_lookup(node):
             layer = _layer(gm, node, values, position)
             if layer is not None:
                 found.setdefault(layer[0].name, []).append(layer)
@@ -162,7 +164,8 @@ def _source_name(node: torch.fx.Node) -> str | None:
 
 
 def _layer(gm, node, values, position):
-    """(record, weight, bias) for a linear/conv2d node whose weight is a parameter, else None."""
+    """(record, weight, bias) for a linear/conv2d node or an embedding lookup whose weight is a
+    parameter, else None."""
     args = call_arguments(node)
     weight_node, bias_node = args.get("weight"), args.get("bias")
     weight, bias = _tensor(gm, weight_node, values), _tensor(gm, bias_node, values) if bias_node is not None else None
@@ -174,8 +177,12 @@ def _layer(gm, node, values, position):
         stack = list((node.meta.get("nn_module_stack") or {}).values())
         path = qualified_name(stack[-1][0]) + ".weight" if stack else str(weight_node.target)
     name = path[: -len(".weight")] if path.endswith(".weight") else path
-    record = functional_record(node, name, module_type_of(node, name), tuple(weight.shape), 0, position,
-                               str(weight_node.name), str(bias_node.name) if bias_node is not None else None)
+    if is_table_lookup(node):
+        record = table_record(node, name, module_type_of(node, name), weight, position, str(weight_node.name),
+                              args.get("max_norm"))
+    else:
+        record = functional_record(node, name, module_type_of(node, name), tuple(weight.shape), 0, position,
+                                   str(weight_node.name), str(bias_node.name) if bias_node is not None else None)
     return record, weight, bias
 
 

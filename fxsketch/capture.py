@@ -23,7 +23,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxsketch.display import quiet_logger
 from fxsketch.records import LayerRecord, fetch
 
-__all__ = ["CaptureError", "capture", "find_layers", "other_modules", "as_inputs", "describe_inputs", "user_frame"]
+__all__ = ["CaptureError", "capture", "find_layers", "find_tables", "table_record", "is_table_lookup", "other_modules",
+           "as_inputs", "describe_inputs", "user_frame"]
 
 log = logging.getLogger(__name__)
 _LIBRARY_FOLDERS = (str(Path(__file__).parent),
@@ -38,6 +39,7 @@ _CONV_FNS = {
     torch.ops.aten.conv2d.default,
     torch.ops.aten.conv2d.padding,
 }
+_EMBEDDING_FNS = {F.embedding, torch.embedding, torch.ops.aten.embedding.default}
 _FUNCTIONAL_ORDER = 1 << 30
 
 
@@ -263,6 +265,79 @@ def find_layers(gm: torch.fx.GraphModule) -> list[LayerRecord]:
     return list(records.values())
 
 
+def find_tables(gm: torch.fx.GraphModule) -> list[LayerRecord]:
+    """Describe every embedding table of `gm` (`nn.Embedding` modules and embedding lookups on a
+    parameter), one record per table, in graph order: `op_type` "Embedding", `weight_shape` (rows,
+    dim), `tokens` the rows looked up per call. A table whose weight is also read elsewhere (tied to
+    an output layer) or that renormalizes its rows (`max_norm`) is recorded as `unsupported`."""
+    records: dict[str, LayerRecord] = {}
+    for position, node in enumerate(gm.graph.nodes):
+        found = _table_for(gm, node)
+        if found is None:
+            continue
+        name, target, module_type, max_norm = found
+        weight = fetch(gm, target)
+        if name in records:
+            records[name].nodes.append(node)
+            records[name].tokens += _tokens(node, weight.shape[1])
+            continue
+        records[name] = table_record(node, name, module_type, weight, position, target, max_norm)
+    for record in records.values():
+        tied = _other_readers(gm, record)
+        if tied and not record.unsupported:
+            record.unsupported = f"its weight is also read by {tied} (tied weights stay as they are)"
+    return list(records.values())
+
+
+def table_record(node: torch.fx.Node, name: str, module_type: str, weight: torch.Tensor, position: int,
+                 weight_target: str, max_norm: Any = None) -> LayerRecord:
+    """The record of an embedding table of weight `weight` (rows × dim) looked up at `node`."""
+    rows, dim = weight.shape
+    return LayerRecord(name=name, op_type="Embedding", module_type=module_type, weight_shape=(rows, dim),
+                       graph_order=position, tokens=_tokens(node, dim), nodes=[node], weight_target=weight_target,
+                       device=weight.device.type, dtype=weight.dtype,
+                       unsupported="" if max_norm is None else
+                       f"max_norm={max_norm} renormalizes the table's rows as they are looked up")
+
+
+def is_table_lookup(node: torch.fx.Node) -> bool:
+    """Whether `node` is a functional or ATen embedding lookup."""
+    return node.op == "call_function" and node.target in _EMBEDDING_FNS
+
+
+def _table_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, str, str, Any] | None:
+    """(name, weight path, module type, max_norm) of an embedding lookup node; None for other nodes."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.Embedding:
+            return node.target, f"{node.target}.weight", "Embedding", mod.max_norm
+        return None
+    if not is_table_lookup(node):
+        return None
+    weight = call_arguments(node).get("weight")
+    if not _is_attr(weight) or fetch(gm, weight.target).dim() != 2:
+        return None
+    name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
+    return name, weight.target, module_type_of(node, name), call_arguments(node).get("max_norm")
+
+
+def _other_readers(gm: torch.fx.GraphModule, record: LayerRecord) -> str:
+    """A node other than the table's lookups that reads its weight (by any path), or ""."""
+    weight = fetch(gm, record.weight_target)
+    paths = {n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight}
+    paths |= {n for n, b in gm.named_buffers(remove_duplicate=False) if b is weight}
+    owners = {p.rpartition(".")[0] for p in paths}
+    mine = set(record.nodes)
+    for node in gm.graph.nodes:
+        if node in mine:
+            continue
+        if node.op == "get_attr" and node.target in paths and set(node.users) - mine:
+            return str(next(iter(set(node.users) - mine)))
+        if node.op == "call_module" and node.target in owners:
+            return str(node.target)
+    return ""
+
+
 def _record_for(gm, node: torch.fx.Node, order: dict[str, int], position: int) -> LayerRecord | None:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -308,7 +383,14 @@ def input_of(node: torch.fx.Node) -> Any:
 
 
 def call_arguments(node: torch.fx.Node) -> dict[str, Any]:
-    """The arguments of a functional linear/conv2d node by name (`input`, `weight`, `bias`, ...)."""
+    """The arguments of a functional linear/conv2d node by name (`input`, `weight`, `bias`, ...); of
+    an embedding lookup, `input` is the indices."""
+    if node.target in _EMBEDDING_FNS:
+        names = (("weight", "input", "padding_idx") if node.target is not F.embedding
+                 else ("input", "weight", "padding_idx", "max_norm"))
+        args = dict(zip(names, node.args))
+        args.update({("input" if k == "indices" else k): v for k, v in node.kwargs.items()})
+        return args
     if node.target in _ADDMM_FNS:
         names = ("bias", "input", "weight")
         args = dict(zip(names, node.args))

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from fxsketch.kernels import (
-    cast_linear, cast_lowrank_linear, int8_linear, int8_lowrank_linear, int8_weight_linear, lowrank_conv2d,
-    lowrank_linear, quantize_weight,
+    cast_linear, cast_lowrank_linear, int8_embedding, int8_linear, int8_lowrank_linear, int8_weight_linear,
+    lowrank_conv2d, lowrank_linear, quantize_weight,
 )
 from fxsketch.kernels.int8 import WEIGHT_ONLY_QMAX, WEIGHT_QMAX
 
 __all__ = ["LowRankLinear", "LowRankConv2d", "CastLinear", "CastLowRankLinear", "Int8Linear", "Int8WeightLinear",
-           "Int8LowRankLinear", "SKLinear", "SKConv2d", "OpCall", "op_call", "direct_call"]
+           "Int8LowRankLinear", "Int8Embedding", "SKLinear", "SKConv2d", "OpCall", "op_call", "direct_call"]
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -255,6 +255,33 @@ class Int8LowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows, one scale per row (±127, plain tensors): a quarter
+    of float32's bytes. A lookup returns the rows it picks in the table's own dtype
+    (`fxsketch::int8_embedding`). The table does not train."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight_q", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=dtype))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8Embedding":
+        """Quantize a float table (rows × dim) row by row; the scales keep the table's dtype."""
+        with torch.device(weight.device):
+            table = cls(weight.shape[0], weight.shape[1], weight.dtype)
+        q, scale = quantize_weight(weight, WEIGHT_ONLY_QMAX)
+        _copy_into(table, weight_q=q, weight_scale=scale)
+        return table
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return int8_embedding(indices, self.weight_q, self.weight_scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.weight_scale.dtype}"
+
+
 def _scaled_signs(shape: tuple[int, ...], k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Random ±1/√k entries, drawn on the CPU (the same values on every device), then moved."""
     signs = torch.randint(0, 2, shape, generator=generator, device="cpu").float().mul_(2).sub_(1)
@@ -412,6 +439,8 @@ def op_call(module: nn.Module) -> OpCall | None:
     if kind is Int8LowRankLinear:
         return OpCall(int8_lowrank_linear, torch.ops.fxsketch.int8_lowrank_linear.default,
                       ("B_q", "B_scale", "A_q", "A_scale", "bias"), ())
+    if kind is Int8Embedding:
+        return OpCall(int8_embedding, torch.ops.fxsketch.int8_embedding.default, ("weight_q", "weight_scale"), ())
     return None
 
 

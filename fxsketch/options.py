@@ -58,6 +58,10 @@ class SearchOptions:
         trial_timeout: seconds one trial's `accuracy_fn` (and `speed_fn`) may take; a call past it
             fails the trial with that note and the search goes on (Python-level code in the main
             thread on POSIX: a call stuck in native code stops only when it returns to Python).
+        int8_tables: once a plan is chosen, store the model's embedding tables as int8 rows (one
+            scale per row, `int8_weight` entries in the plan) if the whole model still meets the
+            accuracy threshold with them: a quarter of their bytes for a lookup's work. One more
+            accuracy check; not done without a threshold or for a Pareto front.
     """
 
     objective: str = "latency"
@@ -74,6 +78,7 @@ class SearchOptions:
     warm_start: bool = True
     allocation_sensitivity: Any = "auto"
     trial_timeout: float | None = None
+    int8_tables: bool = True
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -93,8 +98,9 @@ class SearchOptions:
         object.__setattr__(self, "callbacks", callbacks)
         if self.default_method is not None and not isinstance(self.default_method, str):
             raise TypeError(f"default_method must be a replacement kind's name, got {self.default_method!r}")
-        if not isinstance(self.warm_start, bool):
-            raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}")
+        for flag in ("warm_start", "int8_tables"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.trial_timeout is not None and (isinstance(self.trial_timeout, bool)
                                                or not isinstance(self.trial_timeout, (int, float))
                                                or not self.trial_timeout > 0):
@@ -188,7 +194,7 @@ class StudyOptions:
 
 
 GROUPS = {"search": SearchOptions, "calibration": CalibrationOptions, "study": StudyOptions}
-NEW_OPTIONS = {"trial_timeout"}  # options that were never keywords of optimize itself
+NEW_OPTIONS = {"trial_timeout", "int8_tables"}  # options that were never keywords of optimize itself
 LEGACY_KEYWORDS = {f.name: group for group, cls in GROUPS.items() for f in fields(cls) if f.name not in NEW_OPTIONS}
 
 

@@ -50,6 +50,7 @@ class Result:
         validation: the whole-model checks of the combined plan, one dict per back-off step.
         speedup_estimate: with objective "latency", the per-layer estimate the trials use
             (`fxsketch.measure.LayerTimer`) for the returned plan, beside its measured `speedup`.
+        tables: the embedding tables the plan stores as int8 rows (`SearchOptions.int8_tables`).
     """
 
     graph_module: torch.fx.GraphModule
@@ -71,6 +72,7 @@ class Result:
     measured_speedup: Speedup | None = None
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
+    tables: list[LayerRecord] = field(repr=False, default_factory=list)
 
     def select(self, min_accuracy: float):
         """The fastest Pareto point (multi-objective search) whose accuracy is at least `min_accuracy`.
@@ -139,6 +141,7 @@ class Result:
             f"FLOPs        {self.flops_ratio:.2f}x fewer in the matchable layers",
             f"parameters   {self.params_before:,} -> {self.params_after:,} in the matchable layers",
             f"trials       {_trial_counts(self.trials)}",
+            *([f"tables       {self._tables_line()}"] if self.tables else []),
             "",
             self.layer_table().to_string(index=False),
         ]
@@ -150,6 +153,12 @@ class Result:
             lines += ["", f"Pareto front ({len(self.pareto)} plans): accuracy / speed "
                       + ", ".join(f"{p.accuracy:.4f}/{p.speed:.2f}" for p in self.pareto)]
         return "\n".join(lines)
+
+    def _tables_line(self) -> str:
+        before = sum(r.weight_shape[0] * r.weight_shape[1] * r.dtype.itemsize for r in self.tables)
+        after = sum(r.weight_shape[0] * r.weight_shape[1] + r.weight_shape[0] * r.dtype.itemsize for r in self.tables)
+        return (f"{len(self.tables)} embedding table(s) stored as int8 rows ({', '.join(r.name for r in self.tables)}): "
+                f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
 
     def _latency_line(self) -> str:
         if self.measured_speedup is None:

@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 
 from fxsketch.calibrate import calibrate
-from fxsketch.capture import as_inputs, capture, find_layers, input_of
+from fxsketch.capture import as_inputs, capture, find_layers, find_tables, input_of
 from fxsketch.fitted import MODULES, factors_of, install_factors
 from fxsketch.nn import op_call
 from fxsketch.plan import Plan, build_entry, find_record, normalize_plan
@@ -43,7 +43,8 @@ def rewrite(
 
     Args:
         model: the model (or an already captured GraphModule).
-        plan: `{qualified_name: {"method": "svd", "low_rank": 64}, ...}`, or a plan JSON path.
+        plan: `{qualified_name: {"method": "svd", "low_rank": 64}, ...}`, or a plan JSON path. An
+            embedding table's name takes `{"method": "int8_weight"}`: its rows stored as int8.
         example_inputs: inputs for capture and for checking the rewritten output shapes.
         copy_weights: build replacements from the original weights (False: fresh random init).
         calibration_data: input batches for activation-aware kinds (`whitened_svd`) and refits.
@@ -65,7 +66,8 @@ def rewrite(
     plan = normalize_plan(plan.plan if hasattr(plan, "graph_module") else plan)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
     gm = capture(model, inputs)
-    records = {r.name: r for r in find_layers(gm)}
+    layers = find_layers(gm)
+    records = {r.name: r for r in layers + find_tables(gm)}
     stats = None
     if sequential and calibration_data is None:
         raise ValueError("sequential=True fits each layer on calibration data: pass calibration_data=")
@@ -73,8 +75,8 @@ def rewrite(
         raise ValueError("sequential=True fits the factors to the original weights: it cannot go with "
                          "copy_weights=False (fresh random factors)")
     if calibration_data is not None:
-        stats = (sequential_stats(gm, list(calibration_data), plan, list(records.values()), mask=mask, refit=refit)
-                 if sequential else calibrate(gm, calibration_data, list(records.values()), mask=mask))
+        stats = (sequential_stats(gm, list(calibration_data), plan, layers, mask=mask, refit=refit)
+                 if sequential else calibrate(gm, calibration_data, layers, mask=mask))
     new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit), copy_weights=copy_weights, fitted=fitted)
     if inputs is not None:
         check_same_output_shapes(gm, new, inputs)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["WEIGHT_QMAX", "WEIGHT_ONLY_QMAX", "quantize_weight", "activation_qparams", "int8_linear_reference",
-           "int8_lowrank_linear_reference", "int8_linear_fbgemm", "fbgemm_available", "int8_weight_linear_aten"]
+           "int8_lowrank_linear_reference", "int8_linear_fbgemm", "fbgemm_available", "int8_weight_linear_aten",
+           "int8_embedding_aten"]
 
 WEIGHT_QMAX = 63
 WEIGHT_ONLY_QMAX = 127  # weight-only layers dequantize before a float GEMM: no integer sums to saturate
@@ -86,6 +87,13 @@ def int8_weight_linear_aten(x: torch.Tensor, weight_q: torch.Tensor, weight_scal
     Inductor folds the dequantization into the GEMM's loads, so only int8 bytes are read."""
     weight = weight_q.to(x.dtype) * weight_scale.to(x.dtype)[:, None]
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def int8_embedding_aten(indices: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The body of `fxsketch::int8_embedding`: the int8 rows `indices` pick, times their scales, in
+    the scales' dtype (the table's own). Only the picked rows are widened, never the whole table."""
+    rows = F.embedding(indices, weight_q).to(weight_scale.dtype)
+    return rows * F.embedding(indices, weight_scale[:, None])
 
 
 @functools.cache

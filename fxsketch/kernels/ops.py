@@ -5,8 +5,10 @@ their weights' dtype (bf16, fp16) and return x's: a layer in reduced precision i
 `fxsketch::int8_linear(x, weight_q, weight_scale, bias)` is a Linear with int8 weights (one scale
 per output channel) and dynamically quantized int8 activations; `fxsketch::int8_lowrank_linear`
 runs the two factors of a low-rank layer that way. `fxsketch::int8_weight_linear(x, weight_q,
-weight_scale, bias)` keeps only the weight in int8 and computes in x's dtype. Their bodies are in
-`fxsketch.kernels.int8`.
+weight_scale, bias)` keeps only the weight in int8 and computes in x's dtype;
+`fxsketch::int8_embedding(indices, weight_q, weight_scale)` looks rows up in an int8 embedding table
+(one scale per row) and returns them in the scales' dtype (composite: exported as a lookup and a
+multiply). Their bodies are in `fxsketch.kernels.int8`.
 
 `fxsketch::lowrank_linear(x, B, A, bias)` computes `(x · Bᵀ) · Aᵀ + bias` for x of shape (..., K),
 B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. These five ops are
@@ -30,7 +32,9 @@ from fxsketch.kernels.aten import (
     cast_linear_aten, cast_lowrank_linear_aten, lowrank_conv2d_aten, lowrank_linear_aten,
 )
 from fxsketch.kernels.choose import choose, chosen
-from fxsketch.kernels.int8 import fbgemm_available, int8_linear_fbgemm, int8_linear_reference, int8_weight_linear_aten
+from fxsketch.kernels.int8 import (
+    fbgemm_available, int8_embedding_aten, int8_linear_fbgemm, int8_linear_reference, int8_weight_linear_aten,
+)
 
 BACKENDS = ("aten", "triton")
 _ENV = "FXSKETCH_KERNEL"
@@ -55,6 +59,7 @@ _LIB.define("int8_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor?
 _LIB.define("int8_weight_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None) -> Tensor")
 _LIB.define("int8_lowrank_linear(Tensor x, Tensor B_q, Tensor B_scale, Tensor A_q, Tensor A_scale, "
             "Tensor? bias=None) -> Tensor")
+_LIB.define("int8_embedding(Tensor indices, Tensor weight_q, Tensor weight_scale) -> Tensor")
 
 
 def _forced_kernel() -> str | None:
@@ -168,6 +173,7 @@ _LIB.impl("lowrank_conv2d", _lowrank_conv2d_impl, "CompositeImplicitAutograd")
 _LIB.impl("cast_linear", cast_linear_aten, "CompositeImplicitAutograd")
 _LIB.impl("cast_lowrank_linear", cast_lowrank_linear_aten, "CompositeImplicitAutograd")
 _LIB.impl("int8_weight_linear", int8_weight_linear_aten, "CompositeImplicitAutograd")
+_LIB.impl("int8_embedding", int8_embedding_aten, "CompositeImplicitAutograd")
 _LIB.impl("int8_linear", _int8_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("int8_lowrank_linear", _int8_lowrank_linear_impl, "CompositeExplicitAutograd")
 
@@ -339,3 +345,11 @@ def int8_weight_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: to
     if _eager_inference(x, weight_scale):
         return int8_weight_linear_aten(x, weight_q, weight_scale, bias)
     return torch.ops.fxsketch.int8_weight_linear(x, weight_q, weight_scale, bias)
+
+
+def int8_embedding(indices: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The rows of an int8 table (one scale per row) at `indices`, dequantized to the scales'
+    dtype, through the fxsketch op."""
+    if _eager_inference(indices, weight_scale):
+        return int8_embedding_aten(indices, weight_q, weight_scale)
+    return torch.ops.fxsketch.int8_embedding(indices, weight_q, weight_scale)

@@ -3,7 +3,8 @@
 `int8`: weights int8 per output channel, the input quantized to int8 on every call
 (`fxsketch::int8_linear`): same FLOPs as dense, a quarter of the weight bytes, 8-bit GEMMs.
 `bf16`, `fp16`: weights in that dtype, computed in it inside a float32 model (`fxsketch::cast_linear`).
-`int8_weight`: the weight alone int8 (`fxsketch::int8_weight_linear`), computed in the layer's dtype.
+`int8_weight`: the weight alone int8 (`fxsketch::int8_weight_linear`), computed in the layer's dtype;
+on an embedding table, its rows int8 with one scale each (`fxsketch::int8_embedding`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from fxsketch.kernels.int8 import fbgemm_available
-from fxsketch.nn import CastLinear, Int8Linear, Int8WeightLinear
+from fxsketch.nn import CastLinear, Int8Embedding, Int8Linear, Int8WeightLinear
 from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import Cost, FactorCache, ReplacementKind, dense_cost
 from fxsketch.replacements.registry import register_kind
@@ -61,6 +62,8 @@ class WholeLayer(ReplacementKind):
     automatic = True
 
     def unsupported(self, record: LayerRecord) -> str:
+        if record.op_type == "Embedding":
+            return super().unsupported(record)
         if record.op_type != "Linear":
             return f"{self.name} replaces Linear layers; {record.name} is a {record.op_type}"
         return record.unsupported
@@ -102,14 +105,22 @@ class FP16(Half):
 class Int8Weight(WholeLayer):
     """Weight-only int8: the GEMM runs in the layer's own dtype on a weight dequantized as it is
     read (by Inductor under `torch.compile`; eager, before the GEMM). Chosen by name; searches offer
-    it only where `fast` says it is measured faster than the layer's dtype."""
+    it only where `fast` says it is measured faster than the layer's dtype. An embedding table
+    (`fxsketch.capture.find_tables`) takes it too: its rows int8, one scale per row."""
 
     name = "int8_weight"
 
+    def unsupported(self, record: LayerRecord) -> str:
+        return record.unsupported if record.op_type == "Embedding" else super().unsupported(record)
+
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
+        if record.op_type == "Embedding":
+            return Int8Embedding.from_float(weight)
         return Int8WeightLinear.from_float(weight.reshape(record.out_features, -1), bias)
 
     def cost(self, record: LayerRecord, params: dict[str, Any]) -> Cost:
+        if record.op_type == "Embedding":  # a lookup: no FLOPs, a quarter of the bytes
+            return Cost(params=record.out_features * record.in_features, flops_per_token=0, bits=8)
         dense = dense_cost(record)
         return Cost(params=dense.params, flops_per_token=dense.flops_per_token, bits=8,
                     gemm_bits=PRECISION_BITS["float"])

@@ -77,6 +77,7 @@ class TrialContext:
     warm: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # plans to try first
     warm_joint: bool = True  # run the whole-model warm start (one worker of a parallel call does)
     sensitivity: dict[str, float] | None = None  # per-layer weights of the warm start's allocations
+    tables: dict[str, LayerRecord] = field(default_factory=dict)  # embedding tables a plan may store as int8
 
     # caches and counters, updated by the trials
     started: int = 0  # trials this process evaluated or pruned (a reused configuration does not count)
@@ -126,13 +127,14 @@ class TrialContext:
         steps = recovery.recover_steps
         self.check_weights()
         cache = self.fit_cache(plan) if copy_weights else self.cache
-        module = apply_plan(self.gm, self.records, plan, cache, copy_weights=copy_weights,
+        records = {**self.records, **self.tables} if self.tables else self.records
+        module = apply_plan(self.gm, records, plan, cache, copy_weights=copy_weights,
                             share_weights=share and not steps)
         if not (steps and plan):
             return module
         twin_plan = float_factors(plan)
         twin = (module if twin_plan == plan
-                else apply_plan(self.gm, self.records, twin_plan, cache, copy_weights=copy_weights))
+                else apply_plan(self.gm, records, twin_plan, cache, copy_weights=copy_weights))
         if not factor_parameters(twin):  # every layer whole in a precision: nothing to train
             return module
         distill(twin, self.gm, self.job.batches, steps=steps, lr=recovery.recover_lr, loss_fn=recovery.recover_loss_fn)

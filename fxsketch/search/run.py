@@ -14,7 +14,7 @@ import optuna
 from torch import nn
 
 from fxsketch.calibrate import calibrate
-from fxsketch.capture import capture, find_layers, other_modules
+from fxsketch.capture import capture, find_layers, find_tables, other_modules
 from fxsketch.plan import Budget, plan_cost
 from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.search.context import SearchJob, TrialContext
@@ -58,6 +58,7 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
                        resolve_callable(job.speed_fn), cache, default_method,
                        Budget(options.max_flops, options.max_params, options.max_bytes), plan_cost(records, {}).flops,
                        (selected.flops, selected.params))
+    ctx.tables = {r.name: r for r in find_tables(gm) if not r.unsupported}
     if worker is None:  # the returned model is timed against the model the user has, not its captured graph
         ctx.baseline = copy.deepcopy(model)
     ctx.check_weights()  # records the weights' versions before any evaluation
