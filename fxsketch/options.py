@@ -58,10 +58,11 @@ class SearchOptions:
         trial_timeout: seconds one trial's `accuracy_fn` (and `speed_fn`) may take; a call past it
             fails the trial with that note and the search goes on (Python-level code in the main
             thread on POSIX: a call stuck in native code stops only when it returns to Python).
-        int8_tables: once a plan is chosen, store the model's embedding tables as int8 rows (one
-            scale per row, `int8_weight` entries in the plan) if the whole model still meets the
-            accuracy threshold with them: a quarter of their bytes for a lookup's work. One more
-            accuracy check; not done without a threshold or for a Pareto front.
+        int8_tables: store the model's embedding tables as int8 rows (one scale per row,
+            `int8_weight` entries in the plan) if that is free: the dense model with them loses at
+            most 5% of the accuracy the threshold leaves (one more call of `accuracy_fn` before the
+            trials). Every candidate then has them, so returned plans meet the bar with them.
+            A quarter of the tables' bytes for a lookup's work; not done without a threshold.
     """
 
     objective: str = "latency"

@@ -26,7 +26,7 @@ from fxsketch.search.context import SearchJob
 from fxsketch.search.evaluate import ran
 from fxsketch.search.finish import finish, keep_best
 from fxsketch.search.parallel import run_parallel
-from fxsketch.search.run import open_study, prepare, run_strategy
+from fxsketch.search.run import free_tables, open_study, prepare, run_strategy
 from fxsketch.workers import fresh_journal, open_storage, resolve_callable
 
 __all__ = ["optimize", "SearchInterrupted"]
@@ -120,6 +120,7 @@ def optimize(
     with step("capturing the model" + (" and calibrating" if batches else ""), job.progress):
         ctx = prepare(model, job)
         dense_accuracy = _dense_accuracy(ctx.accuracy_fn, ctx.build({}), accuracy_threshold)
+        ctx.job = job = dataclasses.replace(job, fixed=free_tables(ctx, dense_accuracy))
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fxsketch reports trials itself
     interrupted = False

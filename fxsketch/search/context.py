@@ -51,6 +51,7 @@ class SearchJob:
     calibration: CalibrationOptions
     study: StudyOptions
     progress: bool = False  # a progress bar (this process's trials)
+    fixed: dict = field(default_factory=dict)  # entries every candidate carries (the embedding tables found free)
 
     @property
     def strategy(self) -> str:
@@ -120,7 +121,8 @@ class TrialContext:
         return [n for u in self.units.values() for n in u.layers]
 
     def build(self, plan: dict, copy_weights: bool = True, share: bool = True) -> nn.Module:
-        """The model with `plan` applied (and distilled, when recovery is on). With `share` and
+        """The model with `plan` applied (and distilled, when recovery is on); a plan that replaces
+        anything also carries the job's `fixed` entries (int8 embedding tables). With `share` and
         without recovery the kept weights are the captured graph's own storage (trials; see
         `check_weights`); models handed to the user are built with `share=False`."""
         recovery = self.job.calibration
@@ -128,6 +130,7 @@ class TrialContext:
         self.check_weights()
         cache = self.fit_cache(plan) if copy_weights else self.cache
         records = {**self.records, **self.tables} if self.tables else self.records
+        plan = {**self.job.fixed, **plan} if plan else plan
         module = apply_plan(self.gm, records, plan, cache, copy_weights=copy_weights,
                             share_weights=share and not steps)
         if not (steps and plan):

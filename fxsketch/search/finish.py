@@ -79,6 +79,8 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
         summary = "; ".join(f"{n}× {reason}" for reason, n in reasons.items())
         raise RuntimeError(f"every trial failed ({len(trials)}): {summary}")
     pareto = pareto_points(ctx, study, functools.partial(ctx.build, share=False)) if ctx.multi else []
+    for point in pareto:
+        point.plan = {**ctx.job.fixed, **point.plan}
     plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
     notes = _unit_notes(study, units) if strategy == "layerwise" and not pareto else []
     basis = _basis(ctx, study)
@@ -112,8 +114,6 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
             notes = []  # what the per-unit search did not reach does not bear on this plan
             done = (done[0], done[1], tried + done[2], done[3])
         plan, accuracy, steps, module = done
-    if not decided and not pareto:
-        plan, accuracy, module = _with_int8_tables(ctx, plan, accuracy, module, steps, verbose)
     if plan and not ctx.job.calibration.recover_steps:  # the returned model owns its weights (the same values)
         module = ctx.build(plan, share=False)
     interrupted = False
@@ -138,6 +138,8 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
         log.warning(note)
     if measured is not None and measured.faster and not measured.reliable:
         log.warning("the measured speedup is not reliable: %s", measured.describe())
+    if plan:  # what every candidate was built with (`SearchJob.fixed`) is part of the plan returned
+        plan = {**ctx.job.fixed, **plan}
     before, after = plan_cost(records, {}), plan_cost(records, plan)
     estimate = ctx.timer.speedup(plan) if ctx.timer is not None and plan else None
     sensitivity = sensitivity_table(ctx, units)
@@ -148,30 +150,6 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
                   params_after=after.params, trials=trials, study=study, records=records, validation=steps,
                   accuracy_threshold=ctx.threshold, pareto=pareto, sensitivity=sensitivity,
                   speedup_estimate=estimate, tables=[r for name, r in ctx.tables.items() if name in plan])
-
-
-def _with_int8_tables(ctx: TrialContext, plan: dict, accuracy: float, module: nn.Module,
-                      steps: list[dict[str, Any]], verbose: bool) -> tuple[dict, float, nn.Module]:
-    """`plan` with the model's embedding tables stored as int8 rows, with its accuracy and model,
-    when the whole model still meets the threshold with them (`SearchOptions.int8_tables`); else
-    `plan` as it was. The check is one more call of `accuracy_fn`, recorded in `steps`."""
-    tables = {name: {"method": "int8_weight"} for name in ctx.tables}
-    if not (plan and tables and ctx.job.search.int8_tables and ctx.threshold is not None):
-        return plan, accuracy, module
-    candidate = {**plan, **tables}
-    built = ctx.build(candidate)
-    try:
-        found = call_metric(ctx.accuracy_fn, built, "accuracy_fn")
-    except TrialFailed as exc:
-        log.warning("checking the plan with int8 embedding tables failed (%s): the tables stay as they are", exc)
-        return plan, accuracy, module
-    kept = found >= ctx.threshold
-    steps.append({"layers": len(plan), "dropped": None, "accuracy": found, "tables": sorted(tables),
-                  "source": "embedding tables as int8 rows" + ("" if kept else ": below the threshold, not kept")})
-    if verbose:
-        print(f"embedding tables as int8 rows ({len(tables)}): accuracy {found:.4f}"
-              + ("" if kept else f" < {ctx.threshold:.4f}: the tables stay as they are"))
-    return (candidate, found, built) if kept else (plan, accuracy, module)
 
 
 def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
@@ -218,12 +196,11 @@ def _back_off_slow(ctx: TrialContext, plan: dict, accuracy, module: nn.Module, m
     plan = dict(plan)
     if verbose:
         print(f"latency: {measured.describe()}: backing off")
-    layers = sorted((n for n in plan if n not in ctx.tables), key=gain)  # int8 tables cost no time to speak of
-    for victim in layers:
+    for victim in sorted(plan, key=gain):
         plan.pop(victim)
         if verbose:
             print(f"latency: putting {victim} back to dense")
-        if victim == layers[-1]:  # no layer left: the model stays dense, its tables too
+        if not plan:
             return {}, accuracy, ctx.build({}, share=False), None
         module = ctx.build(plan, share=False)
         try:

@@ -15,6 +15,7 @@ from torch import nn
 
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import capture, find_layers, find_tables, other_modules
+from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.plan import Budget, plan_cost
 from fxsketch.replacements import FactorCache, get_kind
 from fxsketch.search.context import SearchJob, TrialContext
@@ -28,7 +29,7 @@ from fxsketch.spec import load_spec
 from fxsketch.units import DEFAULT_METHOD, resolve_units
 from fxsketch.workers import open_storage, resolve_callable
 
-__all__ = ["prepare", "open_study", "run_strategy"]
+__all__ = ["prepare", "free_tables", "open_study", "run_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,32 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
         ctx.warm = warm_start_plans(ctx, units)
         ctx.warm_joint = not worker  # of parallel workers, the first runs the whole-model warm start
     return ctx
+
+
+TABLE_SHARE = 0.05  # of the accuracy the threshold leaves below the dense model, int8 tables may take
+
+
+def free_tables(ctx: TrialContext, dense_accuracy: float) -> dict[str, dict[str, str]]:
+    """The plan entries storing the model's embedding tables as int8 rows, if they are free: the
+    dense model with them loses at most `TABLE_SHARE` of the accuracy the threshold leaves (one
+    call of `accuracy_fn`); else none. Every candidate then carries them (`SearchJob.fixed`), so
+    the search spends the rest of the margin, and its plans meet the bar with the tables int8."""
+    tables = {name: {"method": "int8_weight"} for name in ctx.tables}
+    if not (tables and ctx.job.search.int8_tables and ctx.threshold is not None and dense_accuracy > ctx.threshold):
+        return {}
+    try:
+        found = call_metric(ctx.accuracy_fn, ctx.build(tables), "accuracy_fn")
+    except TrialFailed as exc:
+        log.warning("checking the embedding tables as int8 rows failed (%s): they stay as they are", exc)
+        return {}
+    allowed = TABLE_SHARE * (dense_accuracy - ctx.threshold)
+    free = dense_accuracy - found <= allowed
+    log.info("embedding tables as int8 rows (%s): accuracy %.5f against %.5f dense (%s: up to %.5f may go)",
+             ", ".join(tables), found, dense_accuracy, "kept" if free else "left as they are", allowed)
+    if ctx.job.verbose:
+        print(f"embedding tables as int8 rows ({len(tables)}): accuracy {found:.4f} against {dense_accuracy:.4f} dense"
+              + ("" if free else f": more than {allowed:.4f}, the tables stay as they are"))
+    return tables if free else {}
 
 
 def open_study(job: SearchJob, storage: object = None) -> optuna.Study:
