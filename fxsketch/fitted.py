@@ -90,7 +90,12 @@ def factors_of(source: Any) -> Factors:
 
 
 def install_factors(module: nn.Module, tensors: Mapping[str, torch.Tensor], layer: str) -> nn.Module:
-    """Load a layer's stored tensors into its freshly built replacement `module` (same structure)."""
+    """Load a layer's stored tensors into its freshly built replacement `module` (same structure;
+    an optional buffer the module was built without, such as a smoothed layer's `input_scale`, is
+    taken from the stored tensors)."""
+    for key, value in tensors.items():
+        if key in module._buffers and module._buffers[key] is None:
+            module._buffers[key] = torch.empty_like(value, device=_device_of(module, value))
     expected = module.state_dict()
     if set(expected) != set(tensors) or any(expected[k].shape != tensors[k].shape for k in expected):
         raise ValueError(f"the stored factors of layer {layer!r} do not fit its plan entry (stored "
@@ -98,6 +103,11 @@ def install_factors(module: nn.Module, tensors: Mapping[str, torch.Tensor], laye
                          "file do not belong together, or the model changed")
     module.load_state_dict(tensors, strict=True)
     return module
+
+
+def _device_of(module: nn.Module, fallback: torch.Tensor) -> torch.device:
+    tensor = next(iter(module.state_dict().values()), None)
+    return tensor.device if tensor is not None else fallback.device
 
 
 def _shapes(tensors: Mapping[str, torch.Tensor]) -> str:

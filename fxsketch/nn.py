@@ -171,10 +171,21 @@ class CastLowRankLinear(LowRankLinear):
         return cast_lowrank_linear(x, self.B, self.A, self.bias)
 
 
+def _smoothed(layer: nn.Module, weight: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """`weight` (… × in) times `smooth` per input feature, with the layer's `input_scale` set to
+    1 / smooth so that the product with the input is unchanged (`smooth=None`: as it is)."""
+    if smooth is None:
+        return weight
+    smooth = smooth.detach().to(weight.device, weight.dtype)
+    layer.input_scale = smooth.reciprocal()
+    return weight * smooth
+
+
 class Int8Linear(nn.Module):
     """A Linear with int8 weights (one float32 scale per output channel, stored as plain tensors)
     whose input is quantized to int8 on every call: `fxsketch::int8_linear`. The weights do not
-    train; the bias does, and gradients reach the input."""
+    train; the bias does, and gradients reach the input. A smoothed layer (`from_float(...,
+    smooth=s)`) holds W·diag(s) and multiplies its input by `input_scale` = 1/s first."""
 
     qmax = WEIGHT_QMAX
 
@@ -183,21 +194,24 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("input_scale", None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        """Quantize a float weight (out × in) per output channel; the bias keeps the weight's dtype."""
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   smooth: torch.Tensor | None = None) -> "Int8Linear":
+        """Quantize a float weight (out × in) per output channel, smoothed by `smooth` (one factor
+        per input feature) when given; the bias keeps the weight's dtype."""
         with torch.device(weight.device):
             layer = cls(weight.shape[1], weight.shape[0], bias is not None)
-        q, scale = quantize_weight(weight, cls.qmax)
+        q, scale = quantize_weight(_smoothed(layer, weight, smooth), cls.qmax)
         _copy_into(layer, weight_q=q, weight_scale=scale)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(weight.dtype).clone())
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight_q, self.weight_scale, self.bias)
+        return int8_linear(x, self.weight_q, self.weight_scale, self.bias, self.input_scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -206,9 +220,14 @@ class Int8Linear(nn.Module):
 class Int8WeightLinear(Int8Linear):
     """A Linear whose weight alone is int8 (±127 per output channel, plain tensors), computed in the
     input's dtype: `fxsketch::int8_weight_linear`. Half the weight bytes of bf16, a quarter of
-    float32; what it buys is memory traffic, so it pays where a GEMM is bound by weight reads."""
+    float32; what it buys is memory traffic, so it pays where a GEMM is bound by weight reads. Its
+    input is not quantized, so it takes no smoothing."""
 
     qmax = WEIGHT_ONLY_QMAX
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8WeightLinear":
+        return super().from_float(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_weight_linear(x, self.weight_q, self.weight_scale, self.bias)
@@ -225,31 +244,35 @@ class Int8LowRankLinear(nn.Module):
         self.register_buffer("B_scale", torch.ones(rank))
         self.register_buffer("A_q", torch.zeros(out_features, rank, dtype=torch.int8))
         self.register_buffer("A_scale", torch.ones(out_features))
+        self.register_buffer("input_scale", None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8LowRankLinear":
-        """Quantize float factors B (R × in) and A (out × R), each per output channel."""
+    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None,
+                     smooth: torch.Tensor | None = None) -> "Int8LowRankLinear":
+        """Quantize float factors B (R × in) and A (out × R), each per output channel; B smoothed by
+        `smooth` (one factor per input feature) when given."""
         with torch.device(B.device):
             layer = cls(B.shape[1], A.shape[0], B.shape[0], bias is not None)
-        (B_q, B_scale), (A_q, A_scale) = quantize_weight(B), quantize_weight(A)
+        (B_q, B_scale), (A_q, A_scale) = quantize_weight(_smoothed(layer, B, smooth)), quantize_weight(A)
         _copy_into(layer, B_q=B_q, B_scale=B_scale, A_q=A_q, A_scale=A_scale)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(B.dtype).clone())
         return layer
 
     def quantize_from(self, source: "LowRankLinear") -> None:
-        """Take `source`'s float factors (same shapes), quantized, and its bias, in place: how
-        factors trained in float (int8 ones do not train) reach this layer."""
+        """Take `source`'s float factors (same shapes), quantized (B smoothed as this layer is),
+        and its bias, in place: how factors trained in float (int8 ones do not train) reach this layer."""
         if (source.B.shape, source.A.shape) != (self.B_q.shape, self.A_q.shape):
             raise ValueError(f"factor shapes differ: {tuple(source.B.shape)}, {tuple(source.A.shape)} into "
                              f"{tuple(self.B_q.shape)}, {tuple(self.A_q.shape)}")
-        (B_q, B_scale), (A_q, A_scale) = quantize_weight(source.B), quantize_weight(source.A)
+        B = source.B if self.input_scale is None else source.B / self.input_scale.to(source.B.dtype)
+        (B_q, B_scale), (A_q, A_scale) = quantize_weight(B), quantize_weight(source.A)
         _copy_into(self, B_q=B_q, B_scale=B_scale, A_q=A_q, A_scale=A_scale,
                    bias=None if self.bias is None else source.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_lowrank_linear(x, self.B_q, self.B_scale, self.A_q, self.A_scale, self.bias)
+        return int8_lowrank_linear(x, self.B_q, self.B_scale, self.A_q, self.A_scale, self.bias, self.input_scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
@@ -432,13 +455,14 @@ def op_call(module: nn.Module) -> OpCall | None:
     if kind is CastLowRankLinear:
         return OpCall(cast_lowrank_linear, torch.ops.fxsketch.cast_lowrank_linear.default, ("B", "A", "bias"), ())
     if kind is Int8Linear:
-        return OpCall(int8_linear, torch.ops.fxsketch.int8_linear.default, ("weight_q", "weight_scale", "bias"), ())
+        return OpCall(int8_linear, torch.ops.fxsketch.int8_linear.default,
+                      ("weight_q", "weight_scale", "bias", "input_scale"), ())
     if kind is Int8WeightLinear:
         return OpCall(int8_weight_linear, torch.ops.fxsketch.int8_weight_linear.default,
                       ("weight_q", "weight_scale", "bias"), ())
     if kind is Int8LowRankLinear:
         return OpCall(int8_lowrank_linear, torch.ops.fxsketch.int8_lowrank_linear.default,
-                      ("B_q", "B_scale", "A_q", "A_scale", "bias"), ())
+                      ("B_q", "B_scale", "A_q", "A_scale", "bias", "input_scale"), ())
     if kind is Int8Embedding:
         return OpCall(int8_embedding, torch.ops.fxsketch.int8_embedding.default, ("weight_q", "weight_scale"), ())
     return None

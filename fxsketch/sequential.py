@@ -30,6 +30,7 @@ def sequential_stats(
     *,
     mask: Any = "auto",
     refit: bool = True,
+    smooth: bool = True,
 ) -> dict[str, LayerStats]:
     """Error-compensating calibration statistics for `plan` (one pass over `batches`).
 
@@ -37,7 +38,7 @@ def sequential_stats(
     graph node at a time. At each planned layer, in graph order, the layer's statistics are
     accumulated from x̃ (what it receives once every earlier planned layer is replaced) and x (what
     the original model gives it): E[x̃ᵀx̃], E[xᵀx̃] and both means. Its replacement is then built
-    from them (`FactorCache(stats, refit=refit)`, exactly as `apply_plan` will build it) and
+    from them (`FactorCache(stats, refit=refit, smooth=smooth)`, exactly as `apply_plan` will build it) and
     produces x̃ for the layers after it. Building the plan with a `FactorCache` of these statistics
     fits every layer to the original layer's outputs *given the inputs it will really see*:
     min E‖W x − Ŵ x̃‖², which undoes part of the error made upstream (whitened_svd solves it in
@@ -66,7 +67,7 @@ def sequential_stats(
             check_entry(r, planned[r.name])
     by_node = {node: r for r in records for node in r.nodes}
     stats = {r.name: empty_stats(r) for r in records}
-    cache = FactorCache(stats, refit=refit)
+    cache = FactorCache(stats, refit=refit, smooth=smooth)
     built: dict[str, Any] = {}
     find_mask = mask_fn(gm, mask)
     masks = [find_mask(inputs) if find_mask else None for inputs in all_inputs]

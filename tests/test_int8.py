@@ -14,6 +14,8 @@ from fxsketch.kernels.int8 import (
     WEIGHT_QMAX, fbgemm_available, int8_linear_fbgemm, int8_linear_reference, int8_lowrank_linear_reference,
 )
 from fxsketch.capture import find_layers
+from fxsketch.fitted import fitted_factors, install_factors
+from fxsketch.nn import Int8LowRankLinear
 from fxsketch.plan import speed_bound
 from conftest import int8_loads_in_fresh_process
 
@@ -181,3 +183,59 @@ def test_the_speed_bound_counts_8_bit_operands():
     assert speed_bound(records, whole) == pytest.approx(4.0)
     half = speed_bound(records, {"2": {"method": "svd", "low_rank": 8, "precision": "int8"}})
     assert half == pytest.approx(4 * 64 * 48 / (8 * (64 + 48)))
+
+
+# --------------------------------------------------------------------------- smoothing
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_smoothed_layer_is_the_reference_on_the_scaled_input_on_every_path(bias):
+    x, w, b = _args((3, 5), 24, 7, seed=8)
+    b = b if bias else None
+    s = torch.rand(24, generator=torch.Generator().manual_seed(9)) + 0.5
+    q, scale = quantize_weight(w * s)
+    reference = int8_linear_reference(x / s, q, scale, b)
+    args = (x, q, scale, b, 1 / s)
+    paths = [int8_linear(*args), torch.ops.fxsketch.int8_linear(*args), int8_linear_reference(*args)]
+    if fbgemm_available():
+        paths.append(int8_linear_fbgemm(*args))
+    for y in paths:
+        torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-4 * reference.abs().max().item())
+    (B_q, B_s), (A_q, A_s) = quantize_weight(torch.randn(6, 24) * s), quantize_weight(torch.randn(7, 6))
+    low = int8_lowrank_linear_reference(x / s, B_q, B_s, A_q, A_s, b)
+    for y in (int8_lowrank_linear(x, B_q, B_s, A_q, A_s, b, 1 / s),
+              torch.ops.fxsketch.int8_lowrank_linear(x, B_q, B_s, A_q, A_s, b, 1 / s)):
+        torch.testing.assert_close(y, low, rtol=1e-5, atol=1e-4 * low.abs().max().item())
+    x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.fxsketch.int8_linear.default, args)
+    torch.library.opcheck(torch.ops.fxsketch.int8_lowrank_linear.default, (x, B_q, B_s, A_q, A_s, b, 1 / s))
+    int8_linear(x, q, scale, b, 1 / s).sum().backward()  # the gradient goes through the input's scale
+    torch.testing.assert_close(x.grad, (torch.ones(3, 5, 7) @ (q.float() * scale[:, None])) / s)
+
+
+def test_smoothing_takes_an_outlier_feature_out_of_the_activation_scale_and_round_trips(tmp_path):
+    """One input feature 1000x the others (its weights zero): unsmoothed, the per-tensor scale leaves
+    the other features no resolution; smoothed on the calibration statistics, they keep it."""
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(10))
+    x[:, 0] *= 1000
+
+    def error(m):
+        with torch.no_grad():
+            ref = model(x)
+            return float((m(x) - ref).square().sum() / ref.square().sum())
+
+    for entry in ({"method": "int8"}, {"method": "svd", "low_rank": 32, "precision": "int8"}):  # full rank: exact
+        smoothed = fxsketch.rewrite(model, {"0": entry}, x, calibration_data=[x])
+        plain = fxsketch.rewrite(model, {"0": entry}, x, calibration_data=[x], smooth=False)
+        assert smoothed.get_buffer("0.input_scale").shape == (32,) and plain.get_submodule("0").input_scale is None
+        assert error(plain) > 0.1 and error(smoothed) < 0.01, (entry, error(plain), error(smoothed))
+    int8_loads_in_fresh_process(smoothed, x[:8], tmp_path, {"fxsketch.int8_lowrank_linear.default"})
+    # stored tensors rebuild it without calibration data (a saved plan's fitted factors)
+    layer = smoothed.get_submodule("0")
+    fresh = Int8LowRankLinear(32, 64, 32)
+    install_factors(fresh, fitted_factors(smoothed)["0"], "0")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))

@@ -10,6 +10,10 @@ uint8 activations by int8 weights with `vpmaddubsw`, which saturates the int16 s
 once both exceed 2¹⁵ (255·127·2 does); 255·63·2 never does, so every CPU computes exactly the
 reference. On MiniLM the seventh bit moved fidelity from 0.9926 to 0.9919; the eighth bit of the
 activations (FBGEMM's `reduce_range`) is worth far more (0.9755 without it).
+
+A layer may be smoothed: `input_scale` (one factor per input feature) multiplies x before it is
+quantized, the weight having been divided by it before quantization, so the product is the same
+while features with a wide range (outliers) no longer take the one activation scale for themselves.
 """
 
 from __future__ import annotations
@@ -64,9 +68,11 @@ def activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear_reference(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`dq(x) · (weight_q · weight_scale)ᵀ + bias`, x quantized as `activation_qparams` says; the
-    arithmetic in x's dtype."""
+                          bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`dq(x') · (weight_q · weight_scale)ᵀ + bias` with x' = x · input_scale (per input feature,
+    when given: a smoothed layer) quantized as `activation_qparams` says; the arithmetic in x's dtype."""
+    if input_scale is not None:
+        x = x * input_scale.to(x.dtype)
     scale, zero = activation_qparams(x)
     scale, zero = scale.to(x.dtype), zero.to(x.dtype)
     xq = torch.clamp(torch.round(x / scale) + zero, _QMIN, _QMAX)
@@ -75,9 +81,11 @@ def int8_linear_reference(x: torch.Tensor, weight_q: torch.Tensor, weight_scale:
 
 
 def int8_lowrank_linear_reference(x: torch.Tensor, B_q: torch.Tensor, B_scale: torch.Tensor, A_q: torch.Tensor,
-                                  A_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference of `fxsketch::int8_lowrank_linear`: each factor an `int8_linear_reference`."""
-    return int8_linear_reference(int8_linear_reference(x, B_q, B_scale), A_q, A_scale, bias)
+                                  A_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                                  input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference of `fxsketch::int8_lowrank_linear`: each factor an `int8_linear_reference`
+    (`input_scale` belongs to the first)."""
+    return int8_linear_reference(int8_linear_reference(x, B_q, B_scale, None, input_scale), A_q, A_scale, bias)
 
 
 def int8_weight_linear_aten(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
@@ -131,10 +139,12 @@ def _packed(weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tens
 
 
 def int8_linear_fbgemm(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The reference computed by FBGEMM (float32 CPU tensors); the weight is packed on first use
     and again only when one of the tensors changes in place."""
     packed = _packed(weight_q, weight_scale, bias)
+    if input_scale is not None:
+        x = x * input_scale
     if x.dim() < 2:  # FBGEMM takes a batch of rows
         return torch.ops.quantized.linear_dynamic(x.reshape(1, -1).contiguous(), packed, False).reshape(-1)
     return torch.ops.quantized.linear_dynamic(x.contiguous(), packed, False)

@@ -55,10 +55,11 @@ _LIB.define(
 )
 _LIB.define("cast_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 _LIB.define("cast_lowrank_linear(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
-_LIB.define("int8_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None) -> Tensor")
+_LIB.define("int8_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None, "
+            "Tensor? input_scale=None) -> Tensor")
 _LIB.define("int8_weight_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None) -> Tensor")
 _LIB.define("int8_lowrank_linear(Tensor x, Tensor B_q, Tensor B_scale, Tensor A_q, Tensor A_scale, "
-            "Tensor? bias=None) -> Tensor")
+            "Tensor? bias=None, Tensor? input_scale=None) -> Tensor")
 _LIB.define("int8_embedding(Tensor indices, Tensor weight_q, Tensor weight_scale) -> Tensor")
 
 
@@ -155,14 +156,14 @@ def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation, *, eager=Fals
     return fused() if _pick("conv2d", x, B, A, bias, fused, chain, geometry) == "triton" else chain()
 
 
-def _int8_linear_impl(x, weight_q, weight_scale, bias=None):
+def _int8_linear_impl(x, weight_q, weight_scale, bias=None, input_scale=None):
     fast = (x.device.type == "cpu" and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
             and _forced_kernel() != "aten" and fbgemm_available())
-    return (int8_linear_fbgemm if fast else int8_linear_reference)(x, weight_q, weight_scale, bias)
+    return (int8_linear_fbgemm if fast else int8_linear_reference)(x, weight_q, weight_scale, bias, input_scale)
 
 
-def _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias=None):
-    return _int8_linear_impl(_int8_linear_impl(x, B_q, B_scale), A_q, A_scale, bias)
+def _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias=None, input_scale=None):
+    return _int8_linear_impl(_int8_linear_impl(x, B_q, B_scale, None, input_scale), A_q, A_scale, bias)
 
 
 # The lower-level Library API keeps per-call overhead near a plain ATen call (~2 µs instead of
@@ -191,12 +192,12 @@ def _lowrank_out(op: str, x: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> 
 
 
 @torch.library.register_fake("fxsketch::int8_linear")
-def _int8_linear_fake(x, weight_q, weight_scale, bias=None):
+def _int8_linear_fake(x, weight_q, weight_scale, bias=None, input_scale=None):
     return _linear_out("int8_linear", x, weight_q)
 
 
 @torch.library.register_fake("fxsketch::int8_lowrank_linear")
-def _int8_lowrank_linear_fake(x, B_q, B_scale, A_q, A_scale, bias=None):
+def _int8_lowrank_linear_fake(x, B_q, B_scale, A_q, A_scale, bias=None, input_scale=None):
     return _lowrank_out("int8_lowrank_linear", x, B_q, A_q)
 
 
@@ -204,23 +205,27 @@ def _dequantized(q: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> to
     return q.to(like.dtype) * scale.to(like.dtype)[:, None]
 
 
-def _int8_setup(ctx, inputs, output):
-    # (x, q, scale[, q, scale], bias?): an even count of tensors after x means bias was left out
-    pairs = inputs[1:] if len(inputs[1:]) % 2 == 0 else inputs[1:-1]
-    ctx.save_for_backward(*pairs)
-    ctx.has_bias = len(inputs) - 1 > len(pairs) and inputs[-1] is not None
+def _int8_setup(ctx, inputs, output, factors: int):
+    # (x, q, scale[, q, scale], bias?, input_scale?): `factors` (q, scale) pairs after x
+    pairs = inputs[1:1 + 2 * factors]
+    rest = list(inputs[1 + 2 * factors:]) + [None, None]
+    ctx.save_for_backward(*pairs, rest[1] if rest[1] is not None else pairs[1].new_ones(0))
+    ctx.has_bias, ctx.smoothed = rest[0] is not None, rest[1] is not None
 
 
 def _int8_backward(ctx, gy):
     # int8 weights do not train; the input's gradient passes straight through the quantization
-    pairs = ctx.saved_tensors
+    *pairs, input_scale = ctx.saved_tensors
     needs = ctx.needs_input_grad
     g = gy
     for i in range(len(pairs) - 2, -1, -2):  # the last factor first
         g = g @ _dequantized(pairs[i], pairs[i + 1], gy)
+    if ctx.smoothed:
+        g = g * input_scale.to(g.dtype)
     grads = [g if needs[0] else None, *(None,) * len(pairs)]
     if len(needs) > len(grads):
-        grads.append(gy.reshape(-1, gy.shape[-1]).sum(0) if (ctx.has_bias and needs[-1]) else None)
+        grads.append(gy.reshape(-1, gy.shape[-1]).sum(0) if (ctx.has_bias and needs[len(grads)]) else None)
+    grads += [None] * (len(needs) - len(grads))  # input_scale does not train
     return tuple(grads)
 
 
@@ -260,8 +265,10 @@ def _pointwise_backward(ctx, gy):
     return (gt, gA, gbias)[: len(needs)]
 
 
-torch.library.register_autograd("fxsketch::int8_linear", _int8_backward, setup_context=_int8_setup)
-torch.library.register_autograd("fxsketch::int8_lowrank_linear", _int8_backward, setup_context=_int8_setup)
+torch.library.register_autograd("fxsketch::int8_linear", _int8_backward,
+                                setup_context=functools.partial(_int8_setup, factors=1))
+torch.library.register_autograd("fxsketch::int8_lowrank_linear", _int8_backward,
+                                setup_context=functools.partial(_int8_setup, factors=2))
 
 
 def _eager_inference(x: torch.Tensor, B: torch.Tensor) -> bool:
@@ -309,19 +316,21 @@ def lowrank_conv2d(
 
 
 def int8_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x · (weight_q · weight_scale)ᵀ + bias` with x quantized to int8 on the fly, through the fxsketch op."""
+                bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`x · (weight_q · weight_scale)ᵀ + bias` with x (times `input_scale`, per feature, when given)
+    quantized to int8 on the fly, through the fxsketch op."""
     if _eager_inference(x, weight_scale):
-        return _int8_linear_impl(x, weight_q, weight_scale, bias)
-    return torch.ops.fxsketch.int8_linear(x, weight_q, weight_scale, bias)
+        return _int8_linear_impl(x, weight_q, weight_scale, bias, input_scale)
+    return torch.ops.fxsketch.int8_linear(x, weight_q, weight_scale, bias, input_scale)
 
 
 def int8_lowrank_linear(x: torch.Tensor, B_q: torch.Tensor, B_scale: torch.Tensor, A_q: torch.Tensor,
-                        A_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+                        A_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                        input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A low-rank Linear whose two factors are int8 layers (`int8_linear` on B, then on A)."""
     if _eager_inference(x, B_scale):
-        return _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias)
-    return torch.ops.fxsketch.int8_lowrank_linear(x, B_q, B_scale, A_q, A_scale, bias)
+        return _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias, input_scale)
+    return torch.ops.fxsketch.int8_lowrank_linear(x, B_q, B_scale, A_q, A_scale, bias, input_scale)
 
 
 def cast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -152,17 +152,19 @@ class FactorCache:
     a quarter of the smaller dimension, get an exact SVD; large layers at low rank get a randomized
     one (`torch.svd_lowrank`) with oversampling, computed with a fixed seed so a plan rebuilds bit
     for bit. With calibration statistics (`stats`, from `fxsketch.calibrate`) the cache also holds
-    the activation-whitened decompositions, and `refit` asks kinds to refit their trainable factors
-    to the layer's outputs on those statistics. With `cache_dir`, decompositions are also kept on
+    the activation-whitened decompositions, `refit` asks kinds to refit their trainable factors
+    to the layer's outputs on those statistics, and `smooth` int8 layers' inputs (`smoothing`). With `cache_dir`, decompositions are also kept on
     disk, keyed by the exact weights (and statistics), so a resumed or repeated search skips them.
     """
 
     EXACT_BELOW = 1024
     CROSS_RIDGE = 0.1  # of the mean input energy, for sequential targets (see `target`)
 
-    def __init__(self, stats: dict | None = None, refit: bool = True, cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, stats: dict | None = None, refit: bool = True, cache_dir: str | os.PathLike | None = None,
+                 smooth: bool = True) -> None:
         self.stats = dict(stats or {})
         self.refit = refit
+        self.smooth = smooth
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
         self._whitened: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -199,6 +201,27 @@ class FactorCache:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(list(value), path)
+
+    SMOOTHING = 0.7  # s = rms(x)^a / max|W|^(1-a); MiniLM, every Linear int8: a = 0.5, 0.7, 0.85 -> 0.9922, 0.9967, 0.9953
+
+    def smoothing(self, key: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """Per input feature, the factor s an int8 layer's input is divided by (and its weight
+        (… × in) multiplied by) before both are quantized, from the calibration statistics (None
+        without them): s_j = rms(x_j)^a / max_i |W_ij|^(1-a) moves the range of the features with
+        outliers into the weights, which are quantized per output channel, instead of letting them
+        take the single per-tensor activation scale (SmoothQuant's rule, with the RMS the statistics
+        hold for the maximum). Ranges are floored at 1/1000 of their largest, so that a feature the
+        calibration data never excited cannot blow up; s is normalized to a mean of 1."""
+        C = self.second_moment(key)
+        if not self.smooth or C is None or C.is_meta:
+            return None
+        rms = C.diagonal().clamp_min(0).sqrt().to(weight.device, torch.float32)
+        peak = weight.detach().abs().float().reshape(-1, weight.shape[-1]).amax(0)
+        if not (bool(rms.max() > 0) and bool(peak.max() > 0)):
+            return None
+        rms, peak = rms.clamp_min(1e-3 * rms.max()), peak.clamp_min(1e-3 * peak.max())
+        s = rms.pow(self.SMOOTHING) / peak.pow(1 - self.SMOOTHING)
+        return (s / s.mean()).to(weight.dtype)
 
     def second_moment(self, key: str) -> torch.Tensor | None:
         """E[xᵀx] of the layer's inputs (float64), or None without calibration."""

@@ -21,11 +21,12 @@ PRECISIONS = tuple(PRECISION_BITS)  # of the factors: the layer's own dtype, or 
 
 
 def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
-                   precision: str = "float"):
+                   precision: str = "float", cache: FactorCache | None = None):
     """A LowRankLinear/LowRankConv2d holding B (R × in) and A (out × R) for `record`; with
-    `precision="int8"` an Int8LowRankLinear of them, with "bf16"/"fp16" a CastLowRankLinear."""
+    `precision="int8"` an Int8LowRankLinear of them (smoothed on `cache`'s statistics, when it has
+    them), with "bf16"/"fp16" a CastLowRankLinear."""
     if precision == "int8":
-        return Int8LowRankLinear.from_factors(B, A, bias)
+        return Int8LowRankLinear.from_factors(B, A, bias, cache.smoothing(record.name, B) if cache else None)
     if precision in HALF_DTYPES:
         return CastLowRankLinear.from_factors(B, A, bias, HALF_DTYPES[precision])
     if record.op_type == "Linear":
@@ -81,7 +82,7 @@ class SVD(ReplacementKind):
             target, C = cache.target(record.name, W, centered)
             A = refit_outer(target, B.to(C.dtype), C)
             bias = cache.bias(record.name, W, (A, B), bias)
-        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias, precision)
+        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias, precision, cache)
 
 
 @register_kind
@@ -103,7 +104,7 @@ class WhitenedSVD(SVD):
         A, B = A[:, :rank], B[:rank]
         if centered:  # decomposed around the input mean: the bias carries the mean output
             bias = cache.bias(record.name, W, (A, B), bias)
-        return lowrank_module(record, B, A, bias, precision)
+        return lowrank_module(record, B, A, bias, precision, cache)
 
 
 def fresh_lowrank_module(record: LayerRecord, rank: int, bias: bool, precision: str = "float"):

@@ -81,7 +81,8 @@ class Int8(WholeLayer):
     name = "int8"
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
-        return Int8Linear.from_float(weight.reshape(record.out_features, -1), bias)
+        matrix = weight.reshape(record.out_features, -1)
+        return Int8Linear.from_float(matrix, bias, cache.smoothing(record.name, matrix))
 
 
 class Half(WholeLayer):

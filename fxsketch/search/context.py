@@ -154,8 +154,8 @@ class TrialContext:
         key = json.dumps(plan, sort_keys=True)
         if self.last_fit is None or self.last_fit[0] != key:  # finishing builds one plan several times
             stats = sequential_stats(self.gm, self.job.batches, plan, list(self.records.values()),
-                                     refit=calibration.refit)
-            self.last_fit = (key, FactorCache(stats, refit=calibration.refit))
+                                     refit=calibration.refit, smooth=calibration.smooth)
+            self.last_fit = (key, FactorCache(stats, refit=calibration.refit, smooth=calibration.smooth))
         return self.last_fit[1]
 
     def weights(self, units: list[Unit]) -> dict[str, torch.Tensor]:

@@ -164,7 +164,7 @@ def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
             "budget": [options.max_flops, options.max_params, options.max_bytes], "method": ctx.default_method,
             "int8_tables": options.int8_tables,
             "calibration": [calibration.refit, calibration.sequential, calibration.recover_steps, calibration.recover_lr,
-                            bool(ctx.job.batches)]}
+                            bool(ctx.job.batches), calibration.smooth]}
 
 
 def _time_result(ctx: TrialContext, plan: dict, module: nn.Module, cap_s: float = 3.0) -> Speedup | None:

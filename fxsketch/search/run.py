@@ -52,7 +52,7 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
                for r in records if r.name in selected]
         raise ValueError("nothing to tune: " + "; ".join(why))
     stats = calibrate(gm, batches, records) if batches else None
-    cache = FactorCache(stats, refit=job.calibration.refit, cache_dir=job.study.cache_dir)
+    cache = FactorCache(stats, refit=job.calibration.refit, cache_dir=job.study.cache_dir, smooth=job.calibration.smooth)
     by_name = {r.name: r for r in records}
     selected = plan_cost([by_name[n] for u in units for n in u.layers], {})
     ctx = TrialContext(job, gm, by_name, {u.key: u for u in units}, resolve_callable(job.accuracy_fn),
