@@ -227,6 +227,7 @@ class Int8WeightLinear(Int8Linear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8WeightLinear":
+        """Quantize a float weight (out × in) per output channel to ±127; the input stays float."""
         return super().from_float(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 `fxsketch::cast_linear(x, weight, bias)` and `fxsketch::cast_lowrank_linear(x, B, A, bias)` compute in
 their weights' dtype (bf16, fp16) and return x's: a layer in reduced precision inside a float32 model.
-`fxsketch::int8_linear(x, weight_q, weight_scale, bias)` is a Linear with int8 weights (one scale
-per output channel) and dynamically quantized int8 activations; `fxsketch::int8_lowrank_linear`
+`fxsketch::int8_linear(x, weight_q, weight_scale, bias, input_scale)` is a Linear with int8 weights
+(one scale per output channel) and dynamically quantized int8 activations (the input first
+multiplied by `input_scale` per feature in a smoothed layer); `fxsketch::int8_lowrank_linear`
 runs the two factors of a low-rank layer that way. `fxsketch::int8_weight_linear(x, weight_q,
 weight_scale, bias)` keeps only the weight in int8 and computes in x's dtype;
 `fxsketch::int8_embedding(indices, weight_q, weight_scale)` looks rows up in an int8 embedding table
