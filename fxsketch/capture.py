@@ -314,11 +314,12 @@ def _table_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, str,
         return None
     if not is_table_lookup(node):
         return None
-    weight = call_arguments(node).get("weight")
+    args = call_arguments(node)
+    weight = args.get("weight")
     if not _is_attr(weight) or fetch(gm, weight.target).dim() != 2:
         return None
     name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
-    return name, weight.target, module_type_of(node, name), call_arguments(node).get("max_norm")
+    return name, weight.target, module_type_of(node, name), args.get("max_norm")
 
 
 def _other_readers(gm: torch.fx.GraphModule, record: LayerRecord) -> str:

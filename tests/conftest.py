@@ -92,14 +92,14 @@ def mlp(seed: int = 0) -> nn.Module:
 MLP_X = torch.randn(128, 32, generator=torch.Generator().manual_seed(1))
 
 
-def agreement(model: nn.Module):
-    """Accuracy = agreement with the dense model's predictions on `MLP_X` (1.0 for the dense model)."""
+def agreement(model: nn.Module, x: torch.Tensor = MLP_X):
+    """Accuracy = agreement with the dense model's predictions on `x` (1.0 for the dense model)."""
     with torch.no_grad():
-        ref = model(MLP_X).argmax(1)
+        ref = model(x).argmax(1)
 
     def accuracy(m: nn.Module) -> float:
         with torch.no_grad():
-            return (m(MLP_X).argmax(1) == ref).float().mean().item()
+            return (m(x).argmax(1) == ref).float().mean().item()
 
     return accuracy
 
@@ -164,9 +164,7 @@ def calib_setup():
 
 def held_out_agreement(model):
     """Accuracy = agreement with `model`'s predictions on `HELD_OUT`."""
-    with torch.no_grad():
-        ref = model(HELD_OUT).argmax(1)
-    return lambda m: (m(HELD_OUT).argmax(1) == ref).float().mean().item()
+    return agreement(model, HELD_OUT)
 
 
 class Tokens(nn.Module):

@@ -13,22 +13,10 @@ from fxsketch.plan import plan_cost
 from fxsketch.search.warm import precision_plan
 from fxsketch.space import Categorical
 from fxsketch.units import invalid_reason, resolve_units, warm_params
-from conftest import WIDE_X, wide_mlp
+from conftest import WIDE_X, agreement as _agreement, wide_mlp
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no FBGEMM")
 AUTO = fxsketch.TuningConfigs([fxsketch.LayerConfig({"type": "Linear"}, params="auto")])
-
-
-def _agreement(model):
-    """accuracy_fn: the share of WIDE_X rows whose argmax matches `model`'s."""
-    with torch.no_grad():
-        reference = model(WIDE_X).argmax(1)
-
-    def agreement(m):
-        with torch.no_grad():
-            return (m(WIDE_X).argmax(1) == reference).float().mean().item()
-
-    return agreement
 
 
 def _units(model, x, precision):
@@ -71,7 +59,7 @@ def test_warm_plans_reach_the_units_parameters():
 @needs_fbgemm
 def test_a_timed_search_tries_the_precision_plan_first_and_keeps_the_accuracy_bar():
     model = wide_mlp()
-    agreement = _agreement(model)
+    agreement = _agreement(model, WIDE_X)
     result = fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params="auto"), example_inputs=WIDE_X,
                                accuracy_fn=agreement, accuracy_threshold=0.9, n_trials=8,
                                calibration_data=[WIDE_X], search=fxsketch.SearchOptions(seed=0))
@@ -87,7 +75,7 @@ def test_a_timed_search_tries_the_precision_plan_first_and_keeps_the_accuracy_ba
 @needs_fbgemm
 def test_a_byte_budget_counts_int8_weights_at_one_byte():
     model = wide_mlp()
-    agreement = _agreement(model)
+    agreement = _agreement(model, WIDE_X)
     spec = fxsketch.LayerConfig({"type": "Linear"}, params="auto")
     result = fxsketch.optimize(model, spec, example_inputs=WIDE_X, accuracy_fn=agreement, accuracy_threshold=0.0,
                                n_trials=10, search=fxsketch.SearchOptions(seed=0, max_bytes=0.3))
@@ -103,7 +91,7 @@ def test_a_byte_budget_counts_int8_weights_at_one_byte():
 @needs_fbgemm
 def test_the_pareto_front_spans_rank_and_precision():
     model = wide_mlp()
-    agreement = _agreement(model)
+    agreement = _agreement(model, WIDE_X)
     spec = fxsketch.LayerConfig({"type": "Linear"}, params="auto")
     result = fxsketch.optimize(model, spec, example_inputs=WIDE_X, accuracy_fn=agreement, n_trials=8,
                                calibration_data=[WIDE_X],

@@ -18,7 +18,7 @@ from fxsketch.capture import find_tables
 from fxsketch.kernels import int8_embedding, quantize_weight
 from fxsketch.kernels.int8 import WEIGHT_ONLY_QMAX
 from fxsketch.nn import Int8Embedding
-from conftest import loaded_in_fresh_process
+from conftest import agreement, loaded_in_fresh_process
 
 
 class Bag(nn.Module):
@@ -120,17 +120,6 @@ def test_saved_model_loads_weights_only_in_a_fresh_process_and_compiles(tmp_path
         torch.testing.assert_close(torch.compile(gm)(other), expected, rtol=1e-5, atol=1e-5)
 
 
-def _agreement(model):
-    with torch.no_grad():
-        reference = model(IDS).argmax(1)
-
-    def agreement(m):
-        with torch.no_grad():
-            return (m(IDS).argmax(1) == reference).float().mean().item()
-
-    return agreement
-
-
 def _optimize(model, accuracy_fn, threshold=0.5, **options):
     return fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params={"low_rank": [8, 12]}),
                              example_inputs=IDS, accuracy_fn=accuracy_fn, accuracy_threshold=threshold, n_trials=2,
@@ -143,11 +132,11 @@ def _int8_tables(model: nn.Module) -> int:
 
 def test_free_tables_are_int8_in_every_candidate_and_in_the_plan_returned(tmp_path):
     model = Bag().eval()
-    agreement, seen = _agreement(model), []
+    base, seen = agreement(model, IDS), []
 
     def accuracy(m):
         seen.append(_int8_tables(m))
-        return agreement(m)
+        return base(m)
 
     result = _optimize(model, accuracy)
     assert result.plan["head"]["method"] == "svd"
@@ -176,7 +165,7 @@ def test_tables_that_cost_more_than_a_twentieth_of_the_margin_stay_float():
     assert "tokens" not in result.plan and result.plan and not result.tables
     assert _int8_tables(result.graph_module) == 0
     assert _optimize(model, costing(0.02)).plan["tokens"] == {"method": "int8_weight"}
-    no_bar = _optimize(model, _agreement(model), threshold=None)  # nothing to judge "free" against
+    no_bar = _optimize(model, agreement(model, IDS), threshold=None)  # nothing to judge "free" against
     assert "tokens" not in no_bar.plan
 
 
