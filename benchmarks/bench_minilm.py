@@ -142,13 +142,12 @@ def main() -> int:
         args.distill_sentences = 256 if quick else None
     if args.search_trials is None:
         args.search_trials = 12 if quick else 36
-    n_eval, n_search = (64, 32) if quick else (224, 64)
+    n_eval, n_search = (64, 32) if quick else (None, 64)
 
     # ---- model, sentences, capture ------------------------------------------------------------
     t0 = time.perf_counter()
-    model, x, calibration, evaluation = M.make_minilm(n_calibration=64 if quick else None,
-                                                      n_evaluation=n_eval + n_search)
-    table_batches, search_batches = evaluation[: n_eval // 32], evaluation[n_eval // 32:]
+    model, x, calibration, table_batches = M.make_minilm(n_calibration=64 if quick else None, n_evaluation=n_eval)
+    search_batches = M.batches(M.tokenizer(), M.sentences("accuracy")[:n_search])
     distill_data = calibration + M.distillation_batches(args.distill_sentences)
     random.Random(1).shuffle(distill_data)  # the calibration batches among the others
     gm = fxsketch.capture(model, x)
@@ -163,7 +162,8 @@ def main() -> int:
           f"{len(encoder)} encoder Linears")
     n_distill = sum(len(b[0]) for b in distill_data)
     print(f"sentences: {n_cal} calibration ({len(calibration)} length-grouped batches, {real:.0%} real tokens), "
-          f"{len(table_batches) * 32} evaluation, {len(search_batches) * 32} held out for the search, "
+          f"{sum(len(b[0]) for b in table_batches)} evaluation, {sum(len(b[0]) for b in search_batches)} held out "
+          "for the search, "
           f"{n_distill} for distillation (calibration + {n_distill - n_cal} docstring sentences); "
           f"captured vs HF embeddings max |diff| {hf_check:.1e}; setup {time.perf_counter() - t0:.1f}s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "

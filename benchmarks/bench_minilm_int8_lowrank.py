@@ -11,7 +11,7 @@ int8 carry MiniLM past the best int8 peer at fidelity ≥ 0.95? Rows:
   The float-factor fidelities (rest of the model float32) are printed beside.
 
 Speed: dense float32 time / variant time at 32 × 64 tokens, interleaved in the same rounds after
-warm-up (median [interquartile range]); fidelity: mean cosine of sentence embeddings on the 224
+warm-up (median [interquartile range]); fidelity: mean cosine of sentence embeddings on the
 evaluation sentences `bench_peers.py` uses; ideal: `fxsketch.plan.speed_bound` of the encoder's Linears.
 
 Run:  python benchmarks/bench_minilm_int8_lowrank.py [--budgets 0.75,0.5] [--distill-steps 600] [--threads 2]
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, x, calibration, evaluation = M.make_minilm(n_calibration=256, n_evaluation=224)
+    model, x, calibration, evaluation = M.make_minilm(n_calibration=256, n_evaluation=None)
     model.eval()
     reference = M.embed(model, evaluation)
     gm = fxsketch.capture(model, x)

@@ -14,7 +14,9 @@ Linear layers, each its own unit, calibration on, objective latency at 32 × 64)
 bar checked on held-out sentences the table does not use, as the lower 95% confidence bound of their
 mean: `fxsketch.examples.minilm.accuracy`), and two hand-built plans for reference.
 Each plan is saved under `--plans` (default benchmarks/results/peers/) with the found models as
-`.pt2`; each saved model is then loaded in a fresh process and timed against the dense model there.
+`.pt2`; each saved model is then loaded in a fresh process and timed against the dense model there,
+with `fxsketch.load`'s allocator setting and without it (`tune_allocator=False`). Every row of the
+table is timed with the same setting (`fxsketch.tune_allocator`).
 
 Targets (issue "beat the one-line alternatives"): at fidelity ≥ 0.95, ≥ 1.15× the speed of the best
 peer keeping ≥ 0.95; at ≥ 0.99, at least the best peer keeping ≥ 0.99; both by a plan `optimize`
@@ -159,11 +161,11 @@ def search_rows(model: nn.Module, x: tuple, calibration: list, n_trials: int, fo
     return rows
 
 
-def time_saved(path: str, threads: int, cap_s: float) -> None:
+def time_saved(path: str, threads: int, cap_s: float, tune_allocator: bool) -> None:
     """Child process: load `path` with fxsketch.load and time it against the dense model, 32 x 64."""
     torch.set_num_threads(threads)
     model, x, _, _ = M.make_minilm(n_calibration=0, n_evaluation=32)
-    loaded = fxsketch.load(path)
+    loaded = fxsketch.load(path, tune_allocator=tune_allocator)
     median, lo, hi = measure(model.eval(), loaded, x, cap_s)
     print(f"{median:.4f} {lo:.4f} {hi:.4f}")
 
@@ -181,16 +183,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer evaluation sentences, shorter timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plans", default=os.path.join(HERE, "results", "peers"))
-    ap.add_argument("--trials", type=int, default=None, help="optimize trials per bar (default 24; quick 8)")
+    ap.add_argument("--trials", type=int, default=None, help="optimize trials per bar (default 60, one per tuning unit after the warm start; quick 8)")
     ap.add_argument("--time-saved", default=None, help=argparse.SUPPRESS)  # the fresh-process timing child
+    ap.add_argument("--untuned", action="store_true", help=argparse.SUPPRESS)  # ... with glibc's malloc as it starts
     args = ap.parse_args()
     cap_s = 2.0 if args.quick else 6.0
     if args.time_saved:
-        return time_saved(args.time_saved, args.threads, cap_s)
+        return time_saved(args.time_saved, args.threads, cap_s, not args.untuned)
     torch.set_num_threads(args.threads)
-    # the table's sentences stop where the search's held-out slice (M.accuracy) begins
+    # every row is timed with freed blocks kept for reuse, as in a process that loaded a model with
+    # fxsketch.load: otherwise the timings depend on what the process allocated before
+    tuned = fxsketch.tune_allocator()
+    # the table reads the "evaluation" sentences, the search's accuracy (M.accuracy) the "accuracy" ones
     model, x32, calibration, evaluation = M.make_minilm(n_calibration=64 if args.quick else 256,
-                                                        n_evaluation=64 if args.quick else 224)
+                                                        n_evaluation=64 if args.quick else None)
     model.eval()
     x1 = tuple(t[:1] for t in x32)
     reference = M.embed(model, evaluation)
@@ -208,7 +214,7 @@ def main() -> None:
             variants[name] = (None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
         if not torch.equal(before, M.embed(model, evaluation[:1])):
             raise RuntimeError(f"building the peer {name!r} changed the dense model: its figures would be wrong")
-    found = search_rows(model, x32, calibration, args.trials or (8 if args.quick else 24), args.plans)
+    found = search_rows(model, x32, calibration, args.trials or (8 if args.quick else 60), args.plans)
     variants.update(found)
     for name, plan in fxsketch_plans(gm).items():
         path = os.path.join(args.plans, name.split(" (")[0].replace(" ", "_").replace(",", "").replace("%", "") + ".json")
@@ -217,7 +223,8 @@ def main() -> None:
         variants[name] = (fxsketch.rewrite(model, plan, x32), f"fxsketch.rewrite(model, {os.path.relpath(path)!r}, x)")
 
     print(f"all-MiniLM-L6-v2, {args.threads} threads, {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; fidelity on {len(evaluation) * 32} sentences")
+          f"{torch.backends.cpu.get_cpu_capability()}; fidelity on {sum(len(b[0]) for b in evaluation)} sentences; "
+          f"glibc malloc {'tuned (fxsketch.tune_allocator)' if tuned else 'as it starts'}")
     print(f"{'case':52} {'speed 32x64':>20} {'speed 1x64':>20} {'fidelity':>9} {'size MB':>8}  command")
     dense_size = state_bytes(model)
     print(f"{'dense float32 (baseline)':52} {'1.00x':>20} {'1.00x':>20} {1.0:9.4f} {dense_size / 1e6:8.1f}  model")
@@ -236,11 +243,15 @@ def main() -> None:
     print("\nsaved models, loaded in a fresh process and timed there against the dense model (32x64):")
     for bar in (0.99, 0.95):
         path = os.path.join(args.plans, f"optimize_{bar}.pt2")
-        proc = subprocess.run([sys.executable, __file__, "--time-saved", path, "--threads", str(args.threads)]
-                              + (["--quick"] if args.quick else []), capture_output=True, text=True)
-        figures = proc.stdout.split() if proc.returncode == 0 else None
-        print(f"  {os.path.relpath(path)}: " + (f"{float(figures[0]):.2f}x [{float(figures[1]):.2f}-{float(figures[2]):.2f}]"
-                                             if figures else f"failed: {proc.stderr.strip().splitlines()[-1:]}"))
+        cells = []
+        for how in ("fxsketch.load(path)", "fxsketch.load(path, tune_allocator=False)"):
+            proc = subprocess.run([sys.executable, __file__, "--time-saved", path, "--threads", str(args.threads)]
+                                  + (["--quick"] if args.quick else []) + (["--untuned"] if "False" in how else []),
+                                  capture_output=True, text=True)
+            figures = proc.stdout.split() if proc.returncode == 0 else None
+            cells.append((f"{float(figures[0]):.2f}x [{float(figures[1]):.2f}-{float(figures[2]):.2f}]" if figures
+                          else f"failed: {proc.stderr.strip().splitlines()[-1:]}") + f" with {how}")
+        print(f"  {os.path.relpath(path)}: " + "; ".join(cells))
 
     print()
     for bar in (0.99, 0.95):

@@ -17,6 +17,7 @@ import torch
 
 from fxsketch import kernels  # noqa: F401  (registers the fxsketch:: ops)
 from fxsketch.allocate import allocate
+from fxsketch.allocator import tune_allocator
 from fxsketch.backend import backend
 from fxsketch.calibrate import LayerStats, calibrate
 from fxsketch.capture import CaptureError, capture, find_layers, other_modules
@@ -70,4 +71,5 @@ __all__ = [
     "LowRankConv2d", "LowRankLinear", "ParamSpec", "SKConv2d", "SKLinear", "TuningConfigs",
     "LayerStats", "Result", "allocate", "backend", "calibrate", "capture", "distill", "masked_mse",
     "rewrite_sequential", "sequential_stats", "find_layers", "optimize", "package", "get_kind", "load", "load_plan", "load_spec", "register_kind", "rewrite", "save", "select",
+    "tune_allocator",
 ]

@@ -448,6 +448,15 @@ CASES: list[Case] = [
          r"torch\.nn\.Module.*got str"),
     Case("package-missing-directory", "package", lambda f: fxsketch.package(MLP(), f.root / "no" / "x.pt2", X),
          FileNotFoundError, r"does not exist"),
+    # ---- tune_allocator
+    Case("tune-allocator-negative", "tune_allocator", lambda f: fxsketch.tune_allocator(-1), ValueError,
+         r"mmap_threshold must be a positive number of bytes, got -1"),
+    Case("tune-allocator-bool", "tune_allocator", lambda f: fxsketch.tune_allocator(trim_threshold=True), ValueError,
+         r"trim_threshold must be a positive number of bytes, got True"),
+    Case("tune-allocator-over-glibc-limit", "tune_allocator", lambda f: fxsketch.tune_allocator(64 << 20), ValueError,
+         r"at most 33554432 bytes \(glibc's limit\)"),
+    Case("tune-allocator-over-int", "tune_allocator", lambda f: fxsketch.tune_allocator(trim_threshold=1 << 31),
+         ValueError, r"below 2\*\*31 bytes"),
     Case("load-missing", "load", lambda f: fxsketch.load(f.root / "nope.pt2"), FileNotFoundError,
          r"no such artifact: '.*nope\.pt2'"),
     Case("load-directory", "load", lambda f: fxsketch.load(f.root), IsADirectoryError,
@@ -803,7 +812,7 @@ def test_case_ids_are_unique_and_every_entry_point_is_covered():
     entries = {c.entry for c in CASES}
     public = {"capture", "find_layers", "select", "rewrite", "load_plan", "save", "package", "load", "backend",
               "optimize", "allocate", "calibrate", "load_spec", "LayerConfig", "TuningConfigs", "Categorical", "Int",
-              "Float", "get_kind", "SKAutoTuner", "load_tuning_results"}
+              "Float", "get_kind", "SKAutoTuner", "load_tuning_results", "tune_allocator"}
     assert public <= entries, public - entries
 
 

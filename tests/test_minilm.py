@@ -7,6 +7,9 @@ original model's (`fxsketch.examples.minilm`); benchmarks/bench_minilm.py is the
 from __future__ import annotations
 
 import os
+import re
+import statistics
+from pydoc_data.topics import topics
 
 import pytest
 import torch
@@ -51,20 +54,34 @@ def mini():
 
 
 def test_sentences_are_real_disjoint_and_deterministic():
-    cal, ev = M.sentences("calibration"), M.sentences("evaluation")
-    assert len(cal) >= 200 and len(ev) >= 200
-    assert not set(cal) & set(ev)
+    cal, ev, acc = M.sentences("calibration"), M.sentences("evaluation"), M.sentences("accuracy")
+    assert len(cal) >= 200 and len(ev) >= 200 and len(acc) >= 100
+    assert not set(cal) & set(ev) and not set(cal) & set(acc) and not set(ev) & set(acc)
     assert len(set(ev)) == len(ev)
-    assert all(40 <= len(s) <= 300 and ">>>" not in s and "=" not in s for s in cal + ev)
+    assert all(40 <= len(s) <= 300 and ">>>" not in s and "=" not in s for s in cal + ev + acc)
     assert M.sentences("evaluation") == ev
     distillation = M.sentences("distillation")
     assert len(distillation) >= 1000 and len(set(distillation)) == len(distillation)
-    assert not set(distillation) & (set(cal) | set(ev))
+    assert not set(distillation) & (set(cal) | set(ev) | set(acc))
     assert all(40 <= len(s) <= 300 and ">>>" not in s for s in distillation)
     distillation.clear()  # the caller's copy: the next call gives the split again
     assert len(M.sentences("distillation")) >= 1000
     with pytest.raises(ValueError, match="'distillation'"):
         M.sentences("training")
+
+
+def test_accuracy_sentences_span_the_evaluation_topics():
+    # the search's accuracy sentences must not be a topic-ordered tail of the held-out text: then a
+    # bar met on them says little about the evaluation sentences
+    keys = sorted(topics)[1::2]  # the held-out topics
+    text = [re.sub(r"\s+", " ", topics[k]) for k in keys]
+
+    def positions(split):
+        return sorted(next(i for i, t in enumerate(text) if s in t) / len(keys) for s in M.sentences(split))
+
+    ev, acc = positions("evaluation"), positions("accuracy")
+    assert acc[0] < 0.1 and acc[-1] > 0.9
+    assert abs(statistics.median(acc) - statistics.median(ev)) < 0.05
 
 
 def test_capture_and_embeddings_match_the_model(mini):

@@ -1,0 +1,76 @@
+"""`fxsketch.tune_allocator`: glibc's malloc keeps freed activation blocks, set by `fxsketch.load`."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import fxsketch
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+needs_glibc = pytest.mark.skipif(not GLIBC or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                                 reason="glibc >= 2.33 (mallinfo2) only")
+
+# In the child: how many blocks glibc maps from the OS for one 30 MB tensor (1 when it bypasses the
+# heap, as it does by default in a fresh process; 0 once freed blocks are kept in the heap).
+_MAPPED = """
+    import ctypes
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = Info
+    before = libc.mallinfo2().hblks
+    block = torch.empty(30 << 20, dtype=torch.uint8)
+    print("mapped", libc.mallinfo2().hblks - before)
+"""
+
+
+def _mapped_after_load(path, tune: bool, env: dict | None = None) -> int:
+    code = textwrap.dedent(f"""
+        import torch, fxsketch
+        m = fxsketch.load({str(path)!r}, tune_allocator={tune})
+    """) + textwrap.dedent(_MAPPED)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split("mapped")[-1])
+
+
+@needs_glibc
+def test_load_keeps_large_blocks_in_the_heap_and_can_leave_the_allocator_alone(tmp_path, monkeypatch):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 8)
+    path = tmp_path / "m.pt2"
+    fxsketch.save(fxsketch.rewrite(model, {"0": {"method": "svd", "low_rank": 2}}, x), path, x)
+    assert _mapped_after_load(path, tune=False) == 1
+    assert _mapped_after_load(path, tune=True) == 0
+
+
+@needs_glibc
+def test_a_malloc_setting_in_the_environment_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 20))
+    assert fxsketch.tune_allocator() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert fxsketch.tune_allocator() is False
+
+
+@needs_glibc
+def test_tuning_applies_on_glibc(monkeypatch):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    assert fxsketch.tune_allocator() is True
+
+
+def test_off_glibc_nothing_is_touched(monkeypatch):
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    assert fxsketch.tune_allocator() is False
