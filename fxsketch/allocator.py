@@ -4,9 +4,9 @@ glibc's malloc hands every block above its mmap threshold (128 KB at start, rais
 heuristic as large blocks are freed) straight from the OS and gives it back when freed, and it
 returns free memory at the top of its heap beyond a trim threshold. A forward pass allocates and
 frees its activations on every call, so in a fresh process each call pays page faults for them.
-Measured on MiniLM at 32 × 64 tokens (2 threads): a saved int8 plan loaded in a fresh process ran
-1.22× the dense model (344 ms and 282 ms a call), and 1.45× once the thresholds were set (296 and
-205 ms), as fast as in the process that had searched it. jemalloc and tcmalloc keep such blocks on
+Measured on MiniLM at 32 × 64 tokens (2 threads, `benchmarks/bench_peers.py`): a saved int8 plan
+loaded in a fresh process ran 1.28× the dense model, and 1.47× once the thresholds were set, as
+fast as in the process that had searched it (1.45×). jemalloc and tcmalloc keep such blocks on
 their own; glibc needs the two thresholds set.
 """
 
@@ -26,13 +26,15 @@ TRIM_THRESHOLD = 256 << 20  # free bytes at the heap's top kept for reuse
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 # a user who set glibc's malloc through the environment has chosen; those settings are kept
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")  # preloaded in glibc's place, they keep blocks themselves
 
 
 def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Keep freed blocks of up to `mmap_threshold` bytes, and up to `trim_threshold` free bytes, in
     glibc's heap for reuse instead of returning them to the OS (process-wide; `fxsketch.load`
-    calls it). Returns whether it was applied: False off glibc, or when the environment already
-    sets glibc's malloc (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES)."""
+    calls it). Returns whether it was applied: False off glibc, under a preloaded jemalloc, tcmalloc
+    or mimalloc, or when the environment already sets glibc's malloc (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES)."""
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
@@ -41,6 +43,10 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
     if trim_threshold >= 1 << 31:
         raise ValueError(f"trim_threshold must be below 2**31 bytes (glibc takes an int), got {trim_threshold}")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    preloaded = [lib for lib in _OTHER_ALLOCATORS if lib in os.environ.get("LD_PRELOAD", "")]
+    if preloaded:
+        log.debug("allocator left alone: %s is preloaded", preloaded[0])
         return False
     chosen = [name for name in _USER_SETTINGS if name in os.environ]
     if chosen:

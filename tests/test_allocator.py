@@ -45,7 +45,7 @@ def _mapped_after_load(path, tune: bool, env: dict | None = None) -> int:
 
 @needs_glibc
 def test_load_keeps_large_blocks_in_the_heap_and_can_leave_the_allocator_alone(tmp_path, monkeypatch):
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     x = torch.randn(2, 8)
@@ -56,17 +56,20 @@ def test_load_keeps_large_blocks_in_the_heap_and_can_leave_the_allocator_alone(t
 
 
 @needs_glibc
-def test_a_malloc_setting_in_the_environment_is_kept(tmp_path, monkeypatch):
+def test_a_malloc_setting_or_another_allocator_in_the_environment_is_kept(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 20))
     assert fxsketch.tune_allocator() is False
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
     assert fxsketch.tune_allocator() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert fxsketch.tune_allocator() is False
 
 
 @needs_glibc
 def test_tuning_applies_on_glibc(monkeypatch):
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
     assert fxsketch.tune_allocator() is True
 
