@@ -162,8 +162,8 @@ def main() -> int:
           f"{len(encoder)} encoder Linears")
     n_distill = sum(len(b[0]) for b in distill_data)
     print(f"sentences: {n_cal} calibration ({len(calibration)} length-grouped batches, {real:.0%} real tokens), "
-          f"{sum(len(b[0]) for b in table_batches)} evaluation, {sum(len(b[0]) for b in search_batches)} held out "
-          "for the search, "
+          f"{sum(len(b[0]) for b in table_batches)} evaluation, "
+          f"{sum(len(b[0]) for b in search_batches)} held out for the search, "
           f"{n_distill} for distillation (calibration + {n_distill - n_cal} docstring sentences); "
           f"captured vs HF embeddings max |diff| {hf_check:.1e}; setup {time.perf_counter() - t0:.1f}s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "

@@ -183,7 +183,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer evaluation sentences, shorter timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plans", default=os.path.join(HERE, "results", "peers"))
-    ap.add_argument("--trials", type=int, default=None, help="optimize trials per bar (default 60, one per tuning unit after the warm start; quick 8)")
+    ap.add_argument("--trials", type=int, default=None,
+                    help="optimize trials per bar (default 60: most units get trials of their own after the warm start; quick 8)")
     ap.add_argument("--time-saved", default=None, help=argparse.SUPPRESS)  # the fresh-process timing child
     ap.add_argument("--untuned", action="store_true", help=argparse.SUPPRESS)  # ... with glibc's malloc as it starts
     args = ap.parse_args()

@@ -33,20 +33,25 @@ _MAPPED = """
 """
 
 
-def _mapped_after_load(path, tune: bool, env: dict | None = None) -> int:
+def _default_environment(monkeypatch) -> None:
+    """No malloc setting and no other allocator in the environment (the child inherits it)."""
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _mapped_after_load(path, tune: bool) -> int:
     code = textwrap.dedent(f"""
         import torch, fxsketch
         m = fxsketch.load({str(path)!r}, tune_allocator={tune})
     """) + textwrap.dedent(_MAPPED)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(proc.stdout.split("mapped")[-1])
 
 
 @needs_glibc
 def test_load_keeps_large_blocks_in_the_heap_and_can_leave_the_allocator_alone(tmp_path, monkeypatch):
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
-        monkeypatch.delenv(name, raising=False)
+    _default_environment(monkeypatch)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     x = torch.randn(2, 8)
     path = tmp_path / "m.pt2"
@@ -69,8 +74,7 @@ def test_a_malloc_setting_or_another_allocator_in_the_environment_is_kept(monkey
 
 @needs_glibc
 def test_tuning_applies_on_glibc(monkeypatch):
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
-        monkeypatch.delenv(name, raising=False)
+    _default_environment(monkeypatch)
     assert fxsketch.tune_allocator() is True
 
 

@@ -38,7 +38,8 @@ from fxsketch.recover import with_taps
 
 __all__ = [
     "ENCODER_LINEARS", "Blocks", "Hidden", "Pooled", "accuracy", "batches", "block_outputs", "distillation_batches",
-    "embed", "encoder_records", "flop_share", "fidelity", "load", "make_minilm", "model_path", "sentences", "spearman",
+    "embed", "encoder_records", "flop_share", "fidelity", "load", "make_minilm", "model_path", "SPLITS", "sentences",
+    "spearman",
     "target", "tokenizer", "uniform_plan", "uniform_rank",
 ]
 
