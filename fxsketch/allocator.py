@@ -32,7 +32,7 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")  # preloaded in glibc's
 def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Keep freed blocks of up to `mmap_threshold` bytes, and up to `trim_threshold` free bytes, in
     glibc's heap for reuse instead of returning them to the OS (process-wide; `fxsketch.load`
-    calls it). Returns whether it was applied: False off glibc, under a preloaded jemalloc, tcmalloc
+    and `fxsketch.optimize` call it). Returns whether it was applied: False off glibc, under a preloaded jemalloc, tcmalloc
     or mimalloc, or when the environment already sets glibc's malloc (MALLOC_MMAP_THRESHOLD_,
     MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES)."""
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):

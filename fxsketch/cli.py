@@ -224,7 +224,6 @@ def optimize(
     calibration_data = _load_calibration(calibration)
     budgets = dict(max_flops=_budget(max_flops, "--max-flops"), max_params=_budget(max_params, "--max-params"),
                    max_bytes=_budget(max_bytes, "--max-bytes"))
-    fxsketch.tune_allocator()  # speeds measured with the allocator fxsketch.load sets for the saved model
     with _user_code("optimize"), _interrupt_before_any_trial(storage):
         result = fxsketch.optimize(
             model, spec, example_inputs=example_inputs, accuracy_fn=accuracy_fn, accuracy_threshold=threshold,
@@ -304,7 +303,6 @@ def demo(
     console.print(f"trained in {task.train_seconds:.1f}s; dense accuracy {dense:.4f}; "
                   f"threshold {threshold:.4f} (one point below)")
     params = "auto" if method in (None, "svd", "whitened_svd") else {"method": [method]}
-    fxsketch.tune_allocator()  # speeds measured with the allocator fxsketch.load sets for the saved model
     spec = fxsketch.LayerConfig(layer_names={"type": "Linear"}, params=params)
     with _user_code("the demo"), _interrupt_before_any_trial(None, resumable=False):
         result = fxsketch.optimize(task.model, spec, example_inputs=task.example_inputs, accuracy_fn=task.accuracy,

