@@ -74,6 +74,7 @@ def test_a_keyword_given_twice_an_unknown_keyword_and_a_wrong_group_are_errors()
     (lambda: SearchOptions(seed=1.5), TypeError, r"seed must be None or an int"),
     (lambda: SearchOptions(callbacks=[3]), TypeError, r"callbacks must be callables"),
     (lambda: SearchOptions(warm_start="yes"), TypeError, r"warm_start must be True or False"),
+    (lambda: SearchOptions(tune_allocator=1), TypeError, r"tune_allocator must be True or False, got 1"),
     (lambda: CalibrationOptions(sequential="yes"), TypeError, r"sequential must be True or False"),
     (lambda: CalibrationOptions(recover_steps=-1), ValueError, r"recover_steps must be an int >= 0"),
     (lambda: CalibrationOptions(recover_lr=0.0), ValueError, r"recover_lr must be a positive number"),
