@@ -245,10 +245,9 @@ def main() -> None:
     for bar in (0.99, 0.95):
         path = os.path.join(args.plans, f"optimize_{bar}.pt2")
         cells = []
-        for how in ("fxsketch.load(path)", "fxsketch.load(path, tune_allocator=False)"):
+        for how, flags in (("fxsketch.load(path)", []), ("fxsketch.load(path, tune_allocator=False)", ["--untuned"])):
             proc = subprocess.run([sys.executable, __file__, "--time-saved", path, "--threads", str(args.threads)]
-                                  + (["--quick"] if args.quick else []) + (["--untuned"] if "False" in how else []),
-                                  capture_output=True, text=True)
+                                  + (["--quick"] if args.quick else []) + flags, capture_output=True, text=True)
             figures = proc.stdout.split() if proc.returncode == 0 else None
             cells.append((f"{float(figures[0]):.2f}x [{float(figures[1]):.2f}-{float(figures[2]):.2f}]" if figures
                           else f"failed: {proc.stderr.strip().splitlines()[-1:]}") + f" with {how}")

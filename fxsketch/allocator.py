@@ -15,9 +15,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 
-__all__ = ["tune_allocator", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_allocator", "running_glibc", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +30,10 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")  # preloaded in glibc's
 
 def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Keep freed blocks of up to `mmap_threshold` bytes, and up to `trim_threshold` free bytes, in
-    glibc's heap for reuse instead of returning them to the OS (process-wide; `fxsketch.load`
-    and `fxsketch.optimize` call it). Returns whether it was applied: False off glibc, under a preloaded jemalloc, tcmalloc
-    or mimalloc, or when the environment already sets glibc's malloc (MALLOC_MMAP_THRESHOLD_,
-    MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES)."""
+    glibc's heap for reuse instead of returning them to the OS (process-wide; `fxsketch.load` and
+    `fxsketch.optimize` call it). Returns whether it was applied: False off glibc, under a
+    preloaded jemalloc, tcmalloc or mimalloc, or when the environment already sets glibc's malloc
+    (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES)."""
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
@@ -42,7 +41,7 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
         raise ValueError(f"mmap_threshold may be at most {MMAP_THRESHOLD} bytes (glibc's limit), got {mmap_threshold}")
     if trim_threshold >= 1 << 31:
         raise ValueError(f"trim_threshold must be below 2**31 bytes (glibc takes an int), got {trim_threshold}")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not running_glibc():
         return False
     preloaded = [lib for lib in _OTHER_ALLOCATORS if lib in os.environ.get("LD_PRELOAD", "")]
     if preloaded:
@@ -58,3 +57,11 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
     log.debug("glibc malloc: mmap threshold %d, trim threshold %d bytes (%s)", mmap_threshold, trim_threshold,
               "set" if applied else "refused")
     return applied
+
+
+def running_glibc() -> bool:
+    """Whether this process runs on glibc (asked of the C library itself: no file is read)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), or a libc that does not know the name
+        return False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import platform
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,9 +15,9 @@ from torch import nn
 import fxsketch
 import fxsketch.search.api
 from conftest import MLP_X, agreement, mlp
+from fxsketch.allocator import running_glibc
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-needs_glibc = pytest.mark.skipif(not GLIBC or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+needs_glibc = pytest.mark.skipif(not running_glibc() or not hasattr(ctypes.CDLL(None), "mallinfo2"),
                                  reason="glibc >= 2.33 (mallinfo2) only")
 
 # In the child: how many blocks glibc maps from the OS for one 30 MB tensor (1 when it bypasses the
@@ -81,7 +81,11 @@ def test_tuning_applies_on_glibc(monkeypatch):
 
 
 def test_off_glibc_nothing_is_touched(monkeypatch):
-    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    def musl(name):
+        raise ValueError("unrecognized configuration name")
+
+    monkeypatch.setattr(os, "confstr", musl)
+    assert fxsketch.allocator.running_glibc() is False
     assert fxsketch.tune_allocator() is False
 
 
