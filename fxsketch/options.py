@@ -15,9 +15,11 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 if TYPE_CHECKING:
     import optuna
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["SearchOptions", "CalibrationOptions", "StudyOptions", "LEGACY_KEYWORDS", "OBJECTIVES", "STRATEGIES"]
 
 OBJECTIVES = ("latency", "flops")
+RECOVER_AT = ("each", "finish")
 STRATEGIES = ("layerwise", "joint")
 
 
@@ -143,6 +146,19 @@ class CalibrationOptions:
             precision has nothing to train and is judged as built.
         recover_loss_fn: the distillation loss `(outputs, targets, inputs) -> scalar tensor`
             (default relative MSE; `fxsketch.recover.masked_mse()` leaves padding out).
+        recover_at: "each" distills every candidate before judging it (costs `recover_steps`
+            training steps a trial); "finish" judges candidates as fitted against a lower working
+            bar and distills only the plan returned: the search first measures which share of the
+            accuracy loss distillation wins back (one probe plan, distilled), lowers the bar so
+            that a plan found at it should reach the real one once distilled, then distills the
+            plan found and checks it against the real bar, falling back to more accurate plans
+            (and, last, to the best plan found at the real bar) when it falls short. Needs
+            `recover_steps` and a single-objective search with an accuracy threshold.
+        recover_data: the batches distillation trains on (default: the calibration data); more
+            sentences than the statistics need keep a long distillation from overfitting them.
+        recover_taps: names of graph nodes whose values distillation matches besides the
+            outputs (e.g. every transformer block's output), or a callable `GraphModule -> names`.
+        recover_schedule: "constant" or "cosine" (the learning rate annealed to 0; see `distill`).
     """
 
     refit: bool = True
@@ -151,6 +167,10 @@ class CalibrationOptions:
     recover_steps: int = 0
     recover_lr: float = 1e-3
     recover_loss_fn: Callable[[Any, Any, tuple], Any] | None = None
+    recover_at: str = "each"
+    recover_data: Any = None
+    recover_taps: Sequence[str] | Callable[[Any], Sequence[str]] | None = None
+    recover_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if not isinstance(self.refit, bool):
@@ -166,6 +186,27 @@ class CalibrationOptions:
         if self.recover_loss_fn is not None and not callable(self.recover_loss_fn):
             raise TypeError(f"recover_loss_fn must be a callable (outputs, targets, inputs) -> loss, "
                             f"got {type(self.recover_loss_fn).__name__}")
+        if self.recover_at not in RECOVER_AT:
+            raise ValueError(f"recover_at must be one of {RECOVER_AT}, got {self.recover_at!r}")
+        if self.recover_at == "finish" and not self.recover_steps:
+            raise ValueError("recover_at='finish' distills the plan returned: set recover_steps > 0 too")
+        if self.recover_schedule not in ("constant", "cosine"):
+            raise ValueError(f"recover_schedule must be 'constant' or 'cosine', got {self.recover_schedule!r}")
+        if self.recover_data is not None:
+            if isinstance(self.recover_data, (str, bytes, torch.Tensor)) or not isinstance(self.recover_data, Iterable):
+                raise TypeError(f"recover_data must be None or an iterable of input batches, "
+                                f"got {type(self.recover_data).__name__}")
+            object.__setattr__(self, "recover_data", tuple(self.recover_data))
+            if not self.recover_data:
+                raise ValueError("recover_data is empty: pass input batches, or None to distill on the calibration data")
+        taps = self.recover_taps
+        if taps is not None and not callable(taps):
+            if isinstance(taps, str):
+                taps = (taps,)
+            if not isinstance(taps, Iterable) or not all(isinstance(t, str) for t in taps):
+                raise TypeError(f"recover_taps must be None, node names or a callable GraphModule -> names, "
+                                f"got {self.recover_taps!r}")
+            object.__setattr__(self, "recover_taps", tuple(taps))
 
 
 @dataclass(frozen=True)
@@ -205,7 +246,8 @@ class StudyOptions:
 
 
 GROUPS = {"search": SearchOptions, "calibration": CalibrationOptions, "study": StudyOptions}
-NEW_OPTIONS = {"trial_timeout", "int8_tables", "smooth", "tune_allocator"}  # options that were never keywords of optimize itself
+NEW_OPTIONS = {"trial_timeout", "int8_tables", "smooth", "tune_allocator", "recover_at", "recover_data",
+               "recover_taps", "recover_schedule"}  # options that were never keywords of optimize itself
 LEGACY_KEYWORDS = {f.name: group for group, cls in GROUPS.items() for f in fields(cls) if f.name not in NEW_OPTIONS}
 
 

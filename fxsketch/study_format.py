@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["UNIT", "WHOLE_MODEL", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "UNTIMED", "SCORE", "NOTE", "WARM", "REUSED", "FINISHED", "FLOPS",
+__all__ = ["UNIT", "WHOLE_MODEL", "ENTRY", "PLAN", "ACCURACY", "SPEED", "SPEED_SOURCE", "UNTIMED", "SCORE", "NOTE", "WARM", "REUSED", "FINISHED", "FLOPS", "RECOVERY",
            "running_trial", "trial_running"]
 
 UNIT = "fxsketch.unit"  # the tuning unit's key (a layer, a group, or WHOLE_MODEL)
@@ -28,6 +28,7 @@ NOTE = "fxsketch.note"  # why a trial was pruned, failed or reused an earlier re
 FLOPS = "fxsketch.flops"  # the trial's plan: FLOPs of the selected layers as a fraction of dense
 WARM = "fxsketch.warm"  # a whole-model warm-start trial: how its plan was made
 FINISHED = "fxsketch.finished"  # a study attribute: the plan a finished search returned, and on what
+RECOVERY = "fxsketch.recovery"  # a study attribute: the share of accuracy distillation won back on the probe plan
 REUSED = "fxsketch.reused"  # the trial drew values an earlier trial held (its number; -1: pruned before): not counted
 
 running_trial: ContextVar[Any] = ContextVar("fxsketch_running_trial", default=None)

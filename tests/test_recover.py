@@ -12,7 +12,8 @@ from torch import nn
 import fxsketch
 from fxsketch.kernels import quantize_weight
 from fxsketch.kernels.int8 import fbgemm_available
-from fxsketch.recover import float_factors, masked_mse, quantize_trained, with_taps
+from fxsketch.search import api as search_api, context as search_context, recovery
+from fxsketch.recover import float_factors, masked_mse, quantize_trained, relative_mse, with_taps
 from conftest import CALIB, calib_mlp as _model, HELD_OUT, rel_error as _rel_error, Tokens, tokens as _tokens
 
 
@@ -146,3 +147,82 @@ def test_cosine_schedule_anneals_the_learning_rate_to_zero(monkeypatch):
     lrs.clear()
     fxsketch.distill(student, model, [(CALIB[:64],)], steps=3, lr=1e-2)
     assert lrs == pytest.approx([1e-2] * 3)
+
+
+# --------------------------------------------------------------------------- recover_at="finish"
+
+def _recovering(model, monkeypatch, threshold=0.97, **options):
+    """optimize with distillation of the returned plan only; returns (result, the steps of each distillation)."""
+    calls = []
+    real = search_context.distill
+
+    def counted(*args, **kw):
+        calls.append(kw["steps"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(search_context, "distill", counted)
+    chosen = dict(recover_steps=60, recover_lr=3e-3, recover_at="finish",
+                  recover_data=[CALIB[i:i + 250] for i in range(0, 1500, 250)])
+    chosen.update(options)
+    result = fxsketch.optimize(model, fxsketch.LayerConfig(["0", "2"], params="auto"), example_inputs=CALIB[:64],
+                               accuracy_fn=lambda m: 1.0 - _rel_error(m, model), accuracy_threshold=threshold,
+                               n_trials=12, calibration_data=[CALIB[i:i + 250] for i in range(0, 1000, 250)],
+                               search=fxsketch.SearchOptions(seed=0, objective="flops"),
+                               calibration=fxsketch.CalibrationOptions(**chosen))
+    return result, calls
+
+
+def test_finish_recovery_judges_trials_at_a_lower_bar_and_distills_only_the_plan_returned(monkeypatch):
+    model = _model()
+    result, calls = _recovering(model, monkeypatch)
+    held = result.study.user_attrs["fxsketch.recovery"]
+    assert 0 < held["rate"] <= recovery.MAX_RATE and held["distilled"] > held["fitted"]
+    assert calls == [60, 60]  # the probe and the plan returned, no trial
+    assert result.accuracy_threshold == 0.97 and result.accuracy >= 0.97
+    assert 1.0 - _rel_error(result.graph_module, model) == pytest.approx(result.accuracy, abs=1e-6)
+    assert result.validation[-1]["source"] == "distilled 60 steps"
+    working = recovery.working_threshold(0.97, 1.0, held["rate"])
+    judged = [t.user_attrs["fxsketch.accuracy"] for t in result.study.trials
+              if t.state.name == "COMPLETE" and math.isfinite(t.value)]
+    assert min(judged) < 0.97 and min(judged) >= working  # feasible at the working bar, not at the real one
+    assert result.validation[-2]["accuracy"] < 0.97  # as fitted, the plan needed the distillation to meet the bar
+
+
+def test_finish_recovery_falls_back_to_a_plan_that_meets_the_bar_as_fitted(monkeypatch):
+    """A distillation that ruins every plan (a huge learning rate) is caught by the check against
+    the real bar: the plan that fell short won nothing back, so no other is distilled, and a plan
+    that meets the bar as fitted is returned."""
+    monkeypatch.setattr(search_api, "recovery_rate", lambda ctx, study, dense: 0.8)
+    model = _model()
+    result, calls = _recovering(model, monkeypatch, recover_lr=50.0)
+    assert calls == [60]
+    assert result.accuracy >= 0.97 and 1.0 - _rel_error(result.graph_module, model) >= 0.97
+    assert sum("below 0.9700" in n for n in result.notes) == 1
+
+
+def test_working_threshold_counts_on_part_of_the_measured_recovery():
+    working = recovery.working_threshold
+    safety = recovery.SAFETY
+    assert working(0.95, 1.0, 0.5) == pytest.approx(1.0 - 0.05 / (1.0 - safety * 0.5))
+    assert working(0.95, 1.0, 0.0) == 0.95  # nothing won back: the bar itself
+    assert working(0.95, 0.9, 0.5) == 0.95  # a bar above the dense model is not lowered
+
+
+def test_distillation_matches_the_taps_on_its_own_data():
+    """recover_taps adds the named nodes' values to what the loss compares; recover_data is what it trains on."""
+    seen = []
+
+    def loss(outputs, targets, inputs):
+        seen.append((len(inputs[0]), isinstance(outputs, tuple) and len(outputs[1])))
+        return relative_mse(outputs, targets)
+
+    def tanhs(gm):  # the captured Sequential calls its Tanh modules "1" and "3"
+        return [n.name for n in gm.graph.nodes if n.op == "call_module" and n.target in ("1", "3")]
+
+    model = _model()
+    fxsketch.optimize(model, fxsketch.LayerConfig(["0", "2"], params="auto"), example_inputs=CALIB[:64],
+                      accuracy_fn=lambda m: 1.0, accuracy_threshold=0.5, n_trials=2, calibration_data=[CALIB[:500]],
+                      search=fxsketch.SearchOptions(seed=0, objective="flops"),
+                      calibration=fxsketch.CalibrationOptions(recover_steps=2, recover_taps=tanhs, recover_loss_fn=loss,
+                                                              recover_data=[CALIB[:37]]))
+    assert seen and set(seen) == {(37, 2)}

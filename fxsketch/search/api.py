@@ -27,6 +27,7 @@ from fxsketch.search.context import SearchJob
 from fxsketch.search.evaluate import ran
 from fxsketch.search.finish import finish, keep_best
 from fxsketch.search.parallel import run_parallel
+from fxsketch.search.recovery import finish_recovered, recovery_rate, working_threshold
 from fxsketch.search.run import free_tables, open_study, prepare, run_strategy
 from fxsketch.workers import fresh_journal, open_storage, resolve_callable
 
@@ -111,6 +112,10 @@ def optimize(
                          "and warm_start=True")
     if calibration.recover_steps and not batches:
         raise ValueError("recover_steps needs calibration_data to distill on")
+    recovering = calibration.recover_at == "finish"
+    if recovering and (accuracy_threshold is None or search.multi):
+        raise ValueError("recover_at='finish' distills the plan found to lift it to the accuracy bar: it needs "
+                         "accuracy_threshold= and a single objective (use recover_at='each' otherwise)")
     if search.tune_allocator:
         tune_allocator()
     job = SearchJob(spec, as_inputs(example_inputs), accuracy_fn, accuracy_threshold, speed_fn, n_trials, timeout,
@@ -129,6 +134,11 @@ def optimize(
     interrupted = False
     try:
         trials = open_study(job, opened)
+        if recovering:
+            with step("measuring what distillation wins back", job.progress):
+                rate = recovery_rate(ctx, trials, dense_accuracy)
+            ctx.job = job = dataclasses.replace(
+                job, accuracy_threshold=working_threshold(accuracy_threshold, dense_accuracy, rate))
         try:
             if study.n_workers > 1:
                 run_parallel(model, job, trials, storage)
@@ -140,7 +150,8 @@ def optimize(
     finally:
         optuna.logging.set_verbosity(optuna_verbosity)
     with step("validating the best plan and timing it", job.progress):
-        result = finish(ctx, trials, dense_accuracy)
+        result = (finish_recovered(ctx, trials, dense_accuracy, accuracy_threshold) if recovering
+                  else finish(ctx, trials, dense_accuracy))
     result.interrupted = result.interrupted or interrupted
     if experiment_dir is not None:
         keep_best(result, experiment_dir, job.inputs)

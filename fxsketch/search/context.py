@@ -23,7 +23,7 @@ from fxsketch.plan import Budget, plan_cost
 from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.options import CalibrationOptions, SearchOptions, StudyOptions
 from fxsketch.records import LayerRecord, fetch
-from fxsketch.recover import distill, factor_parameters, float_factors, quantize_trained
+from fxsketch.recover import distill, factor_parameters, float_factors, quantize_trained, with_taps
 from fxsketch.replacements import FactorCache
 from fxsketch.rewrite import apply_plan
 from fxsketch.sequential import sequential_stats
@@ -120,13 +120,14 @@ class TrialContext:
         """The tuned layers' names."""
         return [n for u in self.units.values() for n in u.layers]
 
-    def build(self, plan: dict, copy_weights: bool = True, share: bool = True) -> nn.Module:
-        """The model with `plan` applied (and distilled, when recovery is on); a plan that replaces
-        anything also carries the job's `fixed` entries (int8 embedding tables). With `share` and
-        without recovery the kept weights are the captured graph's own storage (trials; see
+    def build(self, plan: dict, copy_weights: bool = True, share: bool = True, recover: bool | None = None) -> nn.Module:
+        """The model with `plan` applied, distilled (`distill`) when `recover` (None: when every
+        candidate is, `recover_steps` with `recover_at="each"`); a plan that replaces anything also
+        carries the job's `fixed` entries (int8 embedding tables). With `share` and without
+        distillation the kept weights are the captured graph's own storage (trials; see
         `check_weights`); models handed to the user are built with `share=False`."""
         recovery = self.job.calibration
-        steps = recovery.recover_steps
+        steps = recovery.recover_steps if (self.recovers_each if recover is None else recover) else 0
         self.check_weights()
         cache = self.fit_cache(plan) if copy_weights else self.cache
         records = {**self.records, **self.tables} if self.tables else self.records
@@ -140,10 +141,28 @@ class TrialContext:
                 else apply_plan(self.gm, records, twin_plan, cache, copy_weights=copy_weights))
         if not factor_parameters(twin):  # every layer whole in a precision: nothing to train
             return module
-        distill(twin, self.gm, self.job.batches, steps=steps, lr=recovery.recover_lr, loss_fn=recovery.recover_loss_fn)
+        self.distill(twin)
         if twin is not module:  # int8 factors: trained in float, then quantized
             quantize_trained(module, twin)
         return module
+
+    @property
+    def recovers_each(self) -> bool:
+        """Every candidate is distilled before it is judged (`recover_at="each"`)."""
+        recovery = self.job.calibration
+        return bool(recovery.recover_steps) and recovery.recover_at == "each"
+
+    def distill(self, student: nn.Module) -> float:
+        """Train `student`'s factors against the captured model for `recover_steps` steps, on
+        `recover_data` (default: the calibration batches), matching its outputs and the values of
+        the `recover_taps` nodes. Returns the last step's loss."""
+        recovery = self.job.calibration
+        teacher, taps = self.gm, recovery.recover_taps
+        taps = taps(self.gm) if callable(taps) else taps
+        if taps:
+            student, teacher = with_taps(student, taps), with_taps(self.gm, taps)
+        return distill(student, teacher, recovery.recover_data or self.job.batches, steps=recovery.recover_steps,
+                       lr=recovery.recover_lr, loss_fn=recovery.recover_loss_fn, schedule=recovery.recover_schedule)
 
     def fit_cache(self, plan: dict) -> FactorCache:
         """The factors to build `plan` from: with sequential calibration and low-rank entries, fitted

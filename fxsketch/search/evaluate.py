@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 from typing import Any
 
 import optuna
@@ -15,7 +16,7 @@ from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.plan import plan_cost
 from fxsketch.search.context import TrialContext
 
-__all__ = ["evaluate", "over_budget", "remember", "ran", "plan_key"]
+__all__ = ["evaluate", "over_budget", "remember", "ran", "plan_key", "score_at"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,18 @@ def _running_twin(trial: optuna.Trial, trials: list[optuna.trial.FrozenTrial], u
 def _values(attrs: dict[str, Any]) -> str:
     """The key of a trial's values from its attributes: its plan (whole model) or its unit's entry."""
     return plan_key(attrs.get(keys.PLAN) if attrs.get(keys.UNIT) == keys.WHOLE_MODEL else attrs.get(keys.ENTRY))
+
+
+def score_at(trial: optuna.trial.FrozenTrial, threshold: float | None) -> float:
+    """A finished single-objective trial's score against `threshold`: its speed where its accuracy
+    meets it, else -inf (None: the score it was given). Trials judged against a lower working bar
+    (`recover_at="finish"`) are ranked again this way when a higher one is tried."""
+    if threshold is None:
+        return trial.value
+    accuracy, speed = trial.user_attrs.get(keys.ACCURACY), trial.user_attrs.get(keys.SPEED)
+    if accuracy is None or speed is None or not accuracy >= threshold or not math.isfinite(speed):
+        return -math.inf
+    return speed
 
 
 def ran(trial: optuna.trial.FrozenTrial) -> bool:

@@ -32,7 +32,7 @@ from fxsketch.search.joint import ParetoPoint, leading_joint, pareto_points
 from fxsketch.search.layerwise import best_entry, searched
 from fxsketch.units import Unit
 
-__all__ = ["finish", "keep_best", "sensitivity_table"]
+__all__ = ["finish", "keep_best", "sensitivity_table", "time_result"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
     for point in pareto:
         point.plan = {**ctx.job.fixed, **point.plan}
     plan, accuracies = _chosen_plan(ctx, study, units, strategy, pareto)
-    notes = _unit_notes(study, units) if strategy == "layerwise" and not pareto else []
+    notes = _unit_notes(study, units, ctx.threshold) if strategy == "layerwise" and not pareto else []
     basis = _basis(ctx, study)
     held = study.user_attrs.get(keys.FINISHED) if not pareto else None
     decided = isinstance(held, dict) and held.get("basis") == basis
@@ -114,13 +114,13 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
             notes = []  # what the per-unit search did not reach does not bear on this plan
             done = (done[0], done[1], tried + done[2], done[3])
         plan, accuracy, steps, module = done
-    if plan and not ctx.job.calibration.recover_steps:  # the returned model owns its weights (the same values)
+    if plan and not ctx.recovers_each:  # the returned model owns its weights (the same values)
         module = ctx.build(plan, share=False)
     interrupted = False
     try:
-        measured = _time_result(ctx, plan, module)
+        measured = time_result(ctx, plan, module)
         if measured is not None and measured.median < 1.0 and not measured.reliable:  # the load may have passed
-            measured = _time_result(ctx, plan, module, cap_s=6.0)
+            measured = time_result(ctx, plan, module, cap_s=6.0)
         if (measured is not None and _slower(measured) and ctx.objective == "latency" and ctx.speed_fn is None
                 and not decided):
             plan, accuracy, module, measured = _back_off_slow(ctx, plan, accuracy, module, measured, steps, verbose)
@@ -164,10 +164,10 @@ def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
             "budget": [options.max_flops, options.max_params, options.max_bytes], "method": ctx.default_method,
             "int8_tables": options.int8_tables,
             "calibration": [calibration.refit, calibration.sequential, calibration.recover_steps, calibration.recover_lr,
-                            bool(ctx.job.batches), calibration.smooth]}
+                            bool(ctx.job.batches), calibration.smooth, calibration.recover_at]}
 
 
-def _time_result(ctx: TrialContext, plan: dict, module: nn.Module, cap_s: float = 3.0) -> Speedup | None:
+def time_result(ctx: TrialContext, plan: dict, module: nn.Module, cap_s: float = 3.0) -> Speedup | None:
     """The returned model timed against (a copy of) the user's own model, interleaved, in rounds until
     its spread is within ±5% or `cap_s` passes (None: nothing was replaced, the model is dense). The
     captured graph can itself run faster or slower than the model it came from."""
@@ -210,7 +210,7 @@ def _back_off_slow(ctx: TrialContext, plan: dict, accuracy, module: nn.Module, m
         steps.append({"layers": len(plan), "dropped": victim, "accuracy": accuracy, "reason": "slower than dense"})
         if ctx.threshold is not None and accuracy < ctx.threshold:
             continue
-        measured = _time_result(ctx, plan, module)
+        measured = time_result(ctx, plan, module)
         if not _slower(measured):
             break
     return plan, accuracy, module, measured
@@ -224,7 +224,7 @@ def _fastest_joint(ctx: TrialContext, study: optuna.Study) -> tuple[dict, float]
     their trials' speed, the one that runs fastest on the whole model, timed interleaved. Trials
     are scored by per-layer estimates, which do not tell plans a few per cent apart, and one
     disturbed layer timing can put a plan first."""
-    leading = leading_joint(study, LEADING_TIMED)
+    leading = leading_joint(study, LEADING_TIMED, ctx.threshold)
     if len(leading) < 2 or ctx.objective != "latency" or ctx.speed_fn is not None:
         return leading[0] if leading else None
     rounds = time_rounds([ctx.build(dict(plan)) for plan, _ in leading], ctx.inputs, cap_s=3.0)
@@ -249,7 +249,7 @@ def _chosen_plan(ctx: TrialContext, study: optuna.Study, units: list[Unit], stra
     plan: dict[str, dict[str, Any]] = {}
     accuracies: dict[str, float] = {}
     for unit in units:
-        best = best_entry(study, unit.key)
+        best = best_entry(study, unit.key, ctx.threshold)
         if best is None:
             continue  # said in the Result's notes (`_unit_notes`)
         for name in unit.layers:
@@ -257,11 +257,11 @@ def _chosen_plan(ctx: TrialContext, study: optuna.Study, units: list[Unit], stra
     return {k: v for k, v in plan.items() if v["method"] != "dense"}, accuracies
 
 
-def _unit_notes(study: optuna.Study, units: list[Unit]) -> list[str]:
+def _unit_notes(study: optuna.Study, units: list[Unit], threshold: float | None) -> list[str]:
     """What the per-unit search could not do: units with no evaluated trial of their own (not
     searched) apart from units whose trials all missed the accuracy bar."""
     unsearched = [u.key for u in units if not searched(study, u.key)]
-    unmet = [u.key for u in units if u.key not in unsearched and best_entry(study, u.key) is None]
+    unmet = [u.key for u in units if u.key not in unsearched and best_entry(study, u.key, threshold) is None]
     notes = []
     for keys_, what in ((unsearched, "not searched (no trial of its own ran; raise n_trials or timeout)"),
                         (unmet, "searched, but no trial met the accuracy threshold")):

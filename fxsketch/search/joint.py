@@ -18,7 +18,7 @@ from fxsketch import study_format as keys
 from fxsketch.metrics import TrialFailed
 from fxsketch.plan import plan_cost
 from fxsketch.search.context import TrialContext
-from fxsketch.search.evaluate import evaluate, over_budget, plan_key
+from fxsketch.search.evaluate import evaluate, over_budget, plan_key, score_at
 from fxsketch.units import Unit, invalid_reason, suggest_entry, warm_params
 from fxsketch.workers import optimize_study
 
@@ -86,11 +86,12 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if t.user_attrs.get(keys.UNIT) == keys.WHOLE_MODEL]
 
 
-def leading_joint(study: optuna.Study, count: int) -> list[tuple[dict, float]]:
+def leading_joint(study: optuna.Study, count: int, threshold: float | None = None) -> list[tuple[dict, float]]:
     """The plans and accuracies of the `count` best feasible single-objective joint trials with
-    different plans, best first."""
-    scored = sorted((t for t in _complete(study) if math.isfinite(t.value)),
-                    key=lambda t: (t.value, t.user_attrs[keys.ACCURACY]), reverse=True)
+    different plans (scored against `threshold`: `score_at`), best first."""
+    scores = {t.number: score_at(t, threshold) for t in _complete(study)}
+    scored = sorted((t for t in _complete(study) if math.isfinite(scores[t.number])),
+                    key=lambda t: (scores[t.number], t.user_attrs[keys.ACCURACY]), reverse=True)
     out: dict[str, tuple[dict, float]] = {}
     for t in scored:
         if len(out) == count:

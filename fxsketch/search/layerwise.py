@@ -17,7 +17,7 @@ import optuna
 from fxsketch import study_format as keys
 from fxsketch.metrics import TrialFailed
 from fxsketch.search.context import TrialContext
-from fxsketch.search.evaluate import evaluate, over_budget
+from fxsketch.search.evaluate import evaluate, over_budget, score_at
 from fxsketch.search.warm import warm_joint
 from fxsketch.units import Unit, invalid_reason, space_size, suggest_entry, warm_params
 from fxsketch.workers import optimize_study
@@ -93,13 +93,15 @@ def _unit_trial(ctx: TrialContext, unit: Unit, trial: optuna.Trial) -> float:
     return evaluate(ctx, trial, plan, unit=unit.key, values=entry, reason=reason, copy_weights=unit.copy_weights)
 
 
-def best_entry(study: optuna.Study, key: str) -> tuple[dict[str, Any], float] | None:
-    """The best feasible trial's entry and accuracy for unit `key`, or None."""
+def best_entry(study: optuna.Study, key: str, threshold: float | None = None) -> tuple[dict[str, Any], float] | None:
+    """The best feasible trial's entry and accuracy for unit `key` (scored against `threshold`:
+    `score_at`), or None."""
     best = None
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get(keys.UNIT) != key or not math.isfinite(t.value):
+        score = score_at(t, threshold)
+        if t.user_attrs.get(keys.UNIT) != key or not math.isfinite(score):
             continue
-        rank = (t.value, t.user_attrs.get(keys.ACCURACY, -math.inf))
+        rank = (score, t.user_attrs.get(keys.ACCURACY, -math.inf))
         if best is None or rank > best[0]:
             best = (rank, t.user_attrs[keys.ENTRY], t.user_attrs.get(keys.ACCURACY, math.nan))
     return None if best is None else (best[1], best[2])

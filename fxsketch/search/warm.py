@@ -28,7 +28,7 @@ from fxsketch.search.joint import evaluate_plan, flat_values
 from fxsketch.units import Unit, invalid_reason, unit_methods
 from fxsketch.workers import optimize_study
 
-__all__ = ["unit_sensitivity", "warm_start_plans", "warm_joint", "precision_plan", "WARM_TRIALS"]
+__all__ = ["unit_sensitivity", "warm_start_plans", "warm_joint", "precision_plan", "probe_plan", "WARM_TRIALS"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,23 @@ def precision_plan(units: list[Unit]) -> dict[str, dict[str, Any]]:
         offered = [m for m in (spec.values() or []) if get_kind(m).automatic] if spec is not None else []
         plan.update({name: {"method": offered[0]} for name in unit.layers} if offered else {})
     return plan
+
+
+def probe_plan(ctx: TrialContext, units: list[Unit], share: float) -> dict[str, dict[str, Any]]:
+    """The allocation at `share` of the allocatable units' FLOPs, its factors int8 where the units
+    offer that (`precision_plan`): a plan typical of the low-rank trials, to measure on (`{}` when
+    no unit can be allocated)."""
+    usable = _allocatable(units)
+    if not usable:
+        return {}
+    try:
+        plan = allocate_units(usable, ctx.records, ctx.cache, ctx.weights(usable),
+                              Budget(share, ctx.budget.params, ctx.budget.bytes), sensitivity=ctx.sensitivity)
+    except ValueError as exc:
+        log.info("no allocation at %.0f%% of the FLOPs: %s", 100 * share, exc)
+        return {}
+    precise = precision_plan(units)
+    return _lifted(plan, usable, precise) if precise else plan
 
 
 def _lifted(plan: dict[str, dict[str, Any]], units: list[Unit], precise: dict[str, dict[str, Any]]) -> dict:
