@@ -127,6 +127,8 @@ def optimize(
     opened = open_storage(storage, study.heartbeat_interval)  # a wrong URL fails before any work
     with step("capturing the model" + (" and calibrating" if batches else ""), job.progress):
         ctx = prepare(model, job)
+        if calibration.recover_steps:
+            ctx.tap_names()  # a wrong name fails here, before any trial
         dense_accuracy = _dense_accuracy(ctx.accuracy_fn, ctx.build({}), accuracy_threshold)
         ctx.job = job = dataclasses.replace(job, fixed=free_tables(ctx, dense_accuracy))
     optuna_verbosity = optuna.logging.get_verbosity()

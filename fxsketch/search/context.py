@@ -157,12 +157,24 @@ class TrialContext:
         `recover_data` (default: the calibration batches), matching its outputs and the values of
         the `recover_taps` nodes. Returns the last step's loss."""
         recovery = self.job.calibration
-        teacher, taps = self.gm, recovery.recover_taps
-        taps = taps(self.gm) if callable(taps) else taps
+        teacher, taps = self.gm, self.tap_names()
         if taps:
             student, teacher = with_taps(student, taps), with_taps(self.gm, taps)
         return distill(student, teacher, recovery.recover_data or self.job.batches, steps=recovery.recover_steps,
                        lr=recovery.recover_lr, loss_fn=recovery.recover_loss_fn, schedule=recovery.recover_schedule)
+
+    def tap_names(self) -> list[str]:
+        """The `recover_taps` node names, checked against the captured graph (ValueError naming
+        the missing ones): a wrong name fails before any trial, not in the first distillation."""
+        taps = self.job.calibration.recover_taps
+        taps = list(taps(self.gm) if callable(taps) else taps or ())
+        nodes = {n.name for n in self.gm.graph.nodes}
+        missing = [t for t in taps if not isinstance(t, str) or t not in nodes]
+        if missing:
+            shown = ", ".join(sorted(nodes)[:12]) + (", ..." if len(nodes) > 12 else "")
+            raise ValueError(f"recover_taps names no node of the captured graph: {missing}; pass node names of "
+                             f"`fxsketch.capture(model, example_inputs).graph` (they include {shown})")
+        return taps
 
     def fit_cache(self, plan: dict) -> FactorCache:
         """The factors to build `plan` from: with sequential calibration and low-rank entries, fitted

@@ -84,16 +84,18 @@ def finish_recovered(ctx: TrialContext, study: optuna.Study, dense_accuracy: flo
     its loss it won back sets the next bar (`SAFETY_MEASURED` of it counted on; always above the
     plan that fell short), `RETRIES` distilled plans in all; last, the plan chosen at `threshold`
     itself, as fitted."""
-    bar, tried = ctx.threshold, []
+    bar, held = ctx.threshold, study.user_attrs.get(keys.RECOVERY)
+    notes = [f"distillation won back {held['rate']:.0%} of what the probe plan lost ({held['fitted']:.4f} -> "
+             f"{held['distilled']:.4f}): the trials were judged as fitted against {bar:.4f}"] if held else []
     try:
-        for _ in range(RETRIES + 1):
-            bar = min(bar, threshold) if len(tried) < RETRIES else threshold
+        for attempt in range(RETRIES + 1):
+            bar = threshold if attempt == RETRIES else min(bar, threshold)
             ctx.job = dataclasses.replace(ctx.job, accuracy_threshold=bar)
             result = finish(ctx, study, dense_accuracy)
             if bar >= threshold or not result.plan:
-                result.notes.extend(tried)
-                if tried:
+                if attempt:
                     log.warning("no distilled plan met the bar: returning the best plan found that meets it as fitted")
+                result.notes.extend(notes)
                 return result
             distilled = ctx.build(result.plan, share=False, recover=True)
             try:
@@ -108,8 +110,8 @@ def finish_recovered(ctx: TrialContext, study: optuna.Study, dense_accuracy: flo
             result.validation.append({"layers": len(result.plan), "dropped": None, "accuracy": accuracy,
                                       "source": f"distilled {ctx.job.calibration.recover_steps} steps"})
             if accuracy >= threshold:
-                return _distilled_result(ctx, result, distilled, accuracy, threshold, tried + [message])
-            tried.append(message + f": below {threshold:.4f}")
+                return _distilled_result(ctx, result, distilled, accuracy, threshold, notes + [message])
+            notes.append(message + f": below {threshold:.4f}")
             lost = dense_accuracy - result.accuracy
             rate = min(max((accuracy - result.accuracy) / lost, 0.0), MAX_RATE) if lost > 0 else 0.0
             bar = max(working_threshold(threshold, dense_accuracy, rate, SAFETY_MEASURED),
