@@ -25,7 +25,7 @@ from fxsketch.search.evaluate import plan_key
 from fxsketch.search.finish import finish, time_result
 from fxsketch.search.warm import probe_plan
 
-__all__ = ["recovery_rate", "working_threshold", "finish_recovered", "SAFETY", "SAFETY_MEASURED", "PROBE_SHARE",
+__all__ = ["recovery_rate", "won_back", "working_threshold", "finish_recovered", "SAFETY", "SAFETY_MEASURED", "PROBE_SHARE",
            "RETRIES"]
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ def recovery_rate(ctx: TrialContext, study: optuna.Study, dense_accuracy: float)
     except TrialFailed as exc:
         raise RuntimeError(f"measuring what distillation wins back (on the allocation at {PROBE_SHARE:.0%} "
                            f"of the FLOPs) failed: {exc}") from exc
-    lost = dense_accuracy - fitted
-    rate = min(max((distilled - fitted) / lost, 0.0), MAX_RATE) if lost > 0 else 0.0
+    rate = won_back(dense_accuracy, fitted, distilled)
     study.set_user_attr(keys.RECOVERY, {"basis": basis, "rate": rate, "fitted": fitted, "distilled": distilled})
     message = (f"distillation ({recovery.recover_steps} steps) on the allocation at {PROBE_SHARE:.0%} of the FLOPs: "
                f"accuracy {fitted:.4f} -> {distilled:.4f}, {rate:.0%} of the loss won back")
@@ -67,6 +66,13 @@ def recovery_rate(ctx: TrialContext, study: optuna.Study, dense_accuracy: float)
     if ctx.job.verbose:
         print(message)
     return rate
+
+
+def won_back(dense_accuracy: float, fitted: float, distilled: float) -> float:
+    """The share of the accuracy a plan lost as fitted that distillation won back, between 0 and
+    `MAX_RATE` (0 when it lost nothing)."""
+    lost = dense_accuracy - fitted
+    return min(max((distilled - fitted) / lost, 0.0), MAX_RATE) if lost > 0 else 0.0
 
 
 def working_threshold(threshold: float, dense_accuracy: float, rate: float, safety: float = SAFETY) -> float:
@@ -112,8 +118,7 @@ def finish_recovered(ctx: TrialContext, study: optuna.Study, dense_accuracy: flo
             if accuracy >= threshold:
                 return _distilled_result(ctx, result, distilled, accuracy, threshold, notes + [message])
             notes.append(message + f": below {threshold:.4f}")
-            lost = dense_accuracy - result.accuracy
-            rate = min(max((accuracy - result.accuracy) / lost, 0.0), MAX_RATE) if lost > 0 else 0.0
+            rate = won_back(dense_accuracy, result.accuracy, accuracy)
             bar = max(working_threshold(threshold, dense_accuracy, rate, SAFETY_MEASURED),
                       math.nextafter(result.accuracy, math.inf))
     finally:
