@@ -89,8 +89,9 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def leading_joint(study: optuna.Study, count: int, threshold: float | None = None) -> list[tuple[dict, float]]:
     """The plans and accuracies of the `count` best feasible single-objective joint trials with
     different plans (scored against `threshold`: `score_at`), best first."""
-    scores = {t.number: score_at(t, threshold) for t in _complete(study)}
-    scored = sorted((t for t in _complete(study) if math.isfinite(scores[t.number])),
+    trials = _complete(study)  # once: other workers' trials finish meanwhile
+    scores = {t.number: score_at(t, threshold) for t in trials}
+    scored = sorted((t for t in trials if math.isfinite(scores[t.number])),
                     key=lambda t: (scores[t.number], t.user_attrs[keys.ACCURACY]), reverse=True)
     out: dict[str, tuple[dict, float]] = {}
     for t in scored:
