@@ -14,7 +14,8 @@ Linear layers, each its own unit, calibration on, objective latency at 32 × 64)
 bar checked on held-out sentences the table does not use, as the lower 95% confidence bound of their
 mean: `fxsketch.examples.minilm.accuracy`), the plan found distilled at the finish
 (`recover_at="finish"`, 600 steps on the "distillation" sentences matching every block's output;
-`--distill-steps 0` turns it off), and two hand-built plans for reference.
+`--distill-steps 0` turns it off), and hand-built plans for reference (every encoder Linear int8,
+with attention in bf16 too where the CPU runs bf16 natively; int8 factors at 75% of the FLOPs).
 Each plan is saved under `--plans` (default benchmarks/results/peers/) with the found models as
 `.pt2`; each saved model is then loaded in a fresh process and timed against the dense model there,
 with `fxsketch.load`'s allocator setting and without it (`tune_allocator=False`). Every row of the
@@ -50,9 +51,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fxsketch  # noqa: E402
+from fxsketch.capture import find_attention  # noqa: E402
 from fxsketch.examples import minilm as M  # noqa: E402
 from fxsketch.measure import time_rounds  # noqa: E402
 from fxsketch.recover import masked_mse  # noqa: E402
+from fxsketch.replacements.precision import fast_precisions  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -131,13 +134,18 @@ PEERS = {
 
 
 def fxsketch_plans(gm: torch.fx.GraphModule) -> dict[str, dict]:
-    """Hand-built plans (not found by `optimize`): every encoder Linear int8; and int8 factors at
-    75% of the encoder's Linear FLOPs (svd, uniform rank)."""
+    """Hand-built plans (not found by `optimize`): every encoder Linear int8, and the same with
+    attention in bf16 where this CPU runs bf16 natively; and int8 factors at 75% of the encoder's
+    Linear FLOPs (svd, uniform rank)."""
     records = M.encoder_records(gm)
     int8 = {r.name: {"method": "int8"} for r in records}
     lowrank = {name: {**entry, "precision": "int8"} for name, entry in M.uniform_plan(records, 0.75, "svd").items()}
-    return {"fxsketch int8, every encoder Linear (hand plan)": int8,
-            "fxsketch svd 75% FLOPs, int8 factors (hand plan)": lowrank}
+    attention = {r.name: {"method": "bf16"} for r in find_attention(gm) if "bf16" in fast_precisions(r)}
+    plans = {"fxsketch int8, every encoder Linear (hand plan)": int8}
+    if attention:
+        plans["fxsketch int8, every encoder Linear, attention bf16 (hand plan)"] = {**int8, **attention}
+    plans["fxsketch svd 75% FLOPs, int8 factors (hand plan)"] = lowrank
+    return plans
 
 
 def recovery(steps: int) -> fxsketch.CalibrationOptions:

@@ -25,14 +25,14 @@ import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fxsketch.capture import (
-    call_arguments, functional_record, is_functional_layer, is_table_lookup, module_type_of, table_record,
+    call_arguments, find_attention, functional_record, is_functional_layer, is_table_lookup, module_type_of, table_record,
 )
 from fxsketch.fitted import factors_of, install_factors
 from fxsketch.nn import LowRankConv2d, LowRankLinear, op_call
 from fxsketch.plan import build_entry, normalize_plan
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import FactorCache
-from fxsketch.rewrite import emit, private_path
+from fxsketch.rewrite import compute_attention_in, emit, private_path
 
 __all__ = ["backend", "compile_backend", "qualified_name"]
 
@@ -133,7 +133,7 @@ def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
                          cache: FactorCache, fitted: Mapping[str, Mapping[str, torch.Tensor]] | None = None
                          ) -> list[str]:
     """Replace every planned linear/conv2d node and embedding lookup of a Dynamo graph in place (a layer in `fitted`
-    with its stored tensors); returns the names done."""
+    with its stored tensors), and compute planned attention calls in 16 bits; returns the names done."""
     values = _placeholder_values(gm, example_inputs)
     found: dict[str, list[tuple[LayerRecord, torch.Tensor, torch.Tensor | None]]] = {}
     for position, node in enumerate(gm.graph.nodes):
@@ -146,6 +146,9 @@ def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
     for name, layers in found.items():
         if name in plan and _replace(gm, name, layers, plan[name], cache, (fitted or {}).get(name)):
             done.append(name)
+    for record in find_attention(gm, qualified_name):
+        if record.name in plan and compute_attention_in(record.nodes[0], record, plan[record.name]):
+            done.append(record.name)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

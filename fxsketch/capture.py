@@ -6,10 +6,11 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import sys
 import sysconfig
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxsketch.display import quiet_logger
 from fxsketch.records import LayerRecord, fetch
 
-__all__ = ["CaptureError", "capture", "find_layers", "find_tables", "table_record", "is_table_lookup", "other_modules",
+__all__ = ["CaptureError", "capture", "find_layers", "find_tables", "find_attention", "table_record", "is_table_lookup", "other_modules",
            "as_inputs", "describe_inputs", "user_frame"]
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ _CONV_FNS = {
     torch.ops.aten.conv2d.padding,
 }
 _EMBEDDING_FNS = {F.embedding, torch.embedding, torch.ops.aten.embedding.default}
+_ATTENTION_FNS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 _FUNCTIONAL_ORDER = 1 << 30
 
 
@@ -287,6 +289,41 @@ def find_tables(gm: torch.fx.GraphModule) -> list[LayerRecord]:
         if tied and not record.unsupported:
             record.unsupported = f"its weight is also read by {tied} (tied weights stay as they are)"
     return list(records.values())
+
+
+def find_attention(gm: torch.fx.GraphModule, owner_name: Callable[[str], str] = str) -> list[LayerRecord]:
+    """Describe every `scaled_dot_product_attention` call of `gm`, one record each, in graph order:
+    `op_type` "Attention", named after the module making the call (its module-stack path through
+    `owner_name`) plus ".sdpa" (the node's name when no module is known), `weight_shape` (query
+    positions, head size), `tokens` the query rows per call, device and dtype the query's. Calls
+    with dropout or grouped-query heads are recorded as `unsupported`."""
+    records: list[LayerRecord] = []
+    taken: set[str] = set()
+    for position, node in enumerate(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _ATTENTION_FNS:
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        owner = owner_name(stack[-1][0]) if stack else ""
+        base = f"{owner}.sdpa" if owner else node.name
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        query = node.args[0].meta if isinstance(node.args[0], torch.fx.Node) else {}
+        meta, val = query.get("tensor_meta"), query.get("val", query.get("example_value"))  # captured, Dynamo's
+        shape = (tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else
+                 tuple(val.shape) if isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in val.shape) else ())
+        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        unsupported = ("it applies dropout" if dropout not in (0, 0.0) else
+                       "its heads are grouped (enable_gqa)" if node.kwargs.get("enable_gqa") else
+                       "its query's shape is unknown (no shape metadata)" if len(shape) < 2 else "")
+        records.append(LayerRecord(
+            name=name, op_type="Attention", module_type=module_type_of(node, owner) if owner else "function",
+            weight_shape=shape[-2:] if len(shape) >= 2 else (0, 0), graph_order=position,
+            tokens=math.prod(shape[:-1]) if shape else 1, nodes=[node], unsupported=unsupported,
+            device=val.device.type if isinstance(val, torch.Tensor) else "cpu",
+            dtype=val.dtype if isinstance(val, torch.Tensor) else torch.float32))
+    return records
 
 
 def table_record(node: torch.fx.Node, name: str, module_type: str, weight: torch.Tensor, position: int,

@@ -66,6 +66,10 @@ class SearchOptions:
             most 5% of the accuracy the threshold leaves (one more call of `accuracy_fn` before the
             trials). Every candidate then has them, so returned plans meet the bar with them.
             A quarter of the tables' bytes for a lookup's work; not done without a threshold.
+        half_attention: compute the model's attention calls (`scaled_dot_product_attention`) in
+            bf16 (`{"method": "bf16"}` entries in the plan) where the device runs bf16 natively
+            (CUDA; CPUs with AVX512-BF16 or AMX) and that is free, judged as `int8_tables` is (after
+            them, with their loss counted). Not done without a threshold.
         tune_allocator: before the search, set the process's glibc malloc as `fxsketch.load` sets
             it (`fxsketch.tune_allocator`, process-wide), so that trials are timed as the saved
             model will run; False leaves the allocator alone.
@@ -86,6 +90,7 @@ class SearchOptions:
     allocation_sensitivity: Any = "auto"
     trial_timeout: float | None = None
     int8_tables: bool = True
+    half_attention: bool = True
     tune_allocator: bool = True
 
     def __post_init__(self) -> None:
@@ -106,7 +111,7 @@ class SearchOptions:
         object.__setattr__(self, "callbacks", callbacks)
         if self.default_method is not None and not isinstance(self.default_method, str):
             raise TypeError(f"default_method must be a replacement kind's name, got {self.default_method!r}")
-        for flag in ("warm_start", "int8_tables", "tune_allocator"):
+        for flag in ("warm_start", "int8_tables", "half_attention", "tune_allocator"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.trial_timeout is not None and (isinstance(self.trial_timeout, bool)
@@ -246,7 +251,7 @@ class StudyOptions:
 
 
 GROUPS = {"search": SearchOptions, "calibration": CalibrationOptions, "study": StudyOptions}
-NEW_OPTIONS = {"trial_timeout", "int8_tables", "smooth", "tune_allocator", "recover_at", "recover_data",
+NEW_OPTIONS = {"trial_timeout", "int8_tables", "half_attention", "smooth", "tune_allocator", "recover_at", "recover_data",
                "recover_taps", "recover_schedule"}  # options that were never keywords of optimize itself
 LEGACY_KEYWORDS = {f.name: group for group, cls in GROUPS.items() for f in fields(cls) if f.name not in NEW_OPTIONS}
 

@@ -14,15 +14,15 @@ import torch.fx
 from torch import nn
 
 from fxsketch.calibrate import calibrate
-from fxsketch.capture import as_inputs, capture, find_layers, find_tables, input_of
+from fxsketch.capture import as_inputs, capture, find_attention, find_layers, find_tables, input_of
 from fxsketch.fitted import MODULES, factors_of, install_factors
 from fxsketch.nn import op_call
-from fxsketch.plan import Plan, build_entry, find_record, normalize_plan
+from fxsketch.plan import Plan, build_entry, check_entry, find_record, normalize_plan
 from fxsketch.records import LayerRecord, fetch
-from fxsketch.replacements import FactorCache
+from fxsketch.replacements import HALF_DTYPES, FactorCache
 from fxsketch.sequential import sequential_stats
 
-__all__ = ["rewrite", "apply_plan", "emit", "private_path", "check_same_output_shapes"]
+__all__ = ["rewrite", "apply_plan", "emit", "compute_attention_in", "private_path", "check_same_output_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def rewrite(
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
     gm = capture(model, inputs)
     layers = find_layers(gm)
-    records = {r.name: r for r in layers + find_tables(gm)}
+    records = {r.name: r for r in layers + find_tables(gm) + find_attention(gm)}
     stats = None
     if sequential and calibration_data is None:
         raise ValueError("sequential=True fits each layer on calibration data: pass calibration_data=")
@@ -118,6 +118,9 @@ def apply_plan(
     nodes = {n.name: n for n in new.graph.nodes}
     for name, entry in plan.items():
         record = find_record(records, name, gm)
+        if record.op_type == "Attention":
+            compute_attention_in(nodes[record.nodes[0].name], record, entry)
+            continue
         stored = (fitted or {}).get(name)
         module = build_entry(new, record, entry, cache, copy_weights and stored is None)
         if module is not None:
@@ -198,6 +201,17 @@ def emit(graph: torch.fx.Graph, x: torch.fx.Node, module: nn.Module, attr: Calla
         return graph.call_module(path, (x,))
     tensors = [attr(name) if getattr(module, name) is not None else None for name in call.tensors]
     return graph.call_function(call.overload if dispatcher else call.op, (x, *tensors, *call.static))
+
+
+def compute_attention_in(node: torch.fx.Node, record: LayerRecord, entry: Mapping[str, Any]) -> bool:
+    """Turn the attention call `node` into `fxsketch::half_attention` in the dtype `entry`
+    names (bf16, fp16): the same arguments, nothing to build. "dense" (or a kind that does not
+    apply, with a warning) leaves it as it is; returns whether it changed."""
+    if entry.get("method") == "dense" or check_entry(record, entry) is None:
+        return False
+    node.target = torch.ops.fxsketch.half_attention.default
+    node.kwargs = {**{k: v for k, v in node.kwargs.items() if k != "enable_gqa"}, "dtype": HALF_DTYPES[entry["method"]]}
+    return True
 
 
 def _owner_is_replaceable(gm: torch.fx.GraphModule, record: LayerRecord, nodes: list[torch.fx.Node]) -> bool:

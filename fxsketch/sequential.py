@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from fxsketch.calibrate import LayerStats, batch_inputs, check_width, empty_stats, iterate_batches, layer_rows, mask_fn
-from fxsketch.capture import find_layers, find_tables, input_of
+from fxsketch.capture import find_attention, find_layers, find_tables, input_of
 from fxsketch.plan import build_entry, check_entry, find_record
 from fxsketch.records import LayerRecord
 from fxsketch.replacements import FactorCache
@@ -58,9 +58,10 @@ def sequential_stats(
         raise ValueError("calibration_data is empty: pass an iterable of input batches (tensors or tuples)")
     records = records if records is not None else find_layers(gm)
     by_name = {r.name: r for r in records}
-    tables = {r.name for r in find_tables(gm)}  # int8 tables change the inputs too little to refit for
+    # int8 tables and 16-bit attention change the inputs too little to refit for
+    others = {r.name for r in find_tables(gm) + find_attention(gm)}
     planned = {find_record(by_name, name, gm).name: {"method": "svd", **entry} for name, entry in plan.items()
-               if entry.get("method", "svd") != "dense" and name not in tables}
+               if entry.get("method", "svd") != "dense" and name not in others}
     records = [r for r in records if not r.unsupported]
     for r in records:  # the whole plan is checked before the pass
         if r.name in planned:

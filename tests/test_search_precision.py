@@ -10,6 +10,7 @@ import fxsketch
 from fxsketch.capture import find_layers
 from fxsketch.kernels.int8 import fbgemm_available
 from fxsketch.plan import plan_cost
+from fxsketch.replacements import precision
 from fxsketch.search.warm import precision_plan
 from fxsketch.space import Categorical
 from fxsketch.units import invalid_reason, resolve_units, warm_params
@@ -25,11 +26,17 @@ def _units(model, x, precision):
 
 
 @needs_fbgemm
-def test_auto_spaces_offer_int8_and_int8_factors_only_to_a_timed_search_on_the_cpu():
+def test_auto_spaces_offer_int8_and_int8_factors_only_to_a_timed_search_on_the_cpu(monkeypatch):
     model = wide_mlp()
+    monkeypatch.setattr(precision, "_native_cpu_bf16", lambda: False)  # an AVX2 CPU: bf16 is not offered
     timed = _units(model, WIDE_X, precision=True)
     assert timed and all(u.space["method"] == Categorical(["svd", "int8"]) for u in timed)
     assert all(u.space["precision"] == Categorical(["float", "int8"]) for u in timed)
+    monkeypatch.setattr(precision, "_native_cpu_bf16", lambda: True)  # AVX512-BF16 or AMX: bf16 is
+    native = _units(model, WIDE_X, precision=True)
+    assert all(u.space["method"] == Categorical(["svd", "int8", "bf16"]) for u in native)
+    assert all(u.space["precision"] == Categorical(["float", "int8", "bf16"]) for u in native)
+    monkeypatch.setattr(precision, "_native_cpu_bf16", lambda: False)
     counted = _units(model, WIDE_X, precision=False)  # objective "flops": int8 saves no FLOP
     assert all("method" not in u.space and "precision" not in u.space for u in counted)
     meta = _units(wide_mlp().to("meta"), WIDE_X.to("meta"), precision=True)  # no fast int8 there

@@ -9,7 +9,8 @@ runs the two factors of a low-rank layer that way. `fxsketch::int8_weight_linear
 weight_scale, bias)` keeps only the weight in int8 and computes in x's dtype;
 `fxsketch::int8_embedding(indices, weight_q, weight_scale)` looks rows up in an int8 embedding table
 (one scale per row) and returns them in the scales' dtype (composite: exported as a lookup and a
-multiply). Their bodies are in `fxsketch.kernels.int8`.
+multiply). Their bodies are in `fxsketch.kernels.int8`. `fxsketch::half_attention` is
+`scaled_dot_product_attention` computed in a 16-bit dtype and returned in the query's (composite).
 
 `fxsketch::lowrank_linear(x, B, A, bias)` computes `(x · Bᵀ) · Aᵀ + bias` for x of shape (..., K),
 B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. These five ops are
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fxsketch.kernels.aten import (
-    cast_linear_aten, cast_lowrank_linear_aten, lowrank_conv2d_aten, lowrank_linear_aten,
+    cast_linear_aten, cast_lowrank_linear_aten, half_attention_aten, lowrank_conv2d_aten, lowrank_linear_aten,
 )
 from fxsketch.kernels.choose import choose, chosen
 from fxsketch.kernels.int8 import (
@@ -62,6 +63,8 @@ _LIB.define("int8_weight_linear(Tensor x, Tensor weight_q, Tensor weight_scale, 
 _LIB.define("int8_lowrank_linear(Tensor x, Tensor B_q, Tensor B_scale, Tensor A_q, Tensor A_scale, "
             "Tensor? bias=None, Tensor? input_scale=None) -> Tensor")
 _LIB.define("int8_embedding(Tensor indices, Tensor weight_q, Tensor weight_scale) -> Tensor")
+_LIB.define("half_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
+            "bool is_causal=False, *, float? scale=None, ScalarType dtype) -> Tensor")
 
 
 def _forced_kernel() -> str | None:
@@ -176,6 +179,7 @@ _LIB.impl("cast_linear", cast_linear_aten, "CompositeImplicitAutograd")
 _LIB.impl("cast_lowrank_linear", cast_lowrank_linear_aten, "CompositeImplicitAutograd")
 _LIB.impl("int8_weight_linear", int8_weight_linear_aten, "CompositeImplicitAutograd")
 _LIB.impl("int8_embedding", int8_embedding_aten, "CompositeImplicitAutograd")
+_LIB.impl("half_attention", half_attention_aten, "CompositeImplicitAutograd")
 _LIB.impl("int8_linear", _int8_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("int8_lowrank_linear", _int8_lowrank_linear_impl, "CompositeExplicitAutograd")
 
@@ -363,3 +367,11 @@ def int8_embedding(indices: torch.Tensor, weight_q: torch.Tensor, weight_scale: 
     if _eager_inference(indices, weight_scale):
         return int8_embedding_aten(indices, weight_q, weight_scale)
     return torch.ops.fxsketch.int8_embedding(indices, weight_q, weight_scale)
+
+
+def half_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`scaled_dot_product_attention` computed in `dtype`, returned in the query's, through the fxsketch op."""
+    return torch.ops.fxsketch.half_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                             dtype=dtype)

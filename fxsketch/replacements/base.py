@@ -111,6 +111,8 @@ class ReplacementKind:
         """Why this kind cannot replace `record` ("" when it can)."""
         if record.op_type == "Embedding":
             return f"{self.name} does not apply to embedding tables ({record.name}); they take int8_weight"
+        if record.op_type == "Attention":
+            return f"{self.name} does not apply to attention calls ({record.name}); they take bf16 or fp16"
         if record.op_type not in ("Linear", "Conv2d"):
             return f"{record.op_type} layers are not supported"
         return record.unsupported

@@ -2,7 +2,9 @@
 
 `int8`: weights int8 per output channel, the input quantized to int8 on every call
 (`fxsketch::int8_linear`): same FLOPs as dense, a quarter of the weight bytes, 8-bit GEMMs.
-`bf16`, `fp16`: weights in that dtype, computed in it inside a float32 model (`fxsketch::cast_linear`).
+`bf16`, `fp16`: weights in that dtype, computed in it inside a float32 model (`fxsketch::cast_linear`);
+on an attention call (`fxsketch.capture.find_attention`), the attention computed in it
+(`fxsketch::half_attention`).
 `int8_weight`: the weight alone int8 (`fxsketch::int8_weight_linear`), computed in the layer's dtype;
 on an embedding table, its rows int8 with one scale each (`fxsketch::int8_embedding`).
 """
@@ -34,10 +36,10 @@ def fast(record: LayerRecord, precision: str) -> bool:
         # measured on an AVX2 CPU: FBGEMM's dynamic int8 beat it from 16 rows up (ATen's int8-weight GEMM
         # ran 4-40x slower than dense float32); on CUDA it has no timing yet, so no search offers it
         return False
-    if record.op_type != "Linear" or record.dtype != torch.float32 or record.unsupported:
+    if record.op_type not in ("Linear", "Attention") or record.dtype != torch.float32 or record.unsupported:
         return False
     if precision == "int8":
-        return record.device == "cpu" and fbgemm_available()
+        return record.op_type == "Linear" and record.device == "cpu" and fbgemm_available()
     if record.device == "cuda":
         return precision in HALF_DTYPES
     return record.device == "cpu" and precision == "bf16" and _native_cpu_bf16()
@@ -62,7 +64,7 @@ class WholeLayer(ReplacementKind):
     automatic = True
 
     def unsupported(self, record: LayerRecord) -> str:
-        if record.op_type == "Embedding":
+        if record.op_type in ("Embedding", "Attention"):
             return super().unsupported(record)
         if record.op_type != "Linear":
             return f"{self.name} replaces Linear layers; {record.name} is a {record.op_type}"
@@ -86,7 +88,11 @@ class Int8(WholeLayer):
 
 
 class Half(WholeLayer):
-    """The layer's weight and bias rounded to a 16-bit float dtype, computed in it."""
+    """The layer's weight and bias rounded to a 16-bit float dtype, computed in it; an attention
+    call computed in it (the rewrite changes the call in place: there is no module to build)."""
+
+    def unsupported(self, record: LayerRecord) -> str:
+        return record.unsupported if record.op_type == "Attention" else super().unsupported(record)
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         return CastLinear.from_float(weight.reshape(record.out_features, -1), bias, HALF_DTYPES[self.name])

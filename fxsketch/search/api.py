@@ -28,7 +28,7 @@ from fxsketch.search.evaluate import ran
 from fxsketch.search.finish import finish, keep_best
 from fxsketch.search.parallel import run_parallel
 from fxsketch.search.recovery import finish_recovered, recovery_rate, working_threshold
-from fxsketch.search.run import free_tables, open_study, prepare, run_strategy
+from fxsketch.search.run import free_entries, open_study, prepare, run_strategy
 from fxsketch.workers import fresh_journal, open_storage, resolve_callable
 
 __all__ = ["optimize", "SearchInterrupted"]
@@ -130,7 +130,7 @@ def optimize(
         if calibration.recover_steps:
             ctx.tap_names()  # a wrong name fails here, before any trial
         dense_accuracy = _dense_accuracy(ctx.accuracy_fn, ctx.build({}), accuracy_threshold)
-        ctx.job = job = dataclasses.replace(job, fixed=free_tables(ctx, dense_accuracy))
+        ctx.job = job = dataclasses.replace(job, fixed=free_entries(ctx, dense_accuracy))
     optuna_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # fxsketch reports trials itself
     interrupted = False

@@ -51,7 +51,7 @@ class SearchJob:
     calibration: CalibrationOptions
     study: StudyOptions
     progress: bool = False  # a progress bar (this process's trials)
-    fixed: dict = field(default_factory=dict)  # entries every candidate carries (the embedding tables found free)
+    fixed: dict = field(default_factory=dict)  # entries every candidate carries (the tables and attention found free)
 
     @property
     def strategy(self) -> str:
@@ -79,6 +79,7 @@ class TrialContext:
     warm_joint: bool = True  # run the whole-model warm start (one worker of a parallel call does)
     sensitivity: dict[str, float] | None = None  # per-layer weights of the warm start's allocations
     tables: dict[str, LayerRecord] = field(default_factory=dict)  # embedding tables a plan may store as int8
+    attention: dict[str, LayerRecord] = field(default_factory=dict)  # attention calls a plan may compute in 16 bits
 
     # caches and counters, updated by the trials
     started: int = 0  # trials this process evaluated or pruned (a reused configuration does not count)
@@ -123,14 +124,14 @@ class TrialContext:
     def build(self, plan: dict, copy_weights: bool = True, share: bool = True, recover: bool | None = None) -> nn.Module:
         """The model with `plan` applied, distilled (`distill`) when `recover` (None: when every
         candidate is, `recover_steps` with `recover_at="each"`); a plan that replaces anything also
-        carries the job's `fixed` entries (int8 embedding tables). With `share` and without
+        carries the job's `fixed` entries (int8 embedding tables, 16-bit attention). With `share` and without
         distillation the kept weights are the captured graph's own storage (trials; see
         `check_weights`); models handed to the user are built with `share=False`."""
         recovery = self.job.calibration
         steps = recovery.recover_steps if (self.recovers_each if recover is None else recover) else 0
         self.check_weights()
         cache = self.fit_cache(plan) if copy_weights else self.cache
-        records = {**self.records, **self.tables} if self.tables else self.records
+        records = {**self.records, **self.tables, **self.attention} if self.tables or self.attention else self.records
         plan = {**self.job.fixed, **plan} if plan else plan
         module = apply_plan(self.gm, records, plan, cache, copy_weights=copy_weights,
                             share_weights=share and not steps)

@@ -162,7 +162,7 @@ def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
             "objective": ctx.objective, "strategy": ctx.job.strategy,
             "units": sorted([key, sorted(u.layers), repr(u.space)] for key, u in ctx.units.items()),
             "budget": [options.max_flops, options.max_params, options.max_bytes], "method": ctx.default_method,
-            "int8_tables": options.int8_tables,
+            "int8_tables": options.int8_tables, "half_attention": options.half_attention,
             "calibration": [calibration.refit, calibration.sequential, calibration.recover_steps, calibration.recover_lr,
                             bool(ctx.job.batches), calibration.smooth, calibration.recover_at]}
 

@@ -14,10 +14,11 @@ import optuna
 from torch import nn
 
 from fxsketch.calibrate import calibrate
-from fxsketch.capture import capture, find_layers, find_tables, other_modules
+from fxsketch.capture import capture, find_attention, find_layers, find_tables, other_modules
 from fxsketch.metrics import TrialFailed, call_metric
 from fxsketch.plan import Budget, plan_cost
 from fxsketch.replacements import FactorCache, get_kind
+from fxsketch.replacements.precision import fast_precisions
 from fxsketch.search.context import SearchJob, TrialContext
 from fxsketch.search.evaluate import remember
 from fxsketch.search.joint import run_joint
@@ -29,7 +30,7 @@ from fxsketch.spec import load_spec
 from fxsketch.units import DEFAULT_METHOD, resolve_units
 from fxsketch.workers import open_storage, resolve_callable
 
-__all__ = ["prepare", "free_tables", "open_study", "run_strategy"]
+__all__ = ["prepare", "free_entries", "open_study", "run_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
                        Budget(options.max_flops, options.max_params, options.max_bytes), plan_cost(records, {}).flops,
                        (selected.flops, selected.params))
     ctx.tables = {r.name: r for r in find_tables(gm) if not r.unsupported}
+    ctx.attention = {r.name: r for r in find_attention(gm) if fast_precisions(r)}
     if worker is None:  # the returned model is timed against the model the user has, not its captured graph
         ctx.baseline = copy.deepcopy(model)
     ctx.check_weights()  # records the weights' versions before any evaluation
@@ -70,30 +72,41 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
     return ctx
 
 
-TABLE_SHARE = 0.05  # of the accuracy the threshold leaves below the dense model, int8 tables may take
+FREE_SHARE = 0.05  # of the accuracy the threshold leaves below the dense model, each free change may take
 
 
-def free_tables(ctx: TrialContext, dense_accuracy: float) -> dict[str, dict[str, str]]:
-    """The plan entries storing the model's embedding tables as int8 rows, if they are free: the
-    dense model with them loses at most `TABLE_SHARE` of the accuracy the threshold leaves (one
-    call of `accuracy_fn`); else none. Every candidate then carries them (`SearchJob.fixed`), so
-    the search spends the rest of the margin, and its plans meet the bar with the tables int8."""
-    tables = {name: {"method": "int8_weight"} for name in ctx.tables}
-    if not (tables and ctx.job.search.int8_tables and ctx.threshold is not None and dense_accuracy > ctx.threshold):
+def free_entries(ctx: TrialContext, dense_accuracy: float) -> dict[str, dict[str, str]]:
+    """The plan entries every candidate carries because they are free: the embedding tables as
+    int8 rows, then the attention calls in bf16 where the device runs it natively. Each change is
+    checked on the model with the changes kept before it (one call of `accuracy_fn` each) and kept
+    if it loses at most `FREE_SHARE` of the accuracy the threshold leaves. Every candidate then
+    carries them (`SearchJob.fixed`), so the search spends the rest of the margin, and its plans
+    meet the bar with them. Nothing is free without a threshold."""
+    if ctx.threshold is None or dense_accuracy <= ctx.threshold:
         return {}
-    try:
-        found = call_metric(ctx.accuracy_fn, ctx.build(tables), "accuracy_fn")
-    except TrialFailed as exc:
-        log.warning("checking the embedding tables as int8 rows failed (%s): they stay as they are", exc)
-        return {}
-    allowed = TABLE_SHARE * (dense_accuracy - ctx.threshold)
-    free = dense_accuracy - found <= allowed
-    log.info("embedding tables as int8 rows (%s): accuracy %.5f against %.5f dense (%s: up to %.5f may go)",
-             ", ".join(tables), found, dense_accuracy, "kept" if free else "left as they are", allowed)
-    if ctx.job.verbose:
-        print(f"embedding tables as int8 rows ({len(tables)}): accuracy {found:.4f} against {dense_accuracy:.4f} dense"
-              + ("" if free else f": more than {allowed:.4f}, the tables stay as they are"))
-    return tables if free else {}
+    options, fixed, last = ctx.job.search, {}, dense_accuracy
+    changes = [("embedding tables as int8 rows", options.int8_tables,
+                {name: {"method": "int8_weight"} for name in ctx.tables}),
+               ("attention in bf16", options.half_attention,
+                {name: {"method": "bf16"} for name, r in ctx.attention.items() if "bf16" in fast_precisions(r)})]
+    allowed = FREE_SHARE * (dense_accuracy - ctx.threshold)
+    for what, wanted, entries in changes:
+        if not (wanted and entries):
+            continue
+        try:
+            found = call_metric(ctx.accuracy_fn, ctx.build({**fixed, **entries}), "accuracy_fn")
+        except TrialFailed as exc:
+            log.warning("checking the %s failed (%s): left as they are", what, exc)
+            continue
+        free = last - found <= allowed
+        log.info("%s (%s): accuracy %.5f against %.5f before (%s: up to %.5f may go)",
+                 what, ", ".join(entries), found, last, "kept" if free else "left as they are", allowed)
+        if ctx.job.verbose:
+            print(f"{what} ({len(entries)}): accuracy {found:.4f} against {last:.4f}"
+                  + ("" if free else f": more than {allowed:.4f} lost, left as they are"))
+        if free:
+            fixed, last = {**fixed, **entries}, found
+    return fixed
 
 
 def open_study(job: SearchJob, storage: object = None) -> optuna.Study:
