@@ -51,6 +51,7 @@ class Result:
         speedup_estimate: with objective "latency", the per-layer estimate the trials use
             (`fxsketch.measure.LayerTimer`) for the returned plan, beside its measured `speedup`.
         tables: the embedding tables the plan stores as int8 rows (`SearchOptions.int8_tables`).
+        attention: the attention calls the plan computes in 16 bits (`SearchOptions.half_attention`).
     """
 
     graph_module: torch.fx.GraphModule
@@ -73,6 +74,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
     tables: list[LayerRecord] = field(repr=False, default_factory=list)
+    attention: list[LayerRecord] = field(repr=False, default_factory=list)
 
     def select(self, min_accuracy: float):
         """The fastest Pareto point (multi-objective search) whose accuracy is at least `min_accuracy`.
@@ -142,6 +144,7 @@ class Result:
             f"parameters   {self.params_before:,} -> {self.params_after:,} in the matchable layers",
             f"trials       {_trial_counts(self.trials)}",
             *([f"tables       {self._tables_line()}"] if self.tables else []),
+            *([f"attention    {self._attention_line()}"] if self.attention else []),
             "",
             self.layer_table().to_string(index=False),
         ]
@@ -159,6 +162,11 @@ class Result:
         after = sum(r.weight_shape[0] * r.weight_shape[1] + r.weight_shape[0] * r.dtype.itemsize for r in self.tables)
         return (f"{len(self.tables)} embedding table(s) stored as int8 rows ({', '.join(r.name for r in self.tables)}): "
                 f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+
+    def _attention_line(self) -> str:
+        kinds = sorted({self.plan[r.name]["method"] for r in self.attention})
+        return (f"{len(self.attention)} attention call(s) computed in {'/'.join(kinds)} "
+                f"({', '.join(r.name for r in self.attention)})")
 
     def _latency_line(self) -> str:
         if self.measured_speedup is None:

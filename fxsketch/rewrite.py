@@ -207,10 +207,15 @@ def compute_attention_in(node: torch.fx.Node, record: LayerRecord, entry: Mappin
     """Turn the attention call `node` into `fxsketch::half_attention` in the dtype `entry`
     names (bf16, fp16): the same arguments, nothing to build. "dense" (or a kind that does not
     apply, with a warning) leaves it as it is; returns whether it changed."""
-    if entry.get("method") == "dense" or check_entry(record, entry) is None:
+    method = entry.get("method")
+    if method == "dense" or check_entry(record, entry) is None:
+        return False
+    if method not in HALF_DTYPES:  # a registered kind that takes any layer
+        log.warning("keeping %s as it is: %s does not apply to attention calls; they take bf16 or fp16",
+                    record.name, method)
         return False
     node.target = torch.ops.fxsketch.half_attention.default
-    node.kwargs = {**{k: v for k, v in node.kwargs.items() if k != "enable_gqa"}, "dtype": HALF_DTYPES[entry["method"]]}
+    node.kwargs = {**{k: v for k, v in node.kwargs.items() if k != "enable_gqa"}, "dtype": HALF_DTYPES[method]}
     return True
 
 

@@ -18,7 +18,7 @@ from torch import nn
 import fxsketch
 from fxsketch.capture import find_attention
 from fxsketch.kernels import half_attention, lowrank_linear
-from fxsketch.kernels.aten import SPELLED_OUT_SCORES
+from fxsketch.kernels.aten import SPELLED_OUT_MIN, SPELLED_OUT_SCORES
 from fxsketch.replacements import precision
 from conftest import loaded_in_fresh_process
 
@@ -82,10 +82,12 @@ def _inputs(batch, heads, rows, cols, size, seed=0):
     return q, k, v
 
 
-SHORT, LONG = (2, 3, 7, 9, 8), (1, 1, 260, int(math.ceil(SPELLED_OUT_SCORES / 260)) + 1, 8)
+SHORT = (2, 3, 7, 9, 8)  # few scores in all: the fused kernel
+MANY = (64, 4, 32, int(math.ceil(SPELLED_OUT_MIN / (64 * 4 * 32))), 8)  # spelled out
+LONG = (1, 1, 260, int(math.ceil(SPELLED_OUT_SCORES / 260)) + 1, 8)  # too many scores per head: fused
 
 
-@pytest.mark.parametrize("shape", [SHORT, LONG], ids=["spelled-out", "fused"])
+@pytest.mark.parametrize("shape", [SHORT, MANY, LONG], ids=["small", "spelled-out", "long"])
 @pytest.mark.parametrize("mask", ["none", "bool", "float", "causal", "blocked-rows", "scale"])
 def test_op_is_attention_on_bf16_inputs(shape, mask):
     q, k, v = _inputs(*shape)
@@ -111,6 +113,14 @@ def test_op_is_attention_on_bf16_inputs(shape, mask):
     assert (out - exact).norm() <= 0.02 * exact.norm()
     if mask == "blocked-rows":
         assert (out[0, :, 1] == 0).all() and torch.isfinite(out).all()
+
+
+def test_each_size_takes_its_path(monkeypatch):
+    fused, calls = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
+    for shape in (MANY, SHORT, LONG):
+        half_attention(*_inputs(*shape))
+    assert [tuple(s) for s in calls] == [SHORT[:2] + SHORT[2:3] + SHORT[4:], LONG[:2] + LONG[2:3] + LONG[4:]]
 
 
 def test_op_in_fp16_on_meta_and_with_gradients():
@@ -224,6 +234,8 @@ def test_search_computes_attention_in_bf16_where_native_and_free(monkeypatch):
     assert result.plan["attn.sdpa"] == {"method": "bf16"}
     assert seen[:2] == [0, 1] and set(seen[2:]) == {1}  # the dense model, the check, then every candidate
     assert _half_calls(result.graph_module) == 1
+    assert [r.name for r in result.attention] == ["attn.sdpa"]
+    assert "1 attention call(s) computed in bf16 (attn.sdpa)" in result.summary()
     seen.clear()
     assert "attn.sdpa" not in _optimize(model, accuracy, half_attention=False).plan and set(seen) == {0}
 

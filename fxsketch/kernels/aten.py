@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,9 @@ def cast_lowrank_linear_aten(
 
 
 SPELLED_OUT_SCORES = 256 * 256  # per head: past this, materialising the scores costs more than it saves
+# in all: below this the fused kernel's single call wins (MiniLM's 12 heads x 64 tokens: from about 6
+# sequences up; a batch only known at run time, as in an exported program, counts as enough)
+SPELLED_OUT_MIN = 1 << 18
 
 
 def half_attention_aten(
@@ -55,14 +60,16 @@ def half_attention_aten(
 ) -> torch.Tensor:
     """`scaled_dot_product_attention` computed in `dtype` (bf16, fp16) and returned in the query's.
 
-    On CUDA, and for long sequences (more than `SPELLED_OUT_SCORES` scores per head, or sizes
-    unknown until run time), the fused kernel takes the 16-bit inputs. Otherwise it is spelled
-    out as two batched GEMMs around a softmax: on a CPU with native bf16 that ran 16% faster than
-    the fused CPU kernel in float32 at MiniLM's sizes (64 tokens, head size 32), where the fused
-    kernel in bf16 gained less. A query row that may attend to no key gives zeros, as the fused
+    On CUDA, for long sequences (more than `SPELLED_OUT_SCORES` scores per head, or lengths
+    unknown until run time) and for small batches (fewer than `SPELLED_OUT_MIN` scores in all),
+    the fused kernel takes the 16-bit inputs. Otherwise it is spelled out as two batched GEMMs
+    around a softmax: on a CPU with native bf16 that beat the fused CPU kernel, in float32 or bf16,
+    at MiniLM's sizes (32 x 64 tokens, 12 heads of 32; `benchmarks/bench_peers.py`'s hand rows show
+    what it adds to the model). A query row that may attend to no key gives zeros, as the fused
     kernels do."""
-    rows, cols = query.shape[-2], key.shape[-2]
-    spelled_out = isinstance(rows, int) and isinstance(cols, int) and rows * cols <= SPELLED_OUT_SCORES
+    rows, cols, calls = query.shape[-2], key.shape[-2], math.prod(query.shape[:-2])
+    spelled_out = (isinstance(rows, int) and isinstance(cols, int) and rows * cols <= SPELLED_OUT_SCORES
+                   and (not isinstance(calls, int) or calls * rows * cols >= SPELLED_OUT_MIN))
     if query.device.type == "cuda" or not spelled_out:
         mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dtype)
         out = F.scaled_dot_product_attention(query.to(dtype), key.to(dtype), value.to(dtype), attn_mask=mask,

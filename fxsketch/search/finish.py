@@ -149,7 +149,8 @@ def finish(ctx: TrialContext, study: optuna.Study, dense_accuracy: float | None)
                   notes=notes, interrupted=interrupted,
                   params_after=after.params, trials=trials, study=study, records=records, validation=steps,
                   accuracy_threshold=ctx.threshold, pareto=pareto, sensitivity=sensitivity,
-                  speedup_estimate=estimate, tables=[r for name, r in ctx.tables.items() if name in plan])
+                  speedup_estimate=estimate, tables=[r for name, r in ctx.tables.items() if name in plan],
+                  attention=[r for name, r in ctx.attention.items() if name in plan])
 
 
 def _basis(ctx: TrialContext, study: optuna.Study) -> dict[str, Any]:
