@@ -213,7 +213,8 @@ def main() -> None:
     ap.add_argument("--plans", default=os.path.join(HERE, "results", "peers"))
     ap.add_argument("--trials", type=int, default=None,
                     help="optimize trials per bar (default 60: most units get trials of their own after the warm start; quick 8)")
-    ap.add_argument("--bars", default="0.99,0.95", help="the fidelity bars optimize searches at")
+    ap.add_argument("--bars", default="0.99,0.95",
+                    help="the fidelity bars optimize searches at ('': no search, the peers and hand plans only)")
     ap.add_argument("--distill-steps", type=int, default=600,
                     help="distillation steps of each plan found (recover_at='finish'; 0: none; quick 20)")
     ap.add_argument("--time-saved", default=None, help=argparse.SUPPRESS)  # the fresh-process timing child
@@ -246,7 +247,7 @@ def main() -> None:
             variants[name] = (None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
         if not torch.equal(before, M.embed(model, evaluation[:1])):
             raise RuntimeError(f"building the peer {name!r} changed the dense model: its figures would be wrong")
-    bars = tuple(float(b) for b in args.bars.split(","))
+    bars = tuple(float(b) for b in args.bars.split(",") if b.strip())
     steps = min(args.distill_steps, 20) if args.quick else args.distill_steps
     found = search_rows(model, x32, calibration, args.trials or (8 if args.quick else 60), args.plans, bars, steps)
     variants.update(found)

@@ -147,7 +147,7 @@ def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
         if name in plan and _replace(gm, name, layers, plan[name], cache, (fitted or {}).get(name)):
             done.append(name)
     for record in find_attention(gm, qualified_name):
-        if record.name in plan and compute_attention_in(record.nodes[0], record, plan[record.name]):
+        if record.name in plan and compute_attention_in(record.nodes[0], record, plan[record.name], dispatcher=True):
             done.append(record.name)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -16,6 +16,7 @@ from torch import nn
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_attention, find_layers, find_tables, input_of
 from fxsketch.fitted import MODULES, factors_of, install_factors
+from fxsketch.kernels import half_attention
 from fxsketch.nn import op_call
 from fxsketch.plan import Plan, build_entry, check_entry, find_record, normalize_plan
 from fxsketch.records import LayerRecord, fetch
@@ -203,10 +204,13 @@ def emit(graph: torch.fx.Graph, x: torch.fx.Node, module: nn.Module, attr: Calla
     return graph.call_function(call.overload if dispatcher else call.op, (x, *tensors, *call.static))
 
 
-def compute_attention_in(node: torch.fx.Node, record: LayerRecord, entry: Mapping[str, Any]) -> bool:
+def compute_attention_in(node: torch.fx.Node, record: LayerRecord, entry: Mapping[str, Any],
+                         dispatcher: bool = False) -> bool:
     """Turn the attention call `node` into `fxsketch::half_attention` in the dtype `entry`
-    names (bf16, fp16): the same arguments, nothing to build. "dense" (or a kind that does not
-    apply, with a warning) leaves it as it is; returns whether it changed."""
+    names (bf16, fp16): the same arguments, nothing to build; as in `emit`, `dispatcher` names the
+    op's overload (graphs handed to a compiler), else its Python entry, which skips the
+    dispatcher in eager inference. "dense" (or a kind that does not apply, with a warning) leaves
+    it as it is; returns whether it changed."""
     method = entry.get("method")
     if method == "dense" or check_entry(record, entry) is None:
         return False
@@ -214,7 +218,7 @@ def compute_attention_in(node: torch.fx.Node, record: LayerRecord, entry: Mappin
         log.warning("keeping %s as it is: %s does not apply to attention calls; they take bf16 or fp16",
                     record.name, method)
         return False
-    node.target = torch.ops.fxsketch.half_attention.default
+    node.target = torch.ops.fxsketch.half_attention.default if dispatcher else half_attention
     node.kwargs = {**{k: v for k, v in node.kwargs.items() if k != "enable_gqa"}, "dtype": HALF_DTYPES[method]}
     return True
 

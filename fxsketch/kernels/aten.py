@@ -43,7 +43,7 @@ def cast_lowrank_linear_aten(
 
 SPELLED_OUT_SCORES = 256 * 256  # per head: past this, materialising the scores costs more than it saves
 # in all: below this the fused kernel's single call wins (MiniLM's 12 heads x 64 tokens: from about 6
-# sequences up; a batch only known at run time, as in an exported program, counts as enough)
+# sequences up; a symbolic batch, as when torch.compile traces a dynamic one, counts as enough)
 SPELLED_OUT_MIN = 1 << 18
 
 

@@ -373,5 +373,7 @@ def half_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                    dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """`scaled_dot_product_attention` computed in `dtype`, returned in the query's, through the fxsketch op."""
+    if _eager_inference(query, key):
+        return half_attention_aten(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, dtype=dtype)
     return torch.ops.fxsketch.half_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                              dtype=dtype)
