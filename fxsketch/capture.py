@@ -318,7 +318,7 @@ def find_attention(gm: torch.fx.GraphModule, owner_name: Callable[[str], str] = 
                        "its heads are grouped (enable_gqa)" if node.kwargs.get("enable_gqa") else
                        "its query's shape is unknown (no shape metadata)" if len(shape) < 2 else "")
         records.append(LayerRecord(
-            name=name, op_type="Attention", module_type=module_type_of(node, owner) if owner else "function",
+            name=name, op_type="Attention", module_type=module_type_of(node, stack[-1][0]) if stack else "function",
             weight_shape=shape[-2:] if len(shape) >= 2 else (0, 0), graph_order=position,
             tokens=math.prod(shape[:-1]) if shape else 1, nodes=[node], unsupported=unsupported,
             device=val.device.type if isinstance(val, torch.Tensor) else "cpu",

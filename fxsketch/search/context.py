@@ -79,7 +79,7 @@ class TrialContext:
     warm_joint: bool = True  # run the whole-model warm start (one worker of a parallel call does)
     sensitivity: dict[str, float] | None = None  # per-layer weights of the warm start's allocations
     tables: dict[str, LayerRecord] = field(default_factory=dict)  # embedding tables a plan may store as int8
-    attention: dict[str, LayerRecord] = field(default_factory=dict)  # attention calls a plan may compute in 16 bits
+    attention: dict[str, LayerRecord] = field(default_factory=dict)  # attention calls the device runs natively in bf16
 
     # caches and counters, updated by the trials
     started: int = 0  # trials this process evaluated or pruned (a reused configuration does not count)

@@ -61,7 +61,7 @@ def prepare(model: nn.Module, job: SearchJob, worker: int | None = None) -> Tria
                        Budget(options.max_flops, options.max_params, options.max_bytes), plan_cost(records, {}).flops,
                        (selected.flops, selected.params))
     ctx.tables = {r.name: r for r in find_tables(gm) if not r.unsupported}
-    ctx.attention = {r.name: r for r in find_attention(gm) if fast_precisions(r)}
+    ctx.attention = {r.name: r for r in find_attention(gm) if "bf16" in fast_precisions(r)}
     if worker is None:  # the returned model is timed against the model the user has, not its captured graph
         ctx.baseline = copy.deepcopy(model)
     ctx.check_weights()  # records the weights' versions before any evaluation
@@ -88,7 +88,7 @@ def free_entries(ctx: TrialContext, dense_accuracy: float) -> dict[str, dict[str
     changes = [("embedding tables as int8 rows", options.int8_tables,
                 {name: {"method": "int8_weight"} for name in ctx.tables}),
                ("attention in bf16", options.half_attention,
-                {name: {"method": "bf16"} for name, r in ctx.attention.items() if "bf16" in fast_precisions(r)})]
+                {name: {"method": "bf16"} for name in ctx.attention})]
     allowed = FREE_SHARE * (dense_accuracy - ctx.threshold)
     for what, wanted, entries in changes:
         if not (wanted and entries):
