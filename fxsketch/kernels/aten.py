@@ -83,12 +83,10 @@ def half_attention_aten(
     keep = None
     if is_causal:
         keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=query.device).tril()
-    bias = None
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        keep = attn_mask if keep is None else keep & attn_mask
-    elif attn_mask is not None:
-        bias = attn_mask.to(dtype)
-        keep = attn_mask > float("-inf") if keep is None else keep & (attn_mask > float("-inf"))
+    bias = None if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(dtype)
+    if attn_mask is not None:
+        allowed = attn_mask if bias is None else attn_mask > float("-inf")
+        keep = allowed if keep is None else keep & allowed
     if keep is not None:
         blocked = torch.zeros(keep.shape, dtype=dtype, device=query.device).masked_fill(keep.logical_not(), float("-inf"))
         bias = blocked if bias is None else bias + blocked
