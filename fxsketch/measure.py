@@ -260,7 +260,8 @@ class LayerTimer:
         self.gm, self.records, self.inputs, self.cache = gm, records, inputs, cache
         self.layer_cap_s, self.model_cap_s = layer_cap_s, model_cap_s
         self._model: float | None = None
-        self._saved: dict[Any, float | None] = {}  # replacement key -> dense − replacement seconds (None: cannot time)
+        # replacement key -> (dense seconds, replacement seconds) per forward (None: cannot time)
+        self._times: dict[Any, tuple[float, float] | None] = {}
         self.timed = 0  # replacements timed so far
 
     def model_seconds(self) -> float:
@@ -290,36 +291,56 @@ class LayerTimer:
         record = self.records.get(name)
         if record is None or record.unsupported or is_dense(entry):
             return 0.0
-        resolved = Entry.of(entry, name)
-        kind, params = resolved.kind, resolved.params
+        times = self._timed(record, entry)
+        return None if times is None else times[0] - times[1]
+
+    def seconds(self, name: str, entry: Mapping[str, Any] | None) -> float | None:
+        """Seconds per forward of layer `name` built as `entry` (None or dense: the dense layer),
+        timed alone as `saving` times it; None when it cannot be timed alone."""
+        record = self.records.get(name)
+        if record is None or record.unsupported:
+            return None
+        dense = is_dense(entry) if entry is not None else True
+        times = self._timed(record, {"method": "dense"} if dense else entry)
+        return None if times is None else times[0 if dense else 1]
+
+    def _timed(self, record: LayerRecord, entry: Mapping[str, Any]) -> tuple[float, float] | None:
         shapes = [_input_meta(n) for n in record.nodes]
         if not shapes or any(m is None for m in shapes):
             return None
+        dense = is_dense(entry)
+        resolved = None if dense else Entry.of(entry, record.name)
         geometry = (record.op_type, tuple(record.weight_shape), record.transposed, record.bias_target is not None,
                     repr(sorted(record.conv.items())))
-        key = (kind.name, repr(sorted(params.items())), geometry, tuple(shapes))
-        if key not in self._saved:
-            self._saved[key] = self._time(record, kind, params, shapes)
-        return self._saved[key]
+        key = ("dense", "") if dense else (resolved.kind.name, repr(sorted(resolved.params.items())))
+        key = (*key, geometry, tuple(shapes))
+        if key not in self._times:
+            self._times[key] = self._time(record, None if dense else resolved.kind,
+                                          {} if dense else resolved.params, shapes)
+        return self._times[key]
 
-    def _time(self, record: LayerRecord, kind, params: dict[str, Any], shapes: list) -> float | None:
+    def _time(self, record: LayerRecord, kind, params: dict[str, Any], shapes: list) -> tuple[float, float] | None:
         weight = fetch(self.gm, record.weight_target).detach()
         bias = fetch(self.gm, record.bias_target).detach() if record.bias_target else None
         matrix = weight.T if record.transposed else weight
-        try:
-            module = kind.build(record, matrix, bias, params, self.cache, copy_weights=False)
-        except Exception:  # a kind that cannot build without weights: the caller times the model
-            return None
-        if module is None:
-            return 0.0
-        replacement = direct_call(module.to(weight.device).eval())
-        saved = 0.0
+        dense_call = _dense_call(record, matrix, bias)
+        if kind is None:
+            replacement = dense_call
+        else:
+            try:
+                module = kind.build(record, matrix, bias, params, self.cache, copy_weights=False)
+            except Exception:  # a kind that cannot build without weights: the caller times the model
+                return None
+            replacement = dense_call if module is None else direct_call(module.to(weight.device).eval())
+        dense = ours = 0.0
         for shape, dtype in shapes:
             x = torch.randn(shape, dtype=dtype, device=weight.device)
-            rounds = time_rounds([_dense_call(record, matrix, bias), replacement], (x,), cap_s=self.layer_cap_s)
-            saved += rounds.median(0) - rounds.median(1)
-        self.timed += 1
-        return saved
+            fns = [dense_call] if kind is None else [dense_call, replacement]
+            rounds = time_rounds(fns, (x,), cap_s=self.layer_cap_s)
+            dense += rounds.median(0)
+            ours += rounds.median(len(fns) - 1)
+        self.timed += kind is not None
+        return dense, ours
 
 
 def _input_meta(node: torch.fx.Node) -> tuple[tuple[int, ...], torch.dtype] | None:

@@ -50,10 +50,11 @@ class Entry:
         if deep:
             raise ValueError(f"plan entry {name!r}: parameter {deep[0]!r} is nested more than {MAX_DEPTH} levels "
                              "deep; parameters are numbers, strings or short lists")
-        unknown = sorted(map(str, set(given) - set(kind.param_names)))
+        takes = [*kind.param_names, *kind.options]
+        unknown = sorted(map(str, set(given) - set(takes)))
         if unknown:
             raise ValueError(f"plan entry {name!r}: {unknown} are not parameters of method {kind.name!r} "
-                             f"(it takes {list(kind.param_names) or 'none'})")
+                             f"(it takes {takes or 'none'})")
         return cls(kind, {**kind.defaults, **given})
 
     @property

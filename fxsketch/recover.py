@@ -31,7 +31,8 @@ def factor_parameters(module: nn.Module) -> list[nn.Parameter]:
 def float_factors(plan: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """`plan` with its int8 low-rank factors in float: the twin that distillation trains (int8
     factors do not train), before `quantize_trained` carries the result back."""
-    return {name: ({k: v for k, v in entry.items() if k != "precision"} if entry.get("precision") == "int8" else entry)
+    return {name: ({k: v for k, v in entry.items() if k not in ("precision", "smooth")}
+                   if entry.get("precision") == "int8" else entry)
             for name, entry in plan.items()}
 
 

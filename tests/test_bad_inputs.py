@@ -361,7 +361,7 @@ CASES: list[Case] = [
          ValueError, r"unknown replacement method None; known methods"),
     Case("rewrite-unknown-param", "rewrite",
          lambda f: fxsketch.rewrite(MLP(), {"fc1": {"method": "svd", "low_rank": 2, "rank": 2}}, X), ValueError,
-         r"\['rank'\] are not parameters of method 'svd' \(it takes \['low_rank', 'precision'\]\)"),
+         r"\['rank'\] are not parameters of method 'svd' \(it takes \['low_rank', 'precision', 'smooth'\]\)"),
     *[Case(f"rewrite-rank-{label}", "rewrite",
            lambda f, r=rank: fxsketch.rewrite(MLP(), {"fc1": {"method": "svd", "low_rank": r}}, X), ValueError,
            rf"low_rank must be an integer in \[1, 8\] for fc1 \(16, 8\), got {re.escape(repr(rank))}")

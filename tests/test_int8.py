@@ -188,6 +188,19 @@ def test_the_speed_bound_counts_8_bit_operands():
 # --------------------------------------------------------------------------- smoothing
 
 
+@pytest.mark.parametrize("entry, message", [
+    ({"method": "int8", "smooth": "yes"}, "smooth must be True or False, got 'yes'"),
+    ({"method": "svd", "low_rank": 4, "precision": "int8", "smooth": 1}, "smooth must be True or False, got 1"),
+    ({"method": "svd", "low_rank": 4, "smooth": False}, "smooth is a parameter of int8 factors; this entry's "
+                                                         "precision is 'float': drop smooth"),
+    ({"method": "bf16", "smooth": False}, r"\['smooth'\] are not parameters of method 'bf16'"),
+])
+def test_a_wrong_smooth_value_is_refused_with_what_to_do(entry, message):
+    model = _model()
+    with pytest.raises(ValueError, match=message):
+        fxsketch.rewrite(model, {"0": entry}, torch.randn(4, 32))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_smoothed_layer_is_the_reference_on_the_scaled_input_on_every_path(bias):
     x, w, b = _args((3, 5), 24, 7, seed=8)
@@ -232,6 +245,11 @@ def test_smoothing_takes_an_outlier_feature_out_of_the_activation_scale_and_roun
         plain = fxsketch.rewrite(model, {"0": entry}, x, calibration_data=[x], smooth=False)
         assert smoothed.get_buffer("0.input_scale").shape == (32,) and plain.get_submodule("0").input_scale is None
         assert error(plain) > 0.1 and error(smoothed) < 0.01, (entry, error(plain), error(smoothed))
+        # an entry's own "smooth": False is the plain layer, whatever the call's default
+        entry_plain = fxsketch.rewrite(model, {"0": {**entry, "smooth": False}}, x, calibration_data=[x])
+        assert entry_plain.get_submodule("0").input_scale is None and error(entry_plain) == error(plain)
+        entry_smoothed = fxsketch.rewrite(model, {"0": {**entry, "smooth": True}}, x, calibration_data=[x])
+        assert error(entry_smoothed) == error(smoothed)
     int8_loads_in_fresh_process(smoothed, x[:8], tmp_path, {"fxsketch.int8_lowrank_linear.default"})
     # stored tensors rebuild it without calibration data (a saved plan's fitted factors)
     layer = smoothed.get_submodule("0")

@@ -77,6 +77,11 @@ def test_layer_timer_times_each_shape_once_and_never_estimates_past_the_bound():
     assert timer.speedup({}) == 1.0
     timer.speedup({"2": {"method": "svd", "low_rank": 128}})
     assert timer.timed == 2
+    # a layer's seconds under an entry are the replacement's side of the same measurement
+    ours = timer.seconds("2", plan["2"])
+    assert ours > 0 and timer.timed == 2
+    assert timer.seconds("2", None) > 0 and timer.seconds("2", {"method": "dense"}) == timer.seconds("2", None)
+    assert timer.seconds("missing", plan["2"]) is None
 
 
 

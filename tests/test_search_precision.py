@@ -71,9 +71,12 @@ def test_a_timed_search_tries_the_precision_plan_first_and_keeps_the_accuracy_ba
                                accuracy_fn=agreement, accuracy_threshold=0.9, n_trials=8,
                                calibration_data=[WIDE_X], search=fxsketch.SearchOptions(seed=0))
     first = min(result.study.trials, key=lambda t: t.number)
-    assert first.user_attrs["fxsketch.warm"] == "warm start: every tuned layer in reduced precision"
-    assert first.user_attrs["fxsketch.plan"] == {name: {"method": "int8"} for name in ("0", "2", "4")}
+    # with calibration data the int8 layers could be smoothed: first without (faster), which keeps the bar here
+    assert first.user_attrs["fxsketch.warm"] == "warm start: every tuned layer in reduced precision, unsmoothed"
+    assert first.user_attrs["fxsketch.plan"] == {name: {"method": "int8", "smooth": False} for name in ("0", "2", "4")}
+    assert first.user_attrs["fxsketch.accuracy"] >= 0.9
     assert result.accuracy >= 0.9 and agreement(result.graph_module) >= 0.9
+    assert all(e.get("smooth") is False for e in result.plan.values() if "int8" in (e["method"], e.get("precision")))
     methods = {(e["method"], e.get("precision", "float")) for e in result.plan.values()}
     assert methods <= {("int8", "float"), ("svd", "float"), ("svd", "int8"), ("whitened_svd", "float"),
                        ("whitened_svd", "int8")}
@@ -144,3 +147,32 @@ def test_when_every_layer_in_int8_misses_the_bar_the_least_sensitive_layers_keep
     assert result.accuracy >= 0.99 and fidelity(result.graph_module) >= 0.99
     first = result.plan.get("0", {})
     assert first.get("method") != "int8" and first.get("precision", "float") != "int8"
+
+
+@needs_fbgemm
+def test_the_unsmoothed_precision_plan_comes_first_and_the_smoothed_one_when_it_misses_the_bar():
+    """Layer 0's inputs have one huge feature (its weights ignore it): unsmoothed int8 misses the
+    bar there, smoothed int8 keeps it (`tests/test_int8.py`), so the warm start's second plan, every
+    layer smoothed, is the base of the search."""
+    model = wide_mlp()
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(3))
+    x[:, 0] *= 1000
+
+    def fidelity(m):
+        with torch.no_grad():
+            ref, out = model(x), m(x)
+        return 1 - float((out - ref).square().sum() / ref.square().sum())
+
+    result = fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params="auto"), example_inputs=x,
+                               accuracy_fn=fidelity, accuracy_threshold=0.99, n_trials=9, calibration_data=[x],
+                               progress=False, search=fxsketch.SearchOptions(seed=0))
+    warm = sorted((t for t in result.study.trials if "fxsketch.warm" in t.user_attrs), key=lambda t: t.number)
+    plain, smoothed = warm[:2]
+    assert plain.user_attrs["fxsketch.warm"].endswith("reduced precision, unsmoothed")
+    assert plain.user_attrs["fxsketch.accuracy"] < 0.99
+    assert smoothed.user_attrs["fxsketch.warm"].endswith("reduced precision")
+    assert smoothed.user_attrs["fxsketch.plan"] == {n: {"method": "int8"} for n in ("0", "2", "4")}
+    assert smoothed.user_attrs["fxsketch.accuracy"] >= 0.99
+    assert result.accuracy >= 0.99 and fidelity(result.graph_module) >= 0.99

@@ -148,3 +148,40 @@ def test_the_leading_whole_model_plans_are_timed_on_the_whole_model_and_the_fast
     leading = finish.leading_joint(result.study, finish.LEADING_TIMED)
     assert len({json.dumps(p, sort_keys=True) for p, _ in leading}) == finish.LEADING_TIMED
     assert chosen == [leading[1]]  # the measured fastest, not the best estimate
+
+
+def _layer_seconds(record, entry):
+    """A layer time model where ranks above about half the smaller side run slower than the dense
+    layer, and a whole int8 layer at half the dense time (as on a CPU with fast int8 GEMMs): a FLOP
+    descent would step to ranks that run slower."""
+    if entry is None or entry.get("method", "dense") == "dense":
+        return 1e-3
+    if "low_rank" not in entry:
+        return 0.5e-3
+    return 1e-3 * (0.3 + 1.4 * entry["low_rank"] / min(record.in_features, record.out_features))
+
+
+def test_a_timed_descent_steps_only_to_ranks_the_layer_timings_say_run_faster(monkeypatch):
+    def fake_time(self, record, kind, params, shapes):
+        return 1e-3, _layer_seconds(record, None if kind is None else {"method": kind.name, **params})
+
+    monkeypatch.setattr(fxsketch.measure.LayerTimer, "_time", fake_time)
+    monkeypatch.setattr(fxsketch.measure.LayerTimer, "model_seconds", lambda self: 0.1)
+    gain = fxsketch.search.warm.STEP_GAIN
+    model, result = _optimize(n_trials=16, objective="latency")
+    records = {r.name: r for r in fxsketch.find_layers(fxsketch.capture(model, CALIB[:64]))}
+    study = [t for t in result.study.trials if t.user_attrs.get("fxsketch.unit") == "*" and t.state.name == "COMPLETE"]
+    descent = [t for t in study if "descent" in t.user_attrs["fxsketch.warm"]]
+    assert descent, "no descent trial ran"
+    incumbent = max((t for t in study if t.number < descent[0].number), key=lambda t: t.value).user_attrs["fxsketch.plan"]
+    for t in descent:  # one unit moved, to its largest rank at least `gain` faster than before
+        plan = t.user_attrs["fxsketch.plan"]
+        (name,) = {n for n in set(plan) | set(incumbent) if plan.get(n) != incumbent.get(n)}
+        before = _layer_seconds(records[name], incumbent.get(name))
+        assert _layer_seconds(records[name], plan[name]) < before * (1 - gain)
+        ranks = fxsketch.get_kind(plan[name]["method"]).auto_space(records[name])["low_rank"].values()
+        above = [r for r in ranks if r > plan[name]["low_rank"]]
+        if above:
+            assert _layer_seconds(records[name], {**plan[name], "low_rank": min(above)}) >= before * (1 - gain)
+        if t.user_attrs["fxsketch.accuracy"] >= 0.9:
+            incumbent = plan

@@ -94,12 +94,15 @@ class ReplacementKind:
     Attributes:
         name: the `method` value that selects this kind in specs and plans.
         param_names: the parameters a plan entry of this kind carries.
+        options: parameters a plan entry may add, which spaces never search (the kind's build
+            reads their absence as its default).
         defaults: values used when a spec does not search a parameter.
         automatic: `params="auto"` offers it beside the spec's method where `offered` says so.
     """
 
     name: str = ""
     param_names: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
     defaults: dict[str, Any] = {}
     automatic: bool = False  # offered by "auto" spaces beside the low-rank kind, wherever `offered` says
 

@@ -11,7 +11,7 @@ from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
     Cost, FactorCache, ReplacementKind, auto_rank_limit, lowrank_cost, rank_space,
 )
-from fxsketch.replacements.precision import HALF_DTYPES, PRECISION_BITS, fast_precisions
+from fxsketch.replacements.precision import HALF_DTYPES, PRECISION_BITS, fast_precisions, smooth_problem, smoothing
 from fxsketch.replacements.refit import refit_outer
 from fxsketch.replacements.registry import register_kind
 from fxsketch.space import Categorical
@@ -21,12 +21,12 @@ PRECISIONS = tuple(PRECISION_BITS)  # of the factors: the layer's own dtype, or 
 
 
 def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
-                   precision: str = "float", cache: FactorCache | None = None):
+                   precision: str = "float", cache: FactorCache | None = None, smooth: bool = True):
     """A LowRankLinear/LowRankConv2d holding B (R × in) and A (out × R) for `record`; with
     `precision="int8"` an Int8LowRankLinear of them (smoothed on `cache`'s statistics, when it has
-    them), with "bf16"/"fp16" a CastLowRankLinear."""
+    them and `smooth`), with "bf16"/"fp16" a CastLowRankLinear."""
     if precision == "int8":
-        return Int8LowRankLinear.from_factors(B, A, bias, cache.smoothing(record.name, B) if cache else None)
+        return Int8LowRankLinear.from_factors(B, A, bias, smoothing(record, B, {"smooth": smooth}, cache))
     if precision in HALF_DTYPES:
         return CastLowRankLinear.from_factors(B, A, bias, HALF_DTYPES[precision])
     if record.op_type == "Linear":
@@ -41,6 +41,7 @@ def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: 
 class SVD(ReplacementKind):
     name = "svd"
     param_names = ("low_rank", "precision")
+    options = ("smooth",)  # of int8 factors (see `precision.Int8`)
     defaults: dict[str, Any] = {"precision": "float"}
 
     def invalid(self, record: LayerRecord, params: dict[str, Any]) -> str:
@@ -53,7 +54,9 @@ class SVD(ReplacementKind):
         if precision != "float" and record.op_type != "Linear":
             return (f"{precision} factors are for Linear layers; {record.name} is a {record.op_type}: "
                     "use precision 'float'")
-        return ""
+        if params.get("smooth") is not None and precision != "int8":
+            return f"smooth is a parameter of int8 factors; this entry's precision is {precision!r}: drop smooth"
+        return smooth_problem(params)
 
     def upper_bounds(self, record: LayerRecord) -> dict[str, int]:
         return {"low_rank": min(record.out_features, record.in_features)}
@@ -82,7 +85,8 @@ class SVD(ReplacementKind):
             target, C = cache.target(record.name, W, centered)
             A = refit_outer(target, B.to(C.dtype), C)
             bias = cache.bias(record.name, W, (A, B), bias)
-        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias, precision, cache)
+        return lowrank_module(record, B.to(weight.dtype), A.to(weight.dtype), bias, precision, cache,
+                              params.get("smooth") is not False)
 
 
 @register_kind
@@ -104,7 +108,7 @@ class WhitenedSVD(SVD):
         A, B = A[:, :rank], B[:rank]
         if centered:  # decomposed around the input mean: the bias carries the mean output
             bias = cache.bias(record.name, W, (A, B), bias)
-        return lowrank_module(record, B, A, bias, precision, cache)
+        return lowrank_module(record, B, A, bias, precision, cache, params.get("smooth") is not False)
 
 
 def fresh_lowrank_module(record: LayerRecord, rank: int, bias: bool, precision: str = "float"):

@@ -78,13 +78,35 @@ class WholeLayer(ReplacementKind):
         return Cost(params=dense.params, flops_per_token=dense.flops_per_token, bits=PRECISION_BITS[self.name])
 
 
+def smooth_problem(params: dict[str, Any]) -> str:
+    """Why an int8 entry's `smooth` cannot be used ("" when it can): it takes True or False (None:
+    not given, True)."""
+    value = params.get("smooth")
+    return "" if value is None or isinstance(value, bool) else f"smooth must be True or False, got {value!r}"
+
+
+def smoothing(record: LayerRecord, matrix: torch.Tensor, params: dict[str, Any],
+              cache: FactorCache | None) -> torch.Tensor | None:
+    """The input smoothing of an int8 entry (`FactorCache.smoothing`), unless the entry says
+    `"smooth": False`: smoothing costs a multiply of every input, worth it only where the
+    accuracy bar needs the range it buys."""
+    return cache.smoothing(record.name, matrix) if cache is not None and params.get("smooth") is not False else None
+
+
 @register_kind
 class Int8(WholeLayer):
+    """Int8 weights and dynamically quantized int8 inputs; `smooth` (default True) moves the input
+    features' ranges into the weights where calibration data is given."""
+
     name = "int8"
+    options = ("smooth",)
+
+    def invalid(self, record: LayerRecord, params: dict[str, Any]) -> str:
+        return smooth_problem(params)
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         matrix = weight.reshape(record.out_features, -1)
-        return Int8Linear.from_float(matrix, bias, cache.smoothing(record.name, matrix))
+        return Int8Linear.from_float(matrix, bias, smoothing(record, matrix, params, cache))
 
 
 class Half(WholeLayer):

@@ -225,14 +225,23 @@ class TrialContext:
         if (accuracy is not None and self.threshold is not None and not self.multi
                 and accuracy < self.threshold):
             return math.nan
-        if self.timer is None:
-            self.timer = LayerTimer(self.gm, self.records, self.inputs, self.cache)
-        estimate = self.timer.speedup(plan)
+        estimate = self.layer_timer().speedup(plan)
         if estimate is not None:
             self.speed_source = "per-layer estimate"
             return estimate
         self.speed_source = "measured"
         return measure_speedup(self.gm, built(), self.inputs, cap_s=0.5).median
+
+    def layer_timer(self) -> LayerTimer:
+        """The per-layer latency estimates of this search (made on first use)."""
+        if self.timer is None:
+            self.timer = LayerTimer(self.gm, self.records, self.inputs, self.cache)
+        return self.timer
+
+    @property
+    def timed(self) -> bool:
+        """Whether speed is latency that the per-layer estimates stand for (no user speed_fn)."""
+        return self.speed_fn is None and self.objective == "latency"
 
     def recall(self, key: tuple[str, str], plan: dict, copy_weights: bool = True) -> tuple[float, float, int] | None:
         """The remembered (accuracy, speed, first trial) of an earlier trial with the same values, or

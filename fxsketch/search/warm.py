@@ -28,7 +28,8 @@ from fxsketch.search.joint import evaluate_plan, flat_values
 from fxsketch.units import Unit, invalid_reason, unit_methods
 from fxsketch.workers import optimize_study
 
-__all__ = ["unit_sensitivity", "warm_start_plans", "warm_joint", "precision_plan", "probe_plan", "WARM_TRIALS"]
+__all__ = ["unit_sensitivity", "warm_start_plans", "warm_joint", "precision_plan", "precision_candidates", "probe_plan",
+           "WARM_TRIALS"]
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,10 @@ def unit_sensitivity(ctx: TrialContext, units: list[Unit], sensitivity: Any, bat
 
 
 def warm_start_plans(ctx: TrialContext, units: list[Unit]) -> list[dict[str, dict[str, Any]]]:
-    """Plans to try first: every layer in reduced precision (`precision_plan`, without a FLOP
+    """Plans to try first: every layer in reduced precision (`precision_candidates`, without a FLOP
     budget), each layer's cheapest rank under 1% and 5% output error, then the allocations at 25%
     and 50% of the FLOPs (with a FLOP budget: the allocations under it)."""
-    precise = precision_plan(units)
-    first = [precise] if precise and ctx.budget.flops is None else []
+    first = [plan for plan, _ in precision_candidates(ctx, units)] if ctx.budget.flops is None else []
     usable = _allocatable(units)
     if not usable:
         return first
@@ -72,15 +72,31 @@ def warm_start_plans(ctx: TrialContext, units: list[Unit]) -> list[dict[str, dic
     return first + plans
 
 
-def precision_plan(units: list[Unit]) -> dict[str, dict[str, Any]]:
+def precision_plan(units: list[Unit], smooth: bool = True) -> dict[str, dict[str, Any]]:
     """Every unit whose space offers an automatic precision kind (int8) as its method, in it:
-    the plan that changes precision only, which often keeps accuracy where low rank does not."""
+    the plan that changes precision only, which often keeps accuracy where low rank does not.
+    `smooth=False` marks int8 entries unsmoothed (`fxsketch.replacements.precision.smoothing`)."""
     plan = {}
     for unit in units:
         spec = unit.space.get("method") if unit.define_by_run is None else None
         offered = [m for m in (spec.values() or []) if get_kind(m).automatic] if spec is not None else []
-        plan.update({name: {"method": offered[0]} for name in unit.layers} if offered else {})
+        if offered:
+            entry = {"method": offered[0], **({} if smooth or offered[0] != "int8" else {"smooth": False})}
+            plan.update({name: dict(entry) for name in unit.layers})
     return plan
+
+
+def precision_candidates(ctx: TrialContext, units: list[Unit]) -> list[tuple[dict[str, dict[str, Any]], str]]:
+    """The precision plans to try, fastest first, each with its note: where the int8 layers would
+    be smoothed (calibration data given, smoothing on), first unsmoothed (no multiply before each
+    int8 layer; often accurate enough), then smoothed."""
+    precise = precision_plan(units)
+    if not precise:
+        return []
+    note = "warm start: every tuned layer in reduced precision"
+    plain = precision_plan(units, smooth=False)
+    smooths = ctx.cache.smooth and any(ctx.cache.second_moment(n) is not None for n in precise)
+    return ([(plain, note + ", unsmoothed")] if smooths and plain != precise else []) + [(precise, note)]
 
 
 def probe_plan(ctx: TrialContext, units: list[Unit], share: float) -> dict[str, dict[str, Any]]:
@@ -112,7 +128,8 @@ def _lifted(plan: dict[str, dict[str, Any]], units: list[Unit], precise: dict[st
                 continue
             space = unit.space.get("precision")
             lift = name in precise and space is not None and space.contains("int8")
-            out[name] = {**entry, "precision": "int8"} if lift else entry
+            smooth = {k: v for k, v in precise.get(name, {}).items() if k == "smooth"}
+            out[name] = {**entry, "precision": "int8", **smooth} if lift else entry
     return out
 
 
@@ -127,12 +144,16 @@ def _allocatable(units: list[Unit]) -> list[Unit]:
 def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_trials: int, callbacks: list) -> None:
     """The layerwise search's warm start, in whole-model trials.
 
+    0. Without a FLOP budget, the precision plans (`precision_candidates`, unsmoothed first): the
+       first that keeps accuracy is the base every later plan builds on; when none does, as many
+       units as keep it, the least sensitive first (`_precision_subset`).
     1. The allocation (`fxsketch.allocate` on the cached decompositions) at a FLOP budget found by
        bisection: a feasible plan moves the budget down, an infeasible one up (at most a third of
        `n_trials`, and `WARM_TRIALS`), so the search holds a feasible, cheap plan at once.
     2. Descent from the best feasible plan: each trial moves one unit one value cheaper (from
-       dense: to its largest rank that saves FLOPs), the unit whose step adds the least predicted
-       output error per FLOP saved first; a feasible step is kept, a unit whose step fails is not
+       dense or a whole int8 layer: to its largest rank that saves FLOPs, or where speed is
+       latency, that runs faster by the per-layer timings: `_cheaper_step`), the unit whose step
+       adds the least predicted output error per cost saved first; a feasible step is kept, a unit whose step fails is not
        moved again. It stops when no unit can move, or after half the trials left: the per-unit
        search (which starts from the warm-start ranks of each unit) gets the rest. When fewer
        trials are left than units, the per-unit search could not reach them all: the descent
@@ -155,14 +176,17 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
         return
     trial = _joint_runner(ctx, study, units, callbacks)
     lo, hi, budget, used, best = 0.0, upper, min(0.5, upper), 0, None
-    precise = precision_plan(units) if ctx.budget.flops is None else {}
-    if precise:  # first the precision alone; if it keeps accuracy, every allocation builds on it
-        fresh = (keys.WHOLE_MODEL, plan_key(precise)) not in ctx.memo
-        score = trial(precise, "warm start: every tuned layer in reduced precision")
+    candidates = precision_candidates(ctx, units) if ctx.budget.flops is None else []
+    precise = {}
+    for plan, note in candidates:  # first the precision alone; if it keeps accuracy, every allocation builds on it
+        fresh = (keys.WHOLE_MODEL, plan_key(plan)) not in ctx.memo
+        score = trial(plan, note)
         used += bool(fresh)
-        best = (precise, score) if math.isfinite(score) else None
-        if best is None:  # some layers are too sensitive: as many as keep the bar, the least sensitive first
-            best, used = _precision_subset(ctx, units, precise, trial, used, limit)
+        if math.isfinite(score):
+            best, precise = (plan, score), plan
+            break
+    if candidates and not precise:  # some layers are too sensitive: as many as keep the bar, the least sensitive first
+        best, used = _precision_subset(ctx, units, candidates[-1][0], trial, used, limit)
         precise = best[0] if best is not None else {}
     for _ in range(4 * limit):  # plans repeat at nearby budgets: those cost no trial
         if used >= limit or hi - lo < 0.01:
@@ -247,8 +271,12 @@ def _joint_runner(ctx: TrialContext, study: optuna.Study, units: list[Unit], cal
 
 
 def _cheaper_step(ctx: TrialContext, usable: list[Unit], plan: dict, weights, rejected: set) -> tuple | None:
-    """The unit (not in `rejected`) and entry of the next cheaper value whose predicted output error
-    grows least per FLOP saved (from the cached decompositions); None when no unit can move."""
+    """The unit (not in `rejected`) and entry of its next cheaper value, the unit whose predicted
+    output error (from the cached decompositions) grows least per unit of cost saved; None when no
+    unit can move. The cost is the layers' time where speed is latency (the per-layer estimates:
+    the next value is the largest rank at least `STEP_GAIN` faster than the current entry, so a
+    rank that saves FLOPs but runs slower, such as an int8 factor pair above an int8 layer's
+    break-even, is never a step), else their FLOPs."""
     best = None
     for unit in usable:
         if unit.key in rejected:
@@ -257,30 +285,72 @@ def _cheaper_step(ctx: TrialContext, usable: list[Unit], plan: dict, weights, re
         current = plan.get(unit.layers[0])
         rank = None if current is None else current.get("low_rank")  # a precision-only entry has none
         precision = {} if current is None or "precision" not in unit.space else {
-            "precision": current.get("precision", "int8" if rank is None else "float")}
-        lower = [r for r in sorted(unit.space["low_rank"].values())
+            "precision": current.get("precision", "int8" if rank is None else "float"),
+            **{k: v for k, v in current.items() if k == "smooth"}}
+        lower = [{"method": method, "low_rank": r, **precision} for r in sorted(unit.space["low_rank"].values())
                  if (rank is None or r < rank)
                  and not invalid_reason(ctx.records, unit, {"method": method, "low_rank": r, **precision})]
-        if not lower:
+        step = _timed_step(ctx, unit, current, lower) if ctx.timed else _flops_step(ctx, unit, current, lower)
+        if step is None:
             continue
-        entry = {"method": method, "low_rank": lower[-1], **precision}
-
-        def cost_error(e):
-            records = [ctx.records[n] for n in unit.layers]
-            if e is None or "low_rank" not in e:
-                return plan_cost(records, {}).flops, 0.0
-            flops = plan_cost(records, {n: e for n in unit.layers}).flops
-            error = sum(layer_errors(ctx.cache, ctx.records[n], e["method"], weights[n], [e["low_rank"]])[0]
-                        for n in unit.layers)
-            return flops, error
-
+        entry, saved = step
         try:
-            (f0, e0), (f1, e1) = cost_error(current), cost_error(entry)
+            grown = _error(ctx, unit, entry, weights) - _error(ctx, unit, current, weights)
         except ValueError:  # e.g. no statistics for a layer: no error curve to rank it by
             continue
-        if f1 >= f0:
+        if saved <= 0:
             continue
-        ratio = max(e1 - e0, 0.0) / (f0 - f1)
+        ratio = max(grown, 0.0) / saved
         if best is None or ratio < best[0]:
             best = (ratio, unit, entry)
     return None if best is None else best[1:]
+
+
+STEP_GAIN = 0.03  # a timed descent step must run at least this much faster than the unit's current value
+
+
+def _timed_step(ctx: TrialContext, unit: Unit, current: dict | None, lower: list[dict]) -> tuple[dict, float] | None:
+    """(the largest-rank entry of `lower`, ascending, whose layers run at least `STEP_GAIN` faster
+    than `current`'s, seconds it saves), by bisection on the per-layer timings; None when even the
+    cheapest is not that much faster. Layers that cannot be timed alone step by FLOPs."""
+    timer = ctx.layer_timer()
+
+    def seconds(entry):
+        times = [timer.seconds(n, entry) for n in unit.layers]
+        return None if any(t is None for t in times) else sum(times)
+
+    if not lower:
+        return None
+    now = seconds(current)
+    if now is None:
+        return _flops_step(ctx, unit, current, lower)
+    goal = now * (1 - STEP_GAIN)
+    low = seconds(lower[0])
+    if low is None or low >= goal:
+        return None
+    lo, hi, found = 0, len(lower), low  # lower[lo] is fast enough; lower[hi] (if any) is not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        t = seconds(lower[mid])
+        if t is not None and t < goal:
+            lo, found = mid, t
+        else:
+            hi = mid
+    return lower[lo], now - found
+
+
+def _flops_step(ctx: TrialContext, unit: Unit, current: dict | None, lower: list[dict]) -> tuple[dict, float] | None:
+    """(the largest-rank entry of `lower`, ascending, FLOPs it saves against `current`)."""
+    if not lower:
+        return None
+    records = [ctx.records[n] for n in unit.layers]
+    before = plan_cost(records, {} if current is None else {n: current for n in unit.layers}).flops
+    return lower[-1], before - plan_cost(records, {n: lower[-1] for n in unit.layers}).flops
+
+
+def _error(ctx: TrialContext, unit: Unit, entry: dict | None, weights) -> float:
+    """The predicted output error of `unit` at `entry` (0 for a whole layer: no rank cut)."""
+    if entry is None or "low_rank" not in entry:
+        return 0.0
+    return sum(layer_errors(ctx.cache, ctx.records[n], entry["method"], weights[n], [entry["low_rank"]])[0]
+               for n in unit.layers)
