@@ -4,7 +4,10 @@ Each row is one way to make the model faster, measured in one run on this machin
 dense float32 model's time over the variant's, both timed interleaved in the same rounds after
 warm-up (median, with the interquartile range of the per-round ratio); fidelity is the mean cosine
 between the variant's and the dense model's sentence embeddings on held-out evaluation sentences;
-size is the bytes of the module's state. Shapes: 32 × 64 tokens and 1 × 64.
+size is the bytes of the module's state. Shapes: 32 × 64 tokens and 1 × 64. (Timing every row in
+the same rounds was tried: at 32 × 64 each round then ran each model once, after eight others had
+taken the caches, and one plan timed at 1.92x and 2.33x as two rows of those same rounds:
+`results/bench_peers_cpu_avx512_all_interleaved.txt`.)
 
 Peers: `model.to(torch.bfloat16)`; `torch.ao.quantization.quantize_dynamic` (int8, FBGEMM);
 torchao's int8 dynamic-activation/int8-weight under `torch.compile` and ONNX Runtime's dynamic int8

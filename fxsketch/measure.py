@@ -249,10 +249,13 @@ class LayerTimer:
     The dense model is timed once (`measure_latency`). Each replacement is timed interleaved
     with its own dense layer (`time_rounds`), alone on an input of the layer's real shape, and
     cached by geometry and values: its time does not depend on its weights, so layers of one
-    shape share a measurement and a repeated value is never timed again. A plan then runs in
-    about T − Σ (dense layer − replacement) seconds, T being the dense model's time, and its
-    estimated speedup is T over that, never more than the plan's `speed_bound`. Trials use these
-    estimates; `optimize` times the plan it returns on the whole model (`measure_speedup`).
+    shape share a measurement and a repeated value is never timed again. What a measurement
+    keeps is the ratio of the two interleaved times; every replacement of one geometry is scaled
+    to that geometry's first dense time, so that the noise of separate measurements cannot make a
+    faster replacement save less. A plan then runs in about T − Σ (dense layer − replacement)
+    seconds, T being the dense model's time, and its estimated speedup is T over that, never more
+    than the plan's `speed_bound`. Trials use these estimates; `optimize` times the plan it
+    returns on the whole model (`measure_speedup`).
     """
 
     def __init__(self, gm: nn.Module, records: Mapping[str, LayerRecord], inputs: tuple, cache: Any = None, *,
@@ -260,8 +263,9 @@ class LayerTimer:
         self.gm, self.records, self.inputs, self.cache = gm, records, inputs, cache
         self.layer_cap_s, self.model_cap_s = layer_cap_s, model_cap_s
         self._model: float | None = None
-        # replacement key -> (dense seconds, replacement seconds) per forward (None: cannot time)
-        self._times: dict[Any, tuple[float, float] | None] = {}
+        # replacement key -> its time over its interleaved dense layer's (None: cannot time)
+        self._ratios: dict[Any, float | None] = {}
+        self._dense: dict[Any, float] = {}  # geometry and input shapes -> the dense layer's seconds per forward
         self.timed = 0  # replacements timed so far
 
     def model_seconds(self) -> float:
@@ -296,30 +300,39 @@ class LayerTimer:
 
     def seconds(self, name: str, entry: Mapping[str, Any] | None) -> float | None:
         """Seconds per forward of layer `name` built as `entry` (None or dense: the dense layer),
-        timed alone as `saving` times it; None when it cannot be timed alone."""
+        on the same scale as `saving`; None when it cannot be timed alone."""
         record = self.records.get(name)
         if record is None or record.unsupported:
             return None
-        dense = is_dense(entry) if entry is not None else True
-        times = self._timed(record, {"method": "dense"} if dense else entry)
-        return None if times is None else times[0 if dense else 1]
+        times = self._timed(record, {"method": "dense"} if entry is None else entry)
+        return None if times is None else times[1]
 
     def _timed(self, record: LayerRecord, entry: Mapping[str, Any]) -> tuple[float, float] | None:
+        """(dense seconds, `entry`'s seconds) of `record` per forward, both on its geometry's
+        dense reference (None: it cannot be timed alone)."""
         shapes = [_input_meta(n) for n in record.nodes]
         if not shapes or any(m is None for m in shapes):
             return None
-        dense = is_dense(entry)
-        resolved = None if dense else Entry.of(entry, record.name)
         geometry = (record.op_type, tuple(record.weight_shape), record.transposed, record.bias_target is not None,
-                    repr(sorted(record.conv.items())))
-        key = ("dense", "") if dense else (resolved.kind.name, repr(sorted(resolved.params.items())))
-        key = (*key, geometry, tuple(shapes))
-        if key not in self._times:
-            self._times[key] = self._time(record, None if dense else resolved.kind,
-                                          {} if dense else resolved.params, shapes)
-        return self._times[key]
+                    repr(sorted(record.conv.items())), tuple(shapes))
+        if is_dense(entry):
+            if geometry not in self._dense:
+                self._dense[geometry] = self._time(record, None, {}, shapes)[0]
+            return self._dense[geometry], self._dense[geometry]
+        resolved = Entry.of(entry, record.name)
+        key = (resolved.kind.name, repr(sorted(resolved.params.items())), geometry)
+        if key not in self._ratios:
+            times = self._time(record, resolved.kind, resolved.params, shapes)
+            if times is not None:
+                self._dense.setdefault(geometry, times[0])
+            self._ratios[key] = None if times is None else times[1] / times[0]
+        ratio = self._ratios[key]
+        return None if ratio is None else (self._dense[geometry], ratio * self._dense[geometry])
 
     def _time(self, record: LayerRecord, kind, params: dict[str, Any], shapes: list) -> tuple[float, float] | None:
+        """(dense, replacement) seconds per forward of `record`, timed interleaved on random inputs
+        of its shapes (`kind` None: the dense layer alone, both figures its time); None when the
+        kind cannot build without weights."""
         weight = fetch(self.gm, record.weight_target).detach()
         bias = fetch(self.gm, record.bias_target).detach() if record.bias_target else None
         matrix = weight.T if record.transposed else weight

@@ -82,6 +82,12 @@ def test_layer_timer_times_each_shape_once_and_never_estimates_past_the_bound():
     assert ours > 0 and timer.timed == 2
     assert timer.seconds("2", None) > 0 and timer.seconds("2", {"method": "dense"}) == timer.seconds("2", None)
     assert timer.seconds("missing", plan["2"]) is None
+    # every replacement of one geometry is on that geometry's one dense reference: time plus saving
+    # is the same dense time for every value, so a faster replacement always saves more
+    other = {"method": "svd", "low_rank": 128}
+    dense = timer.seconds("2", None)
+    assert timer.seconds("2", plan["2"]) + timer.saving("2", plan["2"]) == pytest.approx(dense)
+    assert timer.seconds("2", other) + timer.saving("2", other) == pytest.approx(dense)
 
 
 

@@ -173,7 +173,8 @@ def test_a_timed_descent_steps_only_to_ranks_the_layer_timings_say_run_faster(mo
     study = [t for t in result.study.trials if t.user_attrs.get("fxsketch.unit") == "*" and t.state.name == "COMPLETE"]
     descent = [t for t in study if "descent" in t.user_attrs["fxsketch.warm"]]
     assert descent, "no descent trial ran"
-    incumbent = max((t for t in study if t.number < descent[0].number), key=lambda t: t.value).user_attrs["fxsketch.plan"]
+    first = max((t for t in study if t.number < descent[0].number), key=lambda t: t.value)
+    incumbent = first.user_attrs["fxsketch.plan"]
     for t in descent:  # one unit moved, to its largest rank at least `gain` faster than before
         plan = t.user_attrs["fxsketch.plan"]
         (name,) = {n for n in set(plan) | set(incumbent) if plan.get(n) != incumbent.get(n)}
@@ -185,3 +186,25 @@ def test_a_timed_descent_steps_only_to_ranks_the_layer_timings_say_run_faster(mo
             assert _layer_seconds(records[name], {**plan[name], "low_rank": min(above)}) >= before * (1 - gain)
         if t.user_attrs["fxsketch.accuracy"] >= 0.9:
             incumbent = plan
+
+
+def test_a_timed_warm_start_keeps_no_allocated_rank_slower_than_the_whole_int8_layer(monkeypatch):
+    """With every layer int8 as the base, an allocation's rank that runs no faster than the int8
+    layer (by the per-layer timings) is put back to int8: it would cost accuracy for nothing."""
+    def fake_time(self, record, kind, params, shapes):
+        return 1e-3, _layer_seconds(record, None if kind is None else {"method": kind.name, **params})
+
+    monkeypatch.setattr(fxsketch.measure.LayerTimer, "_time", fake_time)
+    monkeypatch.setattr(fxsketch.measure.LayerTimer, "model_seconds", lambda self: 0.1)
+    model, result = _optimize(n_trials=16, objective="latency")
+    records = {r.name: r for r in fxsketch.find_layers(fxsketch.capture(model, CALIB[:64]))}
+    notes = {t.number: t.user_attrs.get("fxsketch.warm", "") for t in result.study.trials}
+    base = next(t for t in result.study.trials if "reduced precision" in notes[t.number])
+    assert base.user_attrs["fxsketch.accuracy"] >= 0.9  # every layer int8 keeps the bar: allocations build on it
+    allocations = [t for t in result.study.trials if "allocation at" in notes[t.number]]
+    assert allocations
+    for t in allocations:
+        for name, entry in t.user_attrs["fxsketch.plan"].items():
+            if "low_rank" in entry:
+                assert entry["precision"] == "int8"
+                assert _layer_seconds(records[name], entry) < 0.5e-3 * (1 - fxsketch.search.warm.STEP_GAIN)

@@ -26,7 +26,7 @@ def lowrank_module(record: LayerRecord, B: torch.Tensor, A: torch.Tensor, bias: 
     `precision="int8"` an Int8LowRankLinear of them (smoothed on `cache`'s statistics, when it has
     them and `smooth`), with "bf16"/"fp16" a CastLowRankLinear."""
     if precision == "int8":
-        return Int8LowRankLinear.from_factors(B, A, bias, smoothing(record, B, {"smooth": smooth}, cache))
+        return Int8LowRankLinear.from_factors(B, A, bias, smoothing(record, B, cache, smooth))
     if precision in HALF_DTYPES:
         return CastLowRankLinear.from_factors(B, A, bias, HALF_DTYPES[precision])
     if record.op_type == "Linear":

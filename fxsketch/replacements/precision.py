@@ -85,12 +85,12 @@ def smooth_problem(params: dict[str, Any]) -> str:
     return "" if value is None or isinstance(value, bool) else f"smooth must be True or False, got {value!r}"
 
 
-def smoothing(record: LayerRecord, matrix: torch.Tensor, params: dict[str, Any],
-              cache: FactorCache | None) -> torch.Tensor | None:
-    """The input smoothing of an int8 entry (`FactorCache.smoothing`), unless the entry says
-    `"smooth": False`: smoothing costs a multiply of every input, worth it only where the
-    accuracy bar needs the range it buys."""
-    return cache.smoothing(record.name, matrix) if cache is not None and params.get("smooth") is not False else None
+def smoothing(record: LayerRecord, matrix: torch.Tensor, cache: FactorCache | None,
+              smooth: bool = True) -> torch.Tensor | None:
+    """The input smoothing of an int8 layer (`FactorCache.smoothing`), unless `smooth` is False
+    (an entry's `"smooth": False`): smoothing costs a multiply of every input, worth it only where
+    the accuracy bar needs the range it buys."""
+    return cache.smoothing(record.name, matrix) if cache is not None and smooth else None
 
 
 @register_kind
@@ -106,7 +106,7 @@ class Int8(WholeLayer):
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         matrix = weight.reshape(record.out_features, -1)
-        return Int8Linear.from_float(matrix, bias, smoothing(record, matrix, params, cache))
+        return Int8Linear.from_float(matrix, bias, smoothing(record, matrix, cache, params.get("smooth") is not False))
 
 
 class Half(WholeLayer):

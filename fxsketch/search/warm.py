@@ -133,6 +133,30 @@ def _lifted(plan: dict[str, dict[str, Any]], units: list[Unit], precise: dict[st
     return out
 
 
+def _faster_only(ctx: TrialContext, plan: dict, precise: dict, units: list[Unit]) -> dict[str, dict[str, Any]]:
+    """`plan` with each unit's low-rank entry that the per-layer timings do not find at least
+    `STEP_GAIN` faster than its entry in `precise` put back to that entry: an allocation's rank
+    can save FLOPs and still run slower than the whole int8 layer, and would then cost accuracy
+    for nothing."""
+    out = dict(plan)
+    for unit in units:
+        entry, base = plan.get(unit.layers[0]), precise.get(unit.layers[0])
+        if entry is None or base is None or "low_rank" not in entry:
+            continue
+        ours, theirs = _unit_seconds(ctx, unit, entry), _unit_seconds(ctx, unit, base)
+        if ours is not None and theirs is not None and ours >= (1 - STEP_GAIN) * theirs:
+            out.update({n: dict(precise[n]) for n in unit.layers})
+    return out
+
+
+def _unit_seconds(ctx: TrialContext, unit: Unit, entry: dict | None) -> float | None:
+    """Seconds per forward of `unit`'s layers built as `entry`, by the per-layer timings (None:
+    some layer cannot be timed alone)."""
+    times = [ctx.layer_timer().seconds(n, entry) for n in unit.layers]
+    return None if any(t is None for t in times) else sum(times)
+
+
+STEP_GAIN = 0.03  # a timed step (descent, an allocation's rank) runs at least this much faster than what it replaces
 WARM_TRIALS = 6  # the most whole-model warm-start trials before the per-unit search (a third of n_trials)
 
 
@@ -153,11 +177,11 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
     2. Descent from the best feasible plan: each trial moves one unit one value cheaper (from
        dense or a whole int8 layer: to its largest rank that saves FLOPs, or where speed is
        latency, that runs faster by the per-layer timings: `_cheaper_step`), the unit whose step
-       adds the least predicted output error per cost saved first; a feasible step is kept, a unit whose step fails is not
-       moved again. It stops when no unit can move, or after half the trials left: the per-unit
-       search (which starts from the warm-start ranks of each unit) gets the rest. When fewer
-       trials are left than units, the per-unit search could not reach them all: the descent
-       takes every trial left.
+       adds the least predicted output error per cost saved first; a feasible step is kept, a
+       unit whose step fails is not moved again. It stops when no unit can move, or after half the
+       trials left: the per-unit search (which starts from the warm-start ranks of each unit) gets the
+       rest. When fewer trials are left than units, the per-unit search could not reach them all: the
+       descent takes every trial left.
 
     `fxsketch.search.finish` returns the best of these plans unless the per-unit bests, combined and backed off,
     are faster. Skipped when the study already holds whole-model trials (a resumed study, a call on
@@ -197,6 +221,7 @@ def warm_joint(ctx: TrialContext, study: optuna.Study, units: list[Unit], n_tria
         except ValueError:  # below the cheapest plan
             plan = {}
         plan = _lifted(plan, usable, precise) if plan and precise else plan
+        plan = _faster_only(ctx, plan, precise, usable) if plan and precise and ctx.timed else plan
         fresh = plan and (keys.WHOLE_MODEL, plan_key(plan)) not in ctx.memo
         score = trial(plan, f"warm start: the allocation at {budget:.1%} of the tuned layers' FLOPs") if plan else -math.inf
         used += bool(fresh)
@@ -306,18 +331,12 @@ def _cheaper_step(ctx: TrialContext, usable: list[Unit], plan: dict, weights, re
     return None if best is None else best[1:]
 
 
-STEP_GAIN = 0.03  # a timed descent step must run at least this much faster than the unit's current value
-
-
 def _timed_step(ctx: TrialContext, unit: Unit, current: dict | None, lower: list[dict]) -> tuple[dict, float] | None:
     """(the largest-rank entry of `lower`, ascending, whose layers run at least `STEP_GAIN` faster
     than `current`'s, seconds it saves), by bisection on the per-layer timings; None when even the
     cheapest is not that much faster. Layers that cannot be timed alone step by FLOPs."""
-    timer = ctx.layer_timer()
-
     def seconds(entry):
-        times = [timer.seconds(n, entry) for n in unit.layers]
-        return None if any(t is None for t in times) else sum(times)
+        return _unit_seconds(ctx, unit, entry)
 
     if not lower:
         return None
