@@ -8,12 +8,14 @@ import importlib
 import json
 import math
 
+import pytest
 import torch
 from torch import nn
 
 
 import fxsketch
 from fxsketch.calibrate import calibrate
+from fxsketch.kernels.int8 import fbgemm_available
 from fxsketch.plan import plan_cost
 from fxsketch.replacements import FactorCache
 from conftest import CALIB, calib_mlp as _model, held_out_agreement as _agreement
@@ -161,12 +163,18 @@ def _layer_seconds(record, entry):
     return 1e-3 * (0.3 + 1.4 * entry["low_rank"] / min(record.in_features, record.out_features))
 
 
-def test_a_timed_descent_steps_only_to_ranks_the_layer_timings_say_run_faster(monkeypatch):
+@pytest.fixture
+def stub_layer_times(monkeypatch):
+    """Per-layer timings from `_layer_seconds` (against a dense layer of 1 ms), the model 100 ms."""
     def fake_time(self, record, kind, params, shapes):
         return 1e-3, _layer_seconds(record, None if kind is None else {"method": kind.name, **params})
 
     monkeypatch.setattr(fxsketch.measure.LayerTimer, "_time", fake_time)
     monkeypatch.setattr(fxsketch.measure.LayerTimer, "model_seconds", lambda self: 0.1)
+
+
+@pytest.mark.usefixtures("stub_layer_times")
+def test_a_timed_descent_steps_only_to_ranks_the_layer_timings_say_run_faster():
     gain = fxsketch.search.warm.STEP_GAIN
     model, result = _optimize(n_trials=16, objective="latency")
     records = {r.name: r for r in fxsketch.find_layers(fxsketch.capture(model, CALIB[:64]))}
@@ -188,14 +196,11 @@ def test_a_timed_descent_steps_only_to_ranks_the_layer_timings_say_run_faster(mo
             incumbent = plan
 
 
-def test_a_timed_warm_start_keeps_no_allocated_rank_slower_than_the_whole_int8_layer(monkeypatch):
+@pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no FBGEMM: no int8 to build on")
+@pytest.mark.usefixtures("stub_layer_times")
+def test_a_timed_warm_start_keeps_no_allocated_rank_slower_than_the_whole_int8_layer():
     """With every layer int8 as the base, an allocation's rank that runs no faster than the int8
     layer (by the per-layer timings) is put back to int8: it would cost accuracy for nothing."""
-    def fake_time(self, record, kind, params, shapes):
-        return 1e-3, _layer_seconds(record, None if kind is None else {"method": kind.name, **params})
-
-    monkeypatch.setattr(fxsketch.measure.LayerTimer, "_time", fake_time)
-    monkeypatch.setattr(fxsketch.measure.LayerTimer, "model_seconds", lambda self: 0.1)
     model, result = _optimize(n_trials=16, objective="latency")
     records = {r.name: r for r in fxsketch.find_layers(fxsketch.capture(model, CALIB[:64]))}
     notes = {t.number: t.user_attrs.get("fxsketch.warm", "") for t in result.study.trials}
