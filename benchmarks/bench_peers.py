@@ -6,8 +6,8 @@ warm-up (median, with the interquartile range of the per-round ratio); fidelity 
 between the variant's and the dense model's sentence embeddings on held-out evaluation sentences;
 size is the bytes of the module's state. Shapes: 32 × 64 tokens and 1 × 64. (Timing every row in
 the same rounds was tried: at 32 × 64 each round then ran each model once, after eight others had
-taken the caches, and one plan timed at 1.92x and 2.33x as two rows of those same rounds:
-`results/bench_peers_cpu_avx512_all_interleaved.txt`.)
+taken the caches, and two rows with the same int8 layers and bf16 attention (one also with int8
+tables) timed 1.92x and 2.33x in those same rounds: `results/bench_peers_cpu_avx512_all_interleaved.txt`.)
 
 Peers: `model.to(torch.bfloat16)`; `torch.ao.quantization.quantize_dynamic` (int8, FBGEMM);
 torchao's int8 dynamic-activation/int8-weight under `torch.compile` and ONNX Runtime's dynamic int8
