@@ -375,3 +375,19 @@ def test_a_sketch_on_a_layer_whose_calibration_inputs_are_all_zero_stays_finite(
     for name, value in first.state_dict().items():
         assert torch.isfinite(value).all(), name
         assert torch.equal(value, second.state_dict()[name]), name
+
+
+def test_an_svd_layer_behind_a_dead_relu_keeps_its_svd_factors_when_calibrated():
+    """Found by `test_rewriting_twice_with_the_same_plan_is_bit_identical`: a layer whose
+    calibration inputs are all zero (every input negative before the ReLU) has nothing to refit to;
+    its factors stay the SVD's instead of NaN."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.ReLU(), nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)
+        model[2].weight.fill_(0.5)
+    x = torch.rand(8, 1) + 0.1
+    plan = {"2": {"method": "svd", "low_rank": 1}}
+    rewritten = fxsketch.rewrite(model, plan, x, calibration_data=[x])
+    assert all(bool(torch.isfinite(t).all()) for t in rewritten.state_dict().values())
+    plain = fxsketch.rewrite(model, plan, x)
+    assert torch.equal(rewritten(-x), plain(-x)) and float(rewritten(-x).abs().max()) > 0

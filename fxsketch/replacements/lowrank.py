@@ -79,7 +79,9 @@ class SVD(ReplacementKind):
         U, S, Vh = cache.svd(record.name, W, rank)
         root = S.sqrt()
         A, B = U * root, root[:, None] * Vh
-        if cache.refit and cache.second_moment(record.name) is not None:
+        moment = cache.second_moment(record.name) if cache.refit else None
+        # inputs that were all zero in calibration (a dead ReLU) leave nothing to fit A to: the SVD's A stays
+        if moment is not None and (moment.is_meta or float(moment.diagonal().sum()) > 0):
             # keep B's subspace, fit A (and the bias) to the layer's real outputs
             centered = cache.centers(record.name, bias is not None)
             target, C = cache.target(record.name, W, centered)
