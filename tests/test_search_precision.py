@@ -118,12 +118,9 @@ def test_the_pareto_front_spans_rank_and_precision():
     assert max(p.accuracy for p in front) >= first.user_attrs["fxsketch.accuracy"]
 
 
-@needs_fbgemm
-def test_when_every_layer_in_int8_misses_the_bar_the_least_sensitive_layers_keep_it():
-    """Layer 0's inputs have one huge feature (which its weights ignore): unsmoothed, per-tensor int8
-    activations leave the others no resolution, so the all-int8 plan fails, while layers 2 and 4
-    take int8 at no cost. The warm start measures each unit alone and keeps the largest feasible set.
-    (Smoothing takes the feature out: `tests/test_int8.py`.)"""
+def _outlier_search(smooth: bool):
+    """`optimize` at fidelity 0.99 on `wide_mlp` whose layer 0 reads one feature 1000x the others
+    (its weights ignore it), with calibration smoothing on or off: (fidelity function, result)."""
     model = wide_mlp()
     with torch.no_grad():
         model[0].weight[:, 0] = 0
@@ -138,7 +135,17 @@ def test_when_every_layer_in_int8_misses_the_bar_the_least_sensitive_layers_keep
     result = fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params="auto"), example_inputs=x,
                                accuracy_fn=fidelity, accuracy_threshold=0.99, n_trials=9, calibration_data=[x],
                                progress=False, search=fxsketch.SearchOptions(seed=0),
-                               calibration=fxsketch.CalibrationOptions(smooth=False))
+                               calibration=fxsketch.CalibrationOptions(smooth=smooth))
+    return fidelity, result
+
+
+@needs_fbgemm
+def test_when_every_layer_in_int8_misses_the_bar_the_least_sensitive_layers_keep_it():
+    """Layer 0's inputs have one huge feature (which its weights ignore): unsmoothed, per-tensor int8
+    activations leave the others no resolution, so the all-int8 plan fails, while layers 2 and 4
+    take int8 at no cost. The warm start measures each unit alone and keeps the largest feasible set.
+    (Smoothing takes the feature out: `tests/test_int8.py`.)"""
+    fidelity, result = _outlier_search(smooth=False)
     warm = {t.user_attrs["fxsketch.warm"]: t for t in result.study.trials if "fxsketch.warm" in t.user_attrs}
     assert warm["warm start: every tuned layer in reduced precision"].user_attrs["fxsketch.accuracy"] < 0.99
     subset = warm["warm start: the 2 units least sensitive to reduced precision"]
@@ -154,20 +161,7 @@ def test_the_unsmoothed_precision_plan_comes_first_and_the_smoothed_one_when_it_
     """Layer 0's inputs have one huge feature (its weights ignore it): unsmoothed int8 misses the
     bar there, smoothed int8 keeps it (`tests/test_int8.py`), so the warm start's second plan, every
     layer smoothed, is the base of the search."""
-    model = wide_mlp()
-    with torch.no_grad():
-        model[0].weight[:, 0] = 0
-    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(3))
-    x[:, 0] *= 1000
-
-    def fidelity(m):
-        with torch.no_grad():
-            ref, out = model(x), m(x)
-        return 1 - float((out - ref).square().sum() / ref.square().sum())
-
-    result = fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params="auto"), example_inputs=x,
-                               accuracy_fn=fidelity, accuracy_threshold=0.99, n_trials=9, calibration_data=[x],
-                               progress=False, search=fxsketch.SearchOptions(seed=0))
+    fidelity, result = _outlier_search(smooth=True)
     warm = sorted((t for t in result.study.trials if "fxsketch.warm" in t.user_attrs), key=lambda t: t.number)
     plain, smoothed = warm[:2]
     assert plain.user_attrs["fxsketch.warm"].endswith("reduced precision, unsmoothed")
