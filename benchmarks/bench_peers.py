@@ -18,7 +18,8 @@ bar checked on held-out sentences the table does not use, as the lower 95% confi
 mean: `fxsketch.examples.minilm.accuracy`), the plan found distilled at the finish
 (`recover_at="finish"`, 600 steps on the "distillation" sentences matching every block's output;
 `--distill-steps 0` turns it off), and hand-built plans for reference (every encoder Linear int8,
-with attention in bf16 too where the CPU runs bf16 natively; int8 factors at 75% of the FLOPs).
+with attention in bf16 too where the CPU runs bf16 natively, and with the feed-forward blocks fused
+as well; int8 factors at 75% of the FLOPs).
 Each plan is saved under `--plans` (default benchmarks/results/peers/) with the found models as
 `.pt2`; each saved model is then loaded in a fresh process and timed against the dense model there,
 with `fxsketch.load`'s allocator setting and without it (`tune_allocator=False`). Every row of the
@@ -55,6 +56,7 @@ from torch import nn  # noqa: E402
 
 import fxsketch  # noqa: E402
 from fxsketch.capture import find_attention  # noqa: E402
+from fxsketch.fuse import mlp_pairs  # noqa: E402
 from fxsketch.examples import minilm as M  # noqa: E402
 from fxsketch.measure import time_rounds  # noqa: E402
 from fxsketch.recover import masked_mse  # noqa: E402
@@ -138,15 +140,19 @@ PEERS = {
 
 def fxsketch_plans(gm: torch.fx.GraphModule) -> dict[str, dict]:
     """Hand-built plans (not found by `optimize`): every encoder Linear int8, and the same with
-    attention in bf16 where this CPU runs bf16 natively; and int8 factors at 75% of the encoder's
-    Linear FLOPs (svd, uniform rank)."""
+    attention in bf16 where this CPU runs bf16 natively, and that again with each feed-forward
+    block's second layer static (`"static": true`, calibrated; the rewrite fuses each block into
+    one `int8_mlp`); and int8 factors at 75% of the encoder's Linear FLOPs (svd, uniform rank)."""
     records = M.encoder_records(gm)
     int8 = {r.name: {"method": "int8"} for r in records}
     lowrank = {name: {**entry, "precision": "int8"} for name, entry in M.uniform_plan(records, 0.75, "svd").items()}
     attention = {r.name: {"method": "bf16"} for r in find_attention(gm) if "bf16" in fast_precisions(r)}
+    static = {name: {"method": "int8", "smooth": False, **({"static": True} if name in mlp_pairs(records) else {})}
+              for name in int8}
     plans = {"fxsketch int8, every encoder Linear (hand plan)": int8}
     if attention:
         plans["fxsketch int8, every encoder Linear, attention bf16 (hand plan)"] = {**int8, **attention}
+    plans["fxsketch int8, attention bf16, fused feed-forward (hand plan)"] = {**static, **attention}
     plans["fxsketch svd 75% FLOPs, int8 factors (hand plan)"] = lowrank
     return plans
 
@@ -258,7 +264,10 @@ def main() -> None:
         path = os.path.join(args.plans, name.split(" (")[0].replace(" ", "_").replace(",", "").replace("%", "") + ".json")
         with open(path, "w") as f:
             json.dump(plan, f, indent=1)
-        variants[name] = (fxsketch.rewrite(model, plan, x32), f"fxsketch.rewrite(model, {os.path.relpath(path)!r}, x)")
+        static = any(e.get("static") for e in plan.values())  # its ranges come from the calibration sentences
+        variants[name] = (fxsketch.rewrite(model, plan, x32, calibration_data=calibration if static else None),
+                          f"fxsketch.rewrite(model, {os.path.relpath(path)!r}, x"
+                          + (", calibration_data=calibration)" if static else ")"))
 
     print(f"all-MiniLM-L6-v2, {args.threads} threads, {torch.__version__}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; fidelity on {sum(len(b[0]) for b in evaluation)} sentences; "

@@ -28,6 +28,7 @@ from fxsketch.capture import (
     call_arguments, find_attention, functional_record, is_functional_layer, is_table_lookup, module_type_of, table_record,
 )
 from fxsketch.fitted import factors_of, install_factors
+from fxsketch.fuse import fuse_int8_mlps
 from fxsketch.nn import LowRankConv2d, LowRankLinear, op_call
 from fxsketch.plan import build_entry, normalize_plan
 from fxsketch.records import LayerRecord
@@ -149,6 +150,7 @@ def rewrite_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
     for record in find_attention(gm, qualified_name):
         if record.name in plan and compute_attention_in(record.nodes[0], record, plan[record.name], dispatcher=True):
             done.append(record.name)
+    fuse_int8_mlps(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -35,7 +35,8 @@ class LayerStats:
     Sequential statistics (`sequential_stats`) describe two inputs per row: x̃, what the layer
     receives in the partly replaced model (`gram`, `total`), and x, what the original model gave it
     at the same position (`cross` = Σ xᵀx̃, `ref_total` = Σ x). Plain calibration has x̃ = x and
-    leaves `cross` and `ref_total` None.
+    leaves `cross` and `ref_total` None. `low` and `high` are each feature's smallest and largest
+    value seen (of x̃): the range a static int8 input is quantized onto.
     """
 
     gram: torch.Tensor
@@ -43,6 +44,8 @@ class LayerStats:
     total: torch.Tensor | None = None
     cross: torch.Tensor | None = None
     ref_total: torch.Tensor | None = None
+    low: torch.Tensor | None = None
+    high: torch.Tensor | None = None
 
     @property
     def second_moment(self) -> torch.Tensor:
@@ -74,6 +77,10 @@ class LayerStats:
         self.count += rows.shape[0]
         total = rows.sum(0)
         self.total = total if self.total is None else self.total + total
+        if rows.shape[0]:
+            low, high = rows.amin(0), rows.amax(0)
+            self.low = low if self.low is None else torch.minimum(self.low, low)
+            self.high = high if self.high is None else torch.maximum(self.high, high)
         if ref is not None:
             ref = ref.detach().reshape(-1, ref.shape[-1]).to(dtype)
             cross = ref.T @ rows

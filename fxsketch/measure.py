@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsketch.capture import input_of
+from fxsketch.fuse import activation_of, fusable, mlp_pairs
+from fxsketch.kernels import int8_mlp
+from fxsketch.kernels.int8 import ACTIVATIONS
 from fxsketch.nn import direct_call
 from fxsketch.plan import Entry, is_dense, speed_bound
 from fxsketch.records import LayerRecord, fetch
@@ -252,9 +255,10 @@ class LayerTimer:
     shape share a measurement and a repeated value is never timed again. What a measurement
     keeps is the ratio of the two interleaved times; every replacement of one geometry is scaled
     to that geometry's first dense time, so that the noise of separate measurements cannot make a
-    faster replacement save less. A plan then runs in about T − Σ (dense layer − replacement)
-    seconds, T being the dense model's time, and its estimated speedup is T over that, never more
-    than the plan's `speed_bound`. Trials use these estimates; `optimize` times the plan it
+    faster replacement save less. A plan then runs in about T − Σ (dense layer − replacement) − F
+    seconds, T being the dense model's time and F what its fused int8 pairs save
+    (`fusion_saving`), and its estimated speedup is T over that, never more than the plan's
+    `speed_bound`. Trials use these estimates; `optimize` times the plan it
     returns on the whole model (`measure_speedup`).
     """
 
@@ -266,6 +270,8 @@ class LayerTimer:
         # replacement key -> its time over its interleaved dense layer's (None: cannot time)
         self._ratios: dict[Any, float | None] = {}
         self._dense: dict[Any, float] = {}  # geometry and input shapes -> the dense layer's seconds per forward
+        self._pairs: dict[str, str] | None = None  # fusable layer pairs (`fxsketch.fuse.mlp_pairs`)
+        self._fusions: dict[Any, float | None] = {}  # pair geometry and entries -> seconds the fused op saves
         self.timed = 0  # replacements timed so far
 
     def model_seconds(self) -> float:
@@ -285,9 +291,60 @@ class LayerTimer:
             if one is None:
                 return None
             saved += one
+        saved += self.fusion_saving(plan)
         total = self.model_seconds()
         bound = speed_bound(list(self.records.values()), plan)
         return total / max(total - saved, total / bound)
+
+    def fusion_saving(self, plan: Mapping[str, Mapping[str, Any]]) -> float:
+        """Seconds per forward that running `plan`'s fusable int8 pairs as one op (`fxsketch.fuse`)
+        saves beyond the per-layer savings: each pair's two layers and activation timed apart
+        against the fused op, interleaved, once per geometry and values (0 for a pair that cannot
+        be timed alone)."""
+        if self._pairs is None:
+            self._pairs = mlp_pairs(self.records.values())
+        saved = 0.0
+        for second, first in self._pairs.items():
+            entries = plan.get(first), plan.get(second)
+            if entries[0] is not None and entries[1] is not None and fusable(*entries):
+                saved += self._fused(self.records[first], self.records[second], *entries) or 0.0
+        return saved
+
+    def _fused(self, first: LayerRecord, second: LayerRecord, a: Mapping[str, Any],
+               b: Mapping[str, Any]) -> float | None:
+        shape = _input_meta(first.nodes[0])
+        activation = activation_of(input_of(second.nodes[0]))
+        key = (tuple(first.weight_shape), tuple(second.weight_shape), shape, activation,
+               repr(sorted(a.items())), repr(sorted(b.items())))
+        if key not in self._fusions:
+            self._fusions[key] = None if shape is None else self._time_fusion(first, second, a, b, activation, shape)
+        return self._fusions[key]
+
+    def _time_fusion(self, first, second, a, b, activation, shape) -> float | None:
+        layers = []
+        for record, entry in ((first, a), (second, b)):
+            weight = fetch(self.gm, record.weight_target).detach()
+            bias = fetch(self.gm, record.bias_target).detach() if record.bias_target else None
+            resolved = Entry.of(entry, record.name)
+            try:
+                module = resolved.kind.build(record, weight, bias, resolved.params, self.cache, copy_weights=False)
+            except Exception:  # cannot build without weights: no saving claimed
+                return None
+            layers.append(module.to(weight.device).eval())
+        one, two = layers
+        act, run_one, run_two = ACTIVATIONS[activation][0], direct_call(one), direct_call(two)
+
+        def apart(x):
+            return run_two(act(run_one(x)))
+
+        def fused(x):
+            return int8_mlp(x, one.weight_q, one.weight_scale, one.bias, one.input_scale, activation, two.weight_q,
+                            two.weight_scale, two.bias, two.input_qparams)
+
+        x = torch.randn(shape[0], dtype=shape[1], device=one.weight_q.device)
+        rounds = time_rounds([apart, fused], (x,), cap_s=self.layer_cap_s)
+        self.timed += 1
+        return rounds.median(0) - rounds.median(1)
 
     def saving(self, name: str, entry: Mapping[str, Any]) -> float | None:
         """Seconds per forward that `entry` saves on layer `name` (negative: it is slower than the

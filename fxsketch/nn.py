@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from fxsketch.kernels import (
-    cast_linear, cast_lowrank_linear, int8_embedding, int8_linear, int8_lowrank_linear, int8_weight_linear,
-    lowrank_conv2d, lowrank_linear, quantize_weight,
+    cast_linear, cast_lowrank_linear, int8_embedding, int8_linear, int8_lowrank_linear, int8_static_linear,
+    int8_weight_linear, lowrank_conv2d, lowrank_linear, quantize_weight,
 )
-from fxsketch.kernels.int8 import WEIGHT_ONLY_QMAX, WEIGHT_QMAX
+from fxsketch.kernels.int8 import WEIGHT_ONLY_QMAX, WEIGHT_QMAX, static_qparams
 
 __all__ = ["LowRankLinear", "LowRankConv2d", "CastLinear", "CastLowRankLinear", "Int8Linear", "Int8WeightLinear",
            "Int8LowRankLinear", "Int8Embedding", "SKLinear", "SKConv2d", "OpCall", "op_call", "direct_call"]
@@ -185,7 +185,9 @@ class Int8Linear(nn.Module):
     """A Linear with int8 weights (one float32 scale per output channel, stored as plain tensors)
     whose input is quantized to int8 on every call: `fxsketch::int8_linear`. The weights do not
     train; the bias does, and gradients reach the input. A smoothed layer (`from_float(...,
-    smooth=s)`) holds W·diag(s) and multiplies its input by `input_scale` = 1/s first."""
+    smooth=s)`) holds W·diag(s) and multiplies its input by `input_scale` = 1/s first. A static
+    layer (`from_float(..., input_range=(low, high))`) quantizes its input with the fixed
+    `input_qparams` (scale, zero point) of that range: `fxsketch::int8_static_linear`."""
 
     qmax = WEIGHT_QMAX
 
@@ -195,22 +197,29 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("input_scale", None)
+        self.register_buffer("input_qparams", None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   smooth: torch.Tensor | None = None) -> "Int8Linear":
+                   smooth: torch.Tensor | None = None, input_range: tuple[float, float] | None = None) -> "Int8Linear":
         """Quantize a float weight (out × in) per output channel, smoothed by `smooth` (one factor
-        per input feature) when given; the bias keeps the weight's dtype."""
+        per input feature) when given; the bias keeps the weight's dtype. With `input_range`, the
+        (smoothed) input is quantized statically onto that range."""
         with torch.device(weight.device):
             layer = cls(weight.shape[1], weight.shape[0], bias is not None)
         q, scale = quantize_weight(_smoothed(layer, weight, smooth), cls.qmax)
         _copy_into(layer, weight_q=q, weight_scale=scale)
+        if input_range is not None:
+            layer.input_qparams = static_qparams(*input_range, device=weight.device)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(weight.dtype).clone())
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_qparams is not None:
+            return int8_static_linear(x, self.weight_q, self.weight_scale, self.bias, self.input_scale,
+                                      self.input_qparams)
         return int8_linear(x, self.weight_q, self.weight_scale, self.bias, self.input_scale)
 
     def extra_repr(self) -> str:
@@ -455,6 +464,9 @@ def op_call(module: nn.Module) -> OpCall | None:
         return OpCall(cast_linear, torch.ops.fxsketch.cast_linear.default, ("weight", "bias"), ())
     if kind is CastLowRankLinear:
         return OpCall(cast_lowrank_linear, torch.ops.fxsketch.cast_lowrank_linear.default, ("B", "A", "bias"), ())
+    if kind is Int8Linear and module.input_qparams is not None:
+        return OpCall(int8_static_linear, torch.ops.fxsketch.int8_static_linear.default,
+                      ("weight_q", "weight_scale", "bias", "input_scale", "input_qparams"), ())
     if kind is Int8Linear:
         return OpCall(int8_linear, torch.ops.fxsketch.int8_linear.default,
                       ("weight_q", "weight_scale", "bias", "input_scale"), ())

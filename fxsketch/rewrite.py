@@ -16,6 +16,7 @@ from torch import nn
 from fxsketch.calibrate import calibrate
 from fxsketch.capture import as_inputs, capture, find_attention, find_layers, find_tables, input_of
 from fxsketch.fitted import MODULES, factors_of, install_factors
+from fxsketch.fuse import fuse_int8_mlps
 from fxsketch.kernels import half_attention
 from fxsketch.nn import op_call
 from fxsketch.plan import Plan, build_entry, check_entry, find_record, normalize_plan
@@ -128,6 +129,7 @@ def apply_plan(
             if stored is not None:
                 install_factors(module, stored, name)
             _install(new, record, [nodes[n.name] for n in record.nodes], module)
+    fuse_int8_mlps(new)
     new.graph.eliminate_dead_code()
     _drop_unused_attributes(new)
     new.graph.lint()

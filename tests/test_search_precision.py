@@ -71,9 +71,12 @@ def test_a_timed_search_tries_the_precision_plan_first_and_keeps_the_accuracy_ba
                                accuracy_fn=agreement, accuracy_threshold=0.9, n_trials=8,
                                calibration_data=[WIDE_X], search=fxsketch.SearchOptions(seed=0))
     first = min(result.study.trials, key=lambda t: t.number)
-    # with calibration data the int8 layers could be smoothed: first without (faster), which keeps the bar here
-    assert first.user_attrs["fxsketch.warm"] == "warm start: every tuned layer in reduced precision, unsmoothed"
-    assert first.user_attrs["fxsketch.plan"] == {name: {"method": "int8", "smooth": False} for name in ("0", "2", "4")}
+    # with calibration data the int8 layers could be smoothed: first without (faster), the layers
+    # after a ReLU of an int8 layer static (the rewrite fuses each such pair), which keeps the bar here
+    assert first.user_attrs["fxsketch.warm"] == ("warm start: every tuned layer in reduced precision, unsmoothed, "
+                                                 "static inputs after int8 activations")
+    static = {"method": "int8", "smooth": False, "static": True}
+    assert first.user_attrs["fxsketch.plan"] == {"0": {"method": "int8", "smooth": False}, "2": static, "4": static}
     assert first.user_attrs["fxsketch.accuracy"] >= 0.9
     assert result.accuracy >= 0.9 and agreement(result.graph_module) >= 0.9
     assert all(e.get("smooth") is False for e in result.plan.values() if "int8" in (e["method"], e.get("precision")))
@@ -133,7 +136,7 @@ def _outlier_search(smooth: bool):
         return 1 - float((out - ref).square().sum() / ref.square().sum())
 
     result = fxsketch.optimize(model, fxsketch.LayerConfig({"type": "Linear"}, params="auto"), example_inputs=x,
-                               accuracy_fn=fidelity, accuracy_threshold=0.99, n_trials=9, calibration_data=[x],
+                               accuracy_fn=fidelity, accuracy_threshold=0.99, n_trials=12, calibration_data=[x],
                                progress=False, search=fxsketch.SearchOptions(seed=0),
                                calibration=fxsketch.CalibrationOptions(smooth=smooth))
     return fidelity, result
@@ -159,13 +162,15 @@ def test_when_every_layer_in_int8_misses_the_bar_the_least_sensitive_layers_keep
 @needs_fbgemm
 def test_the_unsmoothed_precision_plan_comes_first_and_the_smoothed_one_when_it_misses_the_bar():
     """Layer 0's inputs have one huge feature (its weights ignore it): unsmoothed int8 misses the
-    bar there, smoothed int8 keeps it (`tests/test_int8.py`), so the warm start's second plan, every
-    layer smoothed, is the base of the search."""
+    bar there (with static inputs after the ReLUs, and without), smoothed int8 keeps it
+    (`tests/test_int8.py`), so the warm start's third plan, every layer smoothed, is the base of
+    the search."""
     fidelity, result = _outlier_search(smooth=True)
     warm = sorted((t for t in result.study.trials if "fxsketch.warm" in t.user_attrs), key=lambda t: t.number)
-    plain, smoothed = warm[:2]
+    static, plain, smoothed = warm[:3]
+    assert static.user_attrs["fxsketch.warm"].endswith("unsmoothed, static inputs after int8 activations")
     assert plain.user_attrs["fxsketch.warm"].endswith("reduced precision, unsmoothed")
-    assert plain.user_attrs["fxsketch.accuracy"] < 0.99
+    assert static.user_attrs["fxsketch.accuracy"] < 0.99 and plain.user_attrs["fxsketch.accuracy"] < 0.99
     assert smoothed.user_attrs["fxsketch.warm"].endswith("reduced precision")
     assert smoothed.user_attrs["fxsketch.plan"] == {n: {"method": "int8"} for n in ("0", "2", "4")}
     assert smoothed.user_attrs["fxsketch.accuracy"] >= 0.99

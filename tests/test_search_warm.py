@@ -170,6 +170,7 @@ def stub_layer_times(monkeypatch):
         return 1e-3, _layer_seconds(record, None if kind is None else {"method": kind.name, **params})
 
     monkeypatch.setattr(fxsketch.measure.LayerTimer, "_time", fake_time)
+    monkeypatch.setattr(fxsketch.measure.LayerTimer, "_time_fusion", lambda self, *args: 0.0)  # fusion saves nothing
     monkeypatch.setattr(fxsketch.measure.LayerTimer, "model_seconds", lambda self: 0.1)
 
 

@@ -5,7 +5,11 @@ their weights' dtype (bf16, fp16) and return x's: a layer in reduced precision i
 `fxsketch::int8_linear(x, weight_q, weight_scale, bias, input_scale)` is a Linear with int8 weights
 (one scale per output channel) and dynamically quantized int8 activations (the input first
 multiplied by `input_scale` per feature in a smoothed layer); `fxsketch::int8_lowrank_linear`
-runs the two factors of a low-rank layer that way. `fxsketch::int8_weight_linear(x, weight_q,
+runs the two factors of a low-rank layer that way. `fxsketch::int8_static_linear(x, weight_q,
+weight_scale, bias, input_scale, input_qparams)` quantizes its input with a fixed (scale, zero
+point) instead; `fxsketch::int8_mlp(x, w1_q, w1_scale, b1, input_scale, activation, w2_q, w2_scale,
+b2, mid_qparams)` is an int8 layer, an activation and a static int8 layer as one op, so the CPU
+kernel can hand the second GEMM the first one's uint8 output. `fxsketch::int8_weight_linear(x, weight_q,
 weight_scale, bias)` keeps only the weight in int8 and computes in x's dtype;
 `fxsketch::int8_embedding(indices, weight_q, weight_scale)` looks rows up in an int8 embedding table
 (one scale per row) and returns them in the scales' dtype (composite: exported as a lookup and a
@@ -35,7 +39,8 @@ from fxsketch.kernels.aten import (
 )
 from fxsketch.kernels.choose import choose, chosen
 from fxsketch.kernels.int8 import (
-    fbgemm_available, int8_embedding_aten, int8_linear_fbgemm, int8_linear_reference, int8_weight_linear_aten,
+    ACTIVATIONS, fbgemm_available, int8_embedding_aten, int8_linear_fbgemm, int8_linear_onednn, int8_linear_reference,
+    int8_mlp_cpu, int8_mlp_reference, int8_static_linear_fbgemm, int8_weight_linear_aten, onednn_pays,
 )
 
 BACKENDS = ("aten", "triton")
@@ -59,6 +64,10 @@ _LIB.define("cast_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 _LIB.define("cast_lowrank_linear(Tensor x, Tensor B, Tensor A, Tensor? bias=None) -> Tensor")
 _LIB.define("int8_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None, "
             "Tensor? input_scale=None) -> Tensor")
+_LIB.define("int8_static_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias, "
+            "Tensor? input_scale, Tensor input_qparams) -> Tensor")
+_LIB.define("int8_mlp(Tensor x, Tensor w1_q, Tensor w1_scale, Tensor? b1, Tensor? input_scale, str activation, "
+            "Tensor w2_q, Tensor w2_scale, Tensor? b2, Tensor mid_qparams) -> Tensor")
 _LIB.define("int8_weight_linear(Tensor x, Tensor weight_q, Tensor weight_scale, Tensor? bias=None) -> Tensor")
 _LIB.define("int8_lowrank_linear(Tensor x, Tensor B_q, Tensor B_scale, Tensor A_q, Tensor A_scale, "
             "Tensor? bias=None, Tensor? input_scale=None) -> Tensor")
@@ -160,10 +169,33 @@ def _lowrank_conv2d_impl(x, B, A, bias, stride, padding, dilation, *, eager=Fals
     return fused() if _pick("conv2d", x, B, A, bias, fused, chain, geometry) == "triton" else chain()
 
 
-def _int8_linear_impl(x, weight_q, weight_scale, bias=None, input_scale=None):
-    fast = (x.device.type == "cpu" and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+def _int8_cpu(x: torch.Tensor, *biases: torch.Tensor | None) -> bool:
+    """Whether the CPU kernels (FBGEMM, oneDNN) take this call: float32 on a CPU that runs them."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and all(b is None or b.dtype == torch.float32
+                                                                         for b in biases)
             and _forced_kernel() != "aten" and fbgemm_available())
-    return (int8_linear_fbgemm if fast else int8_linear_reference)(x, weight_q, weight_scale, bias, input_scale)
+
+
+def _int8_linear_impl(x, weight_q, weight_scale, bias=None, input_scale=None):
+    if not _int8_cpu(x, bias):
+        return int8_linear_reference(x, weight_q, weight_scale, bias, input_scale)
+    kernel = int8_linear_onednn if onednn_pays(x, weight_q) else int8_linear_fbgemm
+    return kernel(x, weight_q, weight_scale, bias, input_scale)
+
+
+def _int8_static_linear_impl(x, weight_q, weight_scale, bias, input_scale, input_qparams):
+    if not _int8_cpu(x, bias):
+        return int8_linear_reference(x, weight_q, weight_scale, bias, input_scale, input_qparams)
+    if onednn_pays(x, weight_q):
+        return int8_linear_onednn(x, weight_q, weight_scale, bias, input_scale, input_qparams)
+    return int8_static_linear_fbgemm(x, weight_q, weight_scale, bias, input_scale, input_qparams)
+
+
+def _int8_mlp_impl(x, w1_q, w1_scale, b1, input_scale, activation, w2_q, w2_scale, b2, mid_qparams):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"int8_mlp: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    body = int8_mlp_cpu if _int8_cpu(x, b1, b2) else int8_mlp_reference
+    return body(x, w1_q, w1_scale, b1, input_scale, activation, w2_q, w2_scale, b2, mid_qparams)
 
 
 def _int8_lowrank_linear_impl(x, B_q, B_scale, A_q, A_scale, bias=None, input_scale=None):
@@ -182,6 +214,8 @@ _LIB.impl("int8_embedding", int8_embedding_aten, "CompositeImplicitAutograd")
 _LIB.impl("half_attention", half_attention_aten, "CompositeImplicitAutograd")
 _LIB.impl("int8_linear", _int8_linear_impl, "CompositeExplicitAutograd")
 _LIB.impl("int8_lowrank_linear", _int8_lowrank_linear_impl, "CompositeExplicitAutograd")
+_LIB.impl("int8_static_linear", _int8_static_linear_impl, "CompositeExplicitAutograd")
+_LIB.impl("int8_mlp", _int8_mlp_impl, "CompositeExplicitAutograd")
 
 
 def _linear_out(op: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -204,6 +238,16 @@ def _int8_linear_fake(x, weight_q, weight_scale, bias=None, input_scale=None):
 @torch.library.register_fake("fxsketch::int8_lowrank_linear")
 def _int8_lowrank_linear_fake(x, B_q, B_scale, A_q, A_scale, bias=None, input_scale=None):
     return _lowrank_out("int8_lowrank_linear", x, B_q, A_q)
+
+
+@torch.library.register_fake("fxsketch::int8_static_linear")
+def _int8_static_linear_fake(x, weight_q, weight_scale, bias, input_scale, input_qparams):
+    return _linear_out("int8_static_linear", x, weight_q)
+
+
+@torch.library.register_fake("fxsketch::int8_mlp")
+def _int8_mlp_fake(x, w1_q, w1_scale, b1, input_scale, activation, w2_q, w2_scale, b2, mid_qparams):
+    return _lowrank_out("int8_mlp", x, w1_q, w2_q)
 
 
 def _dequantized(q: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -232,6 +276,32 @@ def _int8_backward(ctx, gy):
         grads.append(gy.reshape(-1, gy.shape[-1]).sum(0) if (ctx.has_bias and needs[len(grads)]) else None)
     grads += [None] * (len(needs) - len(grads))  # input_scale does not train
     return tuple(grads)
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w1_q, w1_scale, b1, input_scale, activation, w2_q, w2_scale, b2, _ = inputs
+    ctx.save_for_backward(x, w1_q, w1_scale, w2_q, w2_scale, b1 if b1 is not None else x.new_zeros(0),
+                          input_scale if input_scale is not None else x.new_ones(0))
+    ctx.activation, ctx.has_b1, ctx.has_b2 = activation, b1 is not None, b2 is not None
+
+
+def _mlp_backward(ctx, gy):
+    # straight through both quantizations; the activation's own derivative at the first layer's output
+    x, w1_q, w1_scale, w2_q, w2_scale, b1, input_scale = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    smoothed = input_scale.numel() > 0
+    with torch.no_grad():
+        h = int8_linear_reference(x, w1_q, w1_scale, b1 if ctx.has_b1 else None, input_scale if smoothed else None)
+    with torch.enable_grad():
+        h = h.detach().requires_grad_(True)
+        (gh,) = torch.autograd.grad(ACTIVATIONS[ctx.activation][0](h), h, gy @ _dequantized(w2_q, w2_scale, gy))
+    gx = gh @ _dequantized(w1_q, w1_scale, gy)
+    if smoothed:
+        gx = gx * input_scale.to(gx.dtype)
+    rows = gy.shape[-1]
+    gb1 = gh.reshape(-1, gh.shape[-1]).sum(0) if ctx.has_b1 and needs[3] else None
+    gb2 = gy.reshape(-1, rows).sum(0) if ctx.has_b2 and needs[8] else None
+    return gx if needs[0] else None, None, None, gb1, None, None, None, None, gb2, None
 
 
 def _linear_setup(ctx, inputs, output):
@@ -274,6 +344,9 @@ torch.library.register_autograd("fxsketch::int8_linear", _int8_backward,
                                 setup_context=functools.partial(_int8_setup, factors=1))
 torch.library.register_autograd("fxsketch::int8_lowrank_linear", _int8_backward,
                                 setup_context=functools.partial(_int8_setup, factors=2))
+torch.library.register_autograd("fxsketch::int8_static_linear", _int8_backward,
+                                setup_context=functools.partial(_int8_setup, factors=1))
+torch.library.register_autograd("fxsketch::int8_mlp", _mlp_backward, setup_context=_mlp_setup)
 
 
 def _eager_inference(x: torch.Tensor, B: torch.Tensor) -> bool:
@@ -327,6 +400,26 @@ def int8_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Ten
     if _eager_inference(x, weight_scale):
         return _int8_linear_impl(x, weight_q, weight_scale, bias, input_scale)
     return torch.ops.fxsketch.int8_linear(x, weight_q, weight_scale, bias, input_scale)
+
+
+def int8_static_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None, input_scale: torch.Tensor | None,
+                       input_qparams: torch.Tensor) -> torch.Tensor:
+    """`int8_linear` with x quantized by the fixed `input_qparams` (scale, zero point), through the fxsketch op."""
+    if _eager_inference(x, weight_scale):
+        return _int8_static_linear_impl(x, weight_q, weight_scale, bias, input_scale, input_qparams)
+    return torch.ops.fxsketch.int8_static_linear(x, weight_q, weight_scale, bias, input_scale, input_qparams)
+
+
+def int8_mlp(x: torch.Tensor, w1_q: torch.Tensor, w1_scale: torch.Tensor, b1: torch.Tensor | None,
+             input_scale: torch.Tensor | None, activation: str, w2_q: torch.Tensor, w2_scale: torch.Tensor,
+             b2: torch.Tensor | None, mid_qparams: torch.Tensor) -> torch.Tensor:
+    """`int8_linear`, `activation` ("relu", "gelu", "gelu_tanh"), then `int8_static_linear` with
+    `mid_qparams`, as one fxsketch op."""
+    if _eager_inference(x, w1_scale):
+        return _int8_mlp_impl(x, w1_q, w1_scale, b1, input_scale, activation, w2_q, w2_scale, b2, mid_qparams)
+    return torch.ops.fxsketch.int8_mlp(x, w1_q, w1_scale, b1, input_scale, activation, w2_q, w2_scale, b2,
+                                       mid_qparams)
 
 
 def int8_lowrank_linear(x: torch.Tensor, B_q: torch.Tensor, B_scale: torch.Tensor, A_q: torch.Tensor,

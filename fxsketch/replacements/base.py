@@ -230,6 +230,18 @@ class FactorCache:
         s = rms.pow(self.SMOOTHING) / peak.pow(1 - self.SMOOTHING)
         return (s / s.mean()).to(weight.dtype)
 
+    def input_range(self, key: str, input_scale: torch.Tensor | None = None) -> tuple[float, float] | None:
+        """The smallest and largest value the layer's input took on the calibration data, each
+        feature first multiplied by `input_scale` (positive, a smoothed layer's); None without
+        calibration (or with statistics that do not record it)."""
+        stats = self.stats.get(key)
+        if stats is None or stats.low is None or stats.low.is_meta:
+            return None
+        low, high = stats.low.float(), stats.high.float()
+        if input_scale is not None:
+            low, high = low * input_scale.to(low), high * input_scale.to(low)
+        return float(low.min()), float(high.max())
+
     def second_moment(self, key: str) -> torch.Tensor | None:
         """E[xᵀx] of the layer's inputs (float64), or None without calibration."""
         stats = self.stats.get(key)

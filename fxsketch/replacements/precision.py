@@ -78,11 +78,14 @@ class WholeLayer(ReplacementKind):
         return Cost(params=dense.params, flops_per_token=dense.flops_per_token, bits=PRECISION_BITS[self.name])
 
 
-def smooth_problem(params: dict[str, Any]) -> str:
-    """Why an int8 entry's `smooth` cannot be used ("" when it can): it takes True or False (None:
-    not given, True)."""
-    value = params.get("smooth")
-    return "" if value is None or isinstance(value, bool) else f"smooth must be True or False, got {value!r}"
+def smooth_problem(params: dict[str, Any], names: tuple[str, ...] = ("smooth",)) -> str:
+    """Why an int8 entry's `smooth` (or another of its on/off options `names`) cannot be used
+    ("" when it can): each takes True or False (None: not given, its default)."""
+    for name in names:
+        value = params.get(name)
+        if not (value is None or isinstance(value, bool)):
+            return f"{name} must be True or False, got {value!r}"
+    return ""
 
 
 def smoothing(record: LayerRecord, matrix: torch.Tensor, cache: FactorCache | None,
@@ -96,17 +99,30 @@ def smoothing(record: LayerRecord, matrix: torch.Tensor, cache: FactorCache | No
 @register_kind
 class Int8(WholeLayer):
     """Int8 weights and dynamically quantized int8 inputs; `smooth` (default True) moves the input
-    features' ranges into the weights where calibration data is given."""
+    features' ranges into the weights where calibration data is given. `static` (default False)
+    quantizes the input onto the range the calibration data showed instead of measuring it on
+    every call: where the input is an activation of another int8 layer's output, the rewrite then
+    runs the two layers as one op (`fxsketch.fuse`), the first writing the second's int8 input."""
 
     name = "int8"
-    options = ("smooth",)
+    options = ("smooth", "static")
 
     def invalid(self, record: LayerRecord, params: dict[str, Any]) -> str:
-        return smooth_problem(params)
+        return smooth_problem(params, self.options)
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         matrix = weight.reshape(record.out_features, -1)
-        return Int8Linear.from_float(matrix, bias, smoothing(record, matrix, cache, params.get("smooth") is not False))
+        smooth = smoothing(record, matrix, cache, params.get("smooth") is not False)
+        input_range = None
+        if params.get("static"):
+            input_range = cache.input_range(record.name, None if smooth is None else smooth.reciprocal()) \
+                if cache is not None else None
+            if input_range is None and (not copy_weights or matrix.is_meta):  # stored factors bring the range
+                input_range = (0.0, 1.0)
+            if input_range is None:
+                raise ValueError(f"{record.name}: a static int8 input is quantized onto the range calibration data "
+                                 "showed: pass calibration_data=, or drop \"static\" from the entry")
+        return Int8Linear.from_float(matrix, bias, smooth, input_range)
 
 
 class Half(WholeLayer):

@@ -19,6 +19,7 @@ from fxsketch import study_format as keys
 from fxsketch.allocate import (
     ALLOCATABLE, allocate_units, entry_sensitivity, layer_errors, target_error_units, unit_choices, unit_weights,
 )
+from fxsketch.fuse import mlp_pairs
 from fxsketch.metrics import TrialFailed
 from fxsketch.plan import Budget, plan_cost
 from fxsketch.replacements import get_kind
@@ -87,16 +88,31 @@ def precision_plan(units: list[Unit], smooth: bool = True) -> dict[str, dict[str
 
 
 def precision_candidates(ctx: TrialContext, units: list[Unit]) -> list[tuple[dict[str, dict[str, Any]], str]]:
-    """The precision plans to try, fastest first, each with its note: where the int8 layers would
-    be smoothed (calibration data given, smoothing on), first unsmoothed (no multiply before each
-    int8 layer; often accurate enough), then smoothed."""
+    """The precision plans to try, fastest first, each with its note: with calibration data, first
+    unsmoothed with static inputs where two int8 layers meet at an activation (`static_pairs`: the
+    rewrite runs each pair as one op); where the int8 layers would be smoothed (smoothing on),
+    unsmoothed (no multiply before each int8 layer; often accurate enough); then as the kinds build
+    them by default."""
     precise = precision_plan(units)
     if not precise:
         return []
     note = "warm start: every tuned layer in reduced precision"
     plain = precision_plan(units, smooth=False)
     smooths = ctx.cache.smooth and any(ctx.cache.second_moment(n) is not None for n in precise)
-    return ([(plain, note + ", unsmoothed")] if smooths and plain != precise else []) + [(precise, note)]
+    static = static_pairs(ctx, plain)
+    return ([(static, note + ", unsmoothed, static inputs after int8 activations")] if static != plain else []) \
+        + ([(plain, note + ", unsmoothed")] if smooths and plain != precise else []) + [(precise, note)]
+
+
+def static_pairs(ctx: TrialContext, plan: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`plan` with each int8 layer that takes an activation of another int8 layer's output
+    (`fxsketch.fuse.mlp_pairs`) unsmoothed and static, where calibration recorded its input range."""
+    out = dict(plan)
+    for second, first in mlp_pairs(ctx.records.values()).items():
+        both = all(plan.get(n, {}).get("method") == "int8" for n in (first, second))
+        if both and ctx.cache.input_range(second) is not None:
+            out[second] = {**plan[second], "smooth": False, "static": True}
+    return out
 
 
 def probe_plan(ctx: TrialContext, units: list[Unit], share: float) -> dict[str, dict[str, Any]]:
@@ -143,17 +159,23 @@ def _faster_only(ctx: TrialContext, plan: dict, precise: dict, units: list[Unit]
         entry, base = plan.get(unit.layers[0]), precise.get(unit.layers[0])
         if entry is None or base is None or "low_rank" not in entry:
             continue
-        ours, theirs = _unit_seconds(ctx, unit, entry), _unit_seconds(ctx, unit, base)
+        ours, theirs = _unit_seconds(ctx, unit, entry, precise), _unit_seconds(ctx, unit, base, precise)
         if ours is not None and theirs is not None and ours >= (1 - STEP_GAIN) * theirs:
             out.update({n: dict(precise[n]) for n in unit.layers})
     return out
 
 
-def _unit_seconds(ctx: TrialContext, unit: Unit, entry: dict | None) -> float | None:
-    """Seconds per forward of `unit`'s layers built as `entry`, by the per-layer timings (None:
-    some layer cannot be timed alone)."""
-    times = [ctx.layer_timer().seconds(n, entry) for n in unit.layers]
-    return None if any(t is None for t in times) else sum(times)
+def _unit_seconds(ctx: TrialContext, unit: Unit, entry: dict | None, plan: dict) -> float | None:
+    """Seconds per forward of `unit`'s layers built as `entry` in `plan`, by the per-layer timings,
+    less what the fused int8 pairs of `plan` with the unit at `entry` save (`fusion_saving`: an
+    entry that breaks a pair loses it). None: some layer cannot be timed alone."""
+    timer = ctx.layer_timer()
+    times = [timer.seconds(n, entry) for n in unit.layers]
+    if any(t is None for t in times):
+        return None
+    placed = {k: v for k, v in plan.items() if k not in unit.layers}
+    placed.update({n: entry for n in unit.layers} if entry is not None else {})
+    return sum(times) - timer.fusion_saving(placed)
 
 
 STEP_GAIN = 0.03  # a timed step (descent, an allocation's rank) runs at least this much faster than what it replaces
@@ -315,7 +337,7 @@ def _cheaper_step(ctx: TrialContext, usable: list[Unit], plan: dict, weights, re
         lower = [{"method": method, "low_rank": r, **precision} for r in sorted(unit.space["low_rank"].values())
                  if (rank is None or r < rank)
                  and not invalid_reason(ctx.records, unit, {"method": method, "low_rank": r, **precision})]
-        step = _timed_step(ctx, unit, current, lower) if ctx.timed else _flops_step(ctx, unit, current, lower)
+        step = _timed_step(ctx, unit, current, lower, plan) if ctx.timed else _flops_step(ctx, unit, current, lower)
         if step is None:
             continue
         entry, saved = step
@@ -331,12 +353,13 @@ def _cheaper_step(ctx: TrialContext, usable: list[Unit], plan: dict, weights, re
     return None if best is None else best[1:]
 
 
-def _timed_step(ctx: TrialContext, unit: Unit, current: dict | None, lower: list[dict]) -> tuple[dict, float] | None:
+def _timed_step(ctx: TrialContext, unit: Unit, current: dict | None, lower: list[dict],
+                plan: dict) -> tuple[dict, float] | None:
     """(the largest-rank entry of `lower`, ascending, whose layers run at least `STEP_GAIN` faster
-    than `current`'s, seconds it saves), by bisection on the per-layer timings; None when even the
-    cheapest is not that much faster. Layers that cannot be timed alone step by FLOPs."""
+    than `current`'s in `plan`, seconds it saves), by bisection on the per-layer timings; None when
+    even the cheapest is not that much faster. Layers that cannot be timed alone step by FLOPs."""
     def seconds(entry):
-        return _unit_seconds(ctx, unit, entry)
+        return _unit_seconds(ctx, unit, entry, plan)
 
     if not lower:
         return None
