@@ -24,8 +24,6 @@ __all__ = ["fuse_int8_mlps", "activation_of", "mlp_pairs", "fusable"]
 
 _LINEAR = (int8_linear, torch.ops.fxsketch.int8_linear.default)
 _STATIC = (int8_static_linear, torch.ops.fxsketch.int8_static_linear.default)
-
-
 _GELU = {"none": "gelu", "tanh": "gelu_tanh"}
 
 

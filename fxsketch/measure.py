@@ -321,13 +321,15 @@ class LayerTimer:
         return self._fusions[key]
 
     def _time_fusion(self, first, second, a, b, activation, shape) -> float | None:
+        """Seconds the fused op saves against the pair run apart, timed interleaved on a random input."""
         layers = []
         for record, entry in ((first, a), (second, b)):
             weight = fetch(self.gm, record.weight_target).detach()
             bias = fetch(self.gm, record.bias_target).detach() if record.bias_target else None
+            matrix = weight.T if record.transposed else weight
             resolved = Entry.of(entry, record.name)
             try:
-                module = resolved.kind.build(record, weight, bias, resolved.params, self.cache, copy_weights=False)
+                module = resolved.kind.build(record, matrix, bias, resolved.params, self.cache, copy_weights=False)
             except Exception:  # cannot build without weights: no saving claimed
                 return None
             layers.append(module.to(weight.device).eval())

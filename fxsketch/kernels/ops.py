@@ -21,8 +21,8 @@ B (R, K), A (N, R). `fxsketch::lowrank_conv2d` is the convolutional twin. These 
 composite (CompositeImplicitAutograd): `torch.export` records each as one node, while
 `torch.compile` traces through it and sees what runs, two GEMMs (cast and GEMM for the cast ops),
 or on CUDA the fused Triton kernel as a `torch.library.triton_op` whose kernel Inductor compiles
-and CUDA graphs replay. Autograd comes from the body. The int8 ops are opaque (FBGEMM's packed
-GEMM), with fake kernels and a straight-through autograd formula.
+and CUDA graphs replay. Autograd comes from the body. The int8 ops are opaque (FBGEMM's and oneDNN's packed
+GEMMs), with fake kernels and a straight-through autograd formula.
 """
 
 from __future__ import annotations
@@ -298,9 +298,8 @@ def _mlp_backward(ctx, gy):
     gx = gh @ _dequantized(w1_q, w1_scale, gy)
     if smoothed:
         gx = gx * input_scale.to(gx.dtype)
-    rows = gy.shape[-1]
     gb1 = gh.reshape(-1, gh.shape[-1]).sum(0) if ctx.has_b1 and needs[3] else None
-    gb2 = gy.reshape(-1, rows).sum(0) if ctx.has_b2 and needs[8] else None
+    gb2 = gy.reshape(-1, gy.shape[-1]).sum(0) if ctx.has_b2 and needs[8] else None
     return gx if needs[0] else None, None, None, gb1, None, None, None, None, gb2, None
 
 
