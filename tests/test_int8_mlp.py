@@ -6,6 +6,7 @@ a fresh process, the meta device, and the plan entries' checks."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -148,6 +149,20 @@ def _model(activation: nn.Module = nn.GELU()):
 PLAN = {"0": {"method": "int8"}, "2": {"method": "int8", "static": True, "smooth": False}, "4": {"method": "int8"}}
 
 
+def _rewritten(model: nn.Module | None = None):
+    """(model, x, the model rewritten with `PLAN`, calibrated on x)."""
+    model = _model() if model is None else model
+    x = torch.randn(40, 32)
+    return model, x, fxsketch.rewrite(model, PLAN, x, calibration_data=[x])
+
+
+def _saved(gm, tmp_path):
+    """`PLAN` saved as JSON with `gm`'s fitted factors beside it; the JSON's path."""
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"plan": PLAN, REFERENCE: save_factors(path, fitted_factors(gm))}))
+    return path
+
+
 def _targets(gm):
     return [str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes if n.op == "call_function"]
 
@@ -171,9 +186,7 @@ def test_the_calibrated_range_is_the_layers_input_range():
 @pytest.mark.parametrize("activation,name", [(nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
                                              (nn.ReLU(), "relu")])
 def test_the_rewrite_fuses_an_int8_layer_its_activation_and_a_static_int8_layer(activation, name):
-    model = _model(activation)
-    x = torch.randn(40, 32)
-    gm = fxsketch.rewrite(model, PLAN, x, calibration_data=[x])
+    model, x, gm = _rewritten(_model(activation))
     assert _targets(gm).count("int8_mlp") == 1 and "int8_static_linear" not in _targets(gm)
     call = next(n for n in gm.graph.nodes if n.op == "call_function" and "int8_mlp" in str(n.target))
     assert call.args[5] == name
@@ -203,9 +216,7 @@ def test_pairs_that_cannot_fuse_run_apart():
 
 @needs_cpu_kernels
 def test_a_fused_model_loads_weights_only_in_a_fresh_process(tmp_path):
-    model = _model()
-    x = torch.randn(40, 32)
-    gm = fxsketch.rewrite(model, PLAN, x, calibration_data=[x])
+    _, x, gm = _rewritten()
     int8_loads_in_fresh_process(gm, x, tmp_path, {"fxsketch.int8_mlp.default", "fxsketch.int8_linear.default"})
 
 
@@ -218,12 +229,8 @@ def test_rewrite_on_meta_builds_every_tensor_there():
 
 
 def test_a_saved_plan_rebuilds_the_static_range_without_calibration_data(tmp_path):
-    model = _model()
-    x = torch.randn(40, 32)
-    gm = fxsketch.rewrite(model, PLAN, x, calibration_data=[x])
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps({"plan": PLAN, REFERENCE: save_factors(path, fitted_factors(gm))}))
-    again = fxsketch.rewrite(model, path, x)
+    model, x, gm = _rewritten()
+    again = fxsketch.rewrite(model, _saved(gm, tmp_path), x)
     assert torch.equal(again.get_submodule("2").input_qparams, gm.get_submodule("2").input_qparams)
     with torch.no_grad():
         torch.testing.assert_close(again(x), gm(x))
@@ -240,11 +247,8 @@ def test_static_entries_are_checked(entry, error, message):
 
 
 def test_the_compile_backend_fuses_the_pair_as_the_rewrite_does(tmp_path):
-    model = _model()
-    x = torch.randn(40, 32)
-    gm = fxsketch.rewrite(model, PLAN, x, calibration_data=[x])
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps({"plan": PLAN, REFERENCE: save_factors(path, fitted_factors(gm))}))
+    model, x, gm = _rewritten()
+    path = _saved(gm, tmp_path)
     graphs = []
 
     def inner(graph, example_inputs):
@@ -280,4 +284,4 @@ def test_a_real_fusion_timing_is_a_finite_saving():
     records = {r.name: r for r in find_layers(gm)}
     timer = LayerTimer(gm, records, (x,), FactorCache(calibrate(gm, [x], list(records.values()))), layer_cap_s=0.05)
     saving = timer.fusion_saving(PLAN)
-    assert saving == saving and abs(saving) < timer.model_seconds() and timer.timed == 1
+    assert math.isfinite(saving) and timer.timed == 1  # what it saves is the benchmark's to say, not a test's
