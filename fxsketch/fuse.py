@@ -94,8 +94,9 @@ def mlp_pairs(records: Iterable[LayerRecord]) -> dict[str, str]:
     return pairs
 
 
-def fusable(first: dict, second: dict) -> bool:
+def fusable(first: dict, second: dict, smoothing: bool = True) -> bool:
     """Whether plan entries for the two layers of an `mlp_pairs` pair make the rewrite fuse them:
-    both whole int8 layers, the second static and unsmoothed."""
+    both whole int8 layers, the second static and unsmoothed (`"smooth": false`, or built where
+    no smoothing happens: `smoothing` False)."""
     return (first.get("method") == "int8" and second.get("method") == "int8" and bool(second.get("static"))
-            and second.get("smooth") is False)
+            and (second.get("smooth") is False or not smoothing))

@@ -306,7 +306,8 @@ class LayerTimer:
         saved = 0.0
         for second, first in self._pairs.items():
             entries = plan.get(first), plan.get(second)
-            if entries[0] is not None and entries[1] is not None and fusable(*entries):
+            smoothing = self.cache is not None and self.cache.smooth
+            if entries[0] is not None and entries[1] is not None and fusable(*entries, smoothing):
                 saved += self._fused(self.records[first], self.records[second], *entries) or 0.0
         return saved
 

@@ -274,6 +274,8 @@ def test_the_layer_timer_adds_what_fused_pairs_save_once_per_geometry(monkeypatc
     assert timer.fusion_saving(apart) == 0.0 and timer.fusion_saving({"0": {"method": "int8"}}) == 0.0
     assert timer.fusion_saving(PLAN) == 2e-4 and timer.fusion_saving(dict(PLAN)) == 2e-4
     assert len(timings) == 1 and timings[0][4] == "gelu"  # (first, second, a, b, activation, shape)
+    timer.cache.smooth = False  # nothing is smoothed: a static layer without "smooth": false fuses too
+    assert timer.fusion_saving(apart) == 2e-4 and len(timings) == 2
 
 
 @needs_cpu_kernels
