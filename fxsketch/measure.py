@@ -304,9 +304,9 @@ class LayerTimer:
         if self._pairs is None:
             self._pairs = mlp_pairs(self.records.values())
         saved = 0.0
+        smoothing = self.cache is not None and self.cache.smooth
         for second, first in self._pairs.items():
             entries = plan.get(first), plan.get(second)
-            smoothing = self.cache is not None and self.cache.smooth
             if entries[0] is not None and entries[1] is not None and fusable(*entries, smoothing):
                 saved += self._fused(self.records[first], self.records[second], *entries) or 0.0
         return saved
@@ -325,15 +325,13 @@ class LayerTimer:
         """Seconds the fused op saves against the pair run apart, timed interleaved on a random input."""
         layers = []
         for record, entry in ((first, a), (second, b)):
-            weight = fetch(self.gm, record.weight_target).detach()
-            bias = fetch(self.gm, record.bias_target).detach() if record.bias_target else None
-            matrix = weight.T if record.transposed else weight
             resolved = Entry.of(entry, record.name)
+            matrix, bias = self._weights(record)
             try:
                 module = resolved.kind.build(record, matrix, bias, resolved.params, self.cache, copy_weights=False)
             except Exception:  # cannot build without weights: no saving claimed
                 return None
-            layers.append(module.to(weight.device).eval())
+            layers.append(module.to(matrix.device).eval())
         one, two = layers
         act, run_one, run_two = ACTIVATIONS[activation][0], direct_call(one), direct_call(two)
 
@@ -389,13 +387,17 @@ class LayerTimer:
         ratio = self._ratios[key]
         return None if ratio is None else (self._dense[geometry], ratio * self._dense[geometry])
 
+    def _weights(self, record: LayerRecord) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's weight as (out × in …) and its bias, as the captured graph holds them."""
+        weight = fetch(self.gm, record.weight_target).detach()
+        bias = fetch(self.gm, record.bias_target).detach() if record.bias_target else None
+        return (weight.T if record.transposed else weight), bias
+
     def _time(self, record: LayerRecord, kind, params: dict[str, Any], shapes: list) -> tuple[float, float] | None:
         """(dense, replacement) seconds per forward of `record`, timed interleaved on random inputs
         of its shapes (`kind` None: the dense layer alone, both figures its time); None when the
         kind cannot build without weights."""
-        weight = fetch(self.gm, record.weight_target).detach()
-        bias = fetch(self.gm, record.bias_target).detach() if record.bias_target else None
-        matrix = weight.T if record.transposed else weight
+        matrix, bias = self._weights(record)
         dense_call = _dense_call(record, matrix, bias)
         if kind is None:
             replacement = dense_call
@@ -404,10 +406,10 @@ class LayerTimer:
                 module = kind.build(record, matrix, bias, params, self.cache, copy_weights=False)
             except Exception:  # a kind that cannot build without weights: the caller times the model
                 return None
-            replacement = dense_call if module is None else direct_call(module.to(weight.device).eval())
+            replacement = dense_call if module is None else direct_call(module.to(matrix.device).eval())
         dense = ours = 0.0
         for shape, dtype in shapes:
-            x = torch.randn(shape, dtype=dtype, device=weight.device)
+            x = torch.randn(shape, dtype=dtype, device=matrix.device)
             fns = [dense_call] if kind is None else [dense_call, replacement]
             rounds = time_rounds(fns, (x,), cap_s=self.layer_cap_s)
             dense += rounds.median(0)

@@ -226,22 +226,26 @@ def _quantized_rows(x: torch.Tensor, qparams: torch.Tensor | None) -> tuple[torc
     return data, scale, zero
 
 
-def int8_linear_onednn(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
-                       input_qparams: torch.Tensor | None = None, activation: str | None = None,
-                       out_qparams: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference computed by oneDNN (float32 CPU tensors), then `activation` when given (a
-    post-op of the GEMM); with `out_qparams` the result comes back quantized with them, as the
-    uint8 rows (..., out) a following static layer takes (`int8_mlp_cpu`)."""
-    if input_scale is not None:
-        x = x * input_scale
-    data, scale, zero = _quantized_rows(x, input_qparams)
+def _onednn_gemm(rows: torch.Tensor, scale: float, zero: int, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None, activation: str | None = None,
+                 out_qparams: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's int8 GEMM of uint8 `rows` (quantized with `scale`, `zero`), then `activation` as a
+    post-op; float32 out, or uint8 quantized with `out_qparams` when given."""
     packed, zeros = _onednn_packed(weight_q)
     _, post, algorithm = ACTIVATIONS[activation] if activation else (None, "none", "")
     out_scale, out_zero = out_qparams.tolist() if out_qparams is not None else (1.0, 0)
-    y = torch.ops.onednn.qlinear_pointwise(
-        data, scale, zero, packed, weight_scale, zeros, bias, out_scale, int(out_zero),
+    return torch.ops.onednn.qlinear_pointwise(
+        rows, scale, zero, packed, weight_scale, zeros, bias, out_scale, int(out_zero),
         torch.uint8 if out_qparams is not None else torch.float32, post, [], algorithm)
+
+
+def int8_linear_onednn(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                       input_qparams: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference computed by oneDNN (float32 CPU tensors)."""
+    if input_scale is not None:
+        x = x * input_scale
+    y = _onednn_gemm(*_quantized_rows(x, input_qparams), weight_q, weight_scale, bias)
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
@@ -257,11 +261,11 @@ def int8_mlp_cpu(x: torch.Tensor, w1_q: torch.Tensor, w1_scale: torch.Tensor, b1
     the first GEMM applies the activation and writes uint8 rows the second takes as they are.
     Otherwise FBGEMM's dynamic layer, the activation, and FBGEMM's static layer."""
     if onednn_pays(x, w1_q):
-        h = int8_linear_onednn(x, w1_q, w1_scale, b1, input_scale, None, activation, mid_qparams)
+        if input_scale is not None:
+            x = x * input_scale
+        h = _onednn_gemm(*_quantized_rows(x, None), w1_q, w1_scale, b1, activation, mid_qparams)
         scale, zero = mid_qparams.tolist()
-        packed, zeros = _onednn_packed(w2_q)
-        y = torch.ops.onednn.qlinear_pointwise(h, scale, int(zero), packed, w2_scale, zeros, b2, 1.0, 0,
-                                               torch.float32, "none", [], "")
+        y = _onednn_gemm(h, scale, int(zero), w2_q, w2_scale, b2)
         return y.reshape(*x.shape[:-1], w2_q.shape[0])
     h = ACTIVATIONS[activation][0](int8_linear_fbgemm(x, w1_q, w1_scale, b1, input_scale))
     return int8_static_linear_fbgemm(h, w2_q, w2_scale, b2, None, mid_qparams)
@@ -272,9 +276,8 @@ def onednn_available() -> bool:
     """Whether this torch build runs oneDNN's int8 linear with post-ops (x86 CPUs), tried once
     on a tiny layer against the reference."""
     q, scale = quantize_weight(torch.ones(2, 4))
-    qparams = static_qparams(0.0, 2.0)
     try:
-        y = int8_linear_onednn(torch.ones(1, 4), q, scale, torch.zeros(2), None, qparams, "relu")
+        y = int8_linear_onednn(torch.ones(1, 4), q, scale, torch.zeros(2), None, static_qparams(0.0, 2.0))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return bool(torch.allclose(y, torch.full((1, 2), 4.0), atol=0.05))

@@ -11,7 +11,7 @@ from fxsketch.records import LayerRecord
 from fxsketch.replacements.base import (
     Cost, FactorCache, ReplacementKind, auto_rank_limit, lowrank_cost, rank_space,
 )
-from fxsketch.replacements.precision import HALF_DTYPES, PRECISION_BITS, fast_precisions, smooth_problem, smoothing
+from fxsketch.replacements.precision import HALF_DTYPES, PRECISION_BITS, fast_precisions, flag_problem, smoothing
 from fxsketch.replacements.refit import refit_outer
 from fxsketch.replacements.registry import register_kind
 from fxsketch.space import Categorical
@@ -56,7 +56,7 @@ class SVD(ReplacementKind):
                     "use precision 'float'")
         if params.get("smooth") is not None and precision != "int8":
             return f"smooth is a parameter of int8 factors; this entry's precision is {precision!r}: drop smooth"
-        return smooth_problem(params)
+        return flag_problem(params)
 
     def upper_bounds(self, record: LayerRecord) -> dict[str, int]:
         return {"low_rank": min(record.out_features, record.in_features)}

@@ -78,9 +78,9 @@ class WholeLayer(ReplacementKind):
         return Cost(params=dense.params, flops_per_token=dense.flops_per_token, bits=PRECISION_BITS[self.name])
 
 
-def smooth_problem(params: dict[str, Any], names: tuple[str, ...] = ("smooth",)) -> str:
-    """Why an int8 entry's `smooth` (or another of its on/off options `names`) cannot be used
-    ("" when it can): each takes True or False (None: not given, its default)."""
+def flag_problem(params: dict[str, Any], names: tuple[str, ...] = ("smooth",)) -> str:
+    """Why an int8 entry's on/off options `names` (`smooth`, `static`) cannot be used ("" when
+    they can): each takes True or False (None: not given, its default)."""
     for name in names:
         value = params.get(name)
         if not (value is None or isinstance(value, bool)):
@@ -108,15 +108,15 @@ class Int8(WholeLayer):
     options = ("smooth", "static")
 
     def invalid(self, record: LayerRecord, params: dict[str, Any]) -> str:
-        return smooth_problem(params, self.options)
+        return flag_problem(params, self.options)
 
     def build(self, record, weight, bias, params, cache: FactorCache, copy_weights=True):
         matrix = weight.reshape(record.out_features, -1)
         smooth = smoothing(record, matrix, cache, params.get("smooth") is not False)
         input_range = None
         if params.get("static"):
-            input_range = cache.input_range(record.name, None if smooth is None else smooth.reciprocal()) \
-                if cache is not None else None
+            scale = None if smooth is None else smooth.reciprocal()  # the smoothed layer's input_scale
+            input_range = None if cache is None else cache.input_range(record.name, scale)
             if input_range is None and (not copy_weights or matrix.is_meta):  # stored factors bring the range
                 input_range = (0.0, 1.0)
             if input_range is None:
