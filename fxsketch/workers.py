@@ -71,8 +71,10 @@ def optimize_study(study: optuna.Study, objective: Callable[[optuna.Trial], Any]
     `REUSED`) is not counted: the sampler draws again, up to `redraws` (default `REDRAWS`) times
     the budget in all; an objective that ignores the draw (a fixed plan) passes `redraws=1`.
     Survives a known race of Optuna's between processes sharing a study: two of them can pop the
-    same enqueued trial, and the second one's result is then refused ("Cannot tell a COMPLETE
-    trial"); that trial is left to the first process and this one goes on."""
+    same enqueued trial, and the second one's result is then refused (a ValueError "Cannot tell a
+    COMPLETE trial" before the write, or the storage's `UpdateFinishedTrialError` when both read the
+    trial as running, as SQLite allows); that trial is left to the first process and this one goes
+    on."""
     counted, attempts, cap = [0], [0], (redraws or REDRAWS) * n_trials
     deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -96,8 +98,8 @@ def optimize_study(study: optuna.Study, objective: Callable[[optuna.Trial], Any]
         try:
             study.optimize(run, n_trials=None, timeout=left, catch=catch, callbacks=[*callbacks, enough])
             return  # the budget is spent, the time is up, or a callback stopped the study
-        except ValueError as exc:
-            if not str(exc).startswith("Cannot tell a"):
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+            if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
                 raise
             log.info("another process finished the same enqueued trial first (%s); going on", exc)
 

@@ -141,26 +141,44 @@ def test_a_killed_worker_trial_is_failed_and_retried(tmp_path):
     assert result.plan == {"2": {"method": "svd", "low_rank": 6, "precision": "float"}}
 
 
-def test_a_trial_another_process_finished_first_does_not_stop_the_worker(tmp_path):
+class _FinishedByOther(optuna.samplers.RandomSampler):
+    """A sampler that lets the other process finish one trial after Optuna's check that it is still
+    running and before its result is written: the window in which SQLite lets two processes race."""
+
+    def __init__(self, other: optuna.Study, number: int):
+        super().__init__(seed=0)
+        self.other, self.number = other, number
+
+    def after_trial(self, study, trial, state, values):
+        if trial.number == self.number:
+            self.other.tell(trial.number, 0.5)
+
+
+@pytest.mark.parametrize("when", ["before the check", "after the check"])
+def test_a_trial_another_process_finished_first_does_not_stop_the_worker(tmp_path, when):
     """Optuna's race between processes sharing a study: two pop the same enqueued trial and the
-    second one's result is refused. The worker leaves that trial to the other and runs the rest."""
+    second one's result is refused, by Optuna's check (ValueError) or, when the other process
+    finishes it after that check, by the storage (UpdateFinishedTrialError, seen in CI on SQLite).
+    The worker leaves that trial to the other and runs the rest."""
     from fxsketch.workers import optimize_study
 
     url = f"sqlite:///{tmp_path / 'race.db'}"
-    study = optuna.create_study(storage=url, study_name="r")
-    other = optuna.load_study(storage=url, study_name="r")  # the other process's view
+    other = optuna.create_study(storage=url, study_name="r")  # the other process's view
+    late = when == "after the check"
+    study = optuna.load_study(storage=url, study_name="r", sampler=_FinishedByOther(other, 1) if late else None)
     calls = []
 
     def objective(trial):
         calls.append(trial.number)
         x = trial.suggest_float("x", 0, 1)
-        if len(calls) == 2:  # the other process finishes this very trial first
+        if len(calls) == 2 and not late:  # the other process finishes this very trial first
             other.tell(trial.number, 0.5)
         return x
 
-    with pytest.raises(ValueError, match="Cannot tell a COMPLETE trial"):
-        optuna.load_study(storage=url, study_name="r").optimize(
-            lambda t: other.tell(t.number, 0.5) or 1.0, n_trials=1)  # plain optimize dies of it
+    refused = optuna.exceptions.UpdateFinishedTrialError if late else ValueError
+    with pytest.raises(refused):  # plain optimize dies of it
+        optuna.load_study(storage=url, study_name="r", sampler=_FinishedByOther(other, 0) if late else None).optimize(
+            lambda t: 1.0 if late else other.tell(t.number, 0.5) or 1.0, n_trials=1)
     optimize_study(study, objective, 5, None, (), [])
     assert len(calls) == 5
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
