@@ -12,8 +12,8 @@ spread):
 each eager and, on CUDA, under `torch.compile(mode="reduce-overhead")` (CUDA graphs, the usual
 serving mode). A row prints dense's time, each variant's speed as a ratio to dense (median and
 interquartile range of the per-round ratios), and the ideal ratio (the replaced layers' FLOP and
-byte bound, `fxsketch.plan.speed_bound`). A `dispatch` row times one tiny low-rank layer as the
-fxsketch op against the same two `F.linear` calls: the op's eager overhead.
+byte bound, `fxsketch.plan.speed_bound`). The `dispatch` rows time one tiny low-rank layer as the
+fxsketch op and as `LowRankLinear` against the same two `F.linear` calls: the eager overhead.
 
 Models (CUDA, bf16): a 4-block MLP (4096↔11008) at M = 1, 16, 256, 4096 rows; BERT-base at 256
 and 4096 tokens. `--quick` keeps M = 16 and 4096, BERT at 256 and the 50% budget. Without CUDA (or
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsketch
-from fxsketch.kernels import lowrank_linear
+from fxsketch.kernels import FactorTransposes, lowrank_linear
 from fxsketch.measure import time_rounds
 from fxsketch.plan import speed_bound
 
@@ -138,19 +138,42 @@ def ratios(times: list[list[float]], i: int) -> tuple[float, float, float]:
     return q[1], q[0], q[2]
 
 
-def dispatch_row(device: str, dtype: torch.dtype) -> dict:
-    """The fxsketch op against the two F.linear calls it replaces, on a layer small enough that
-    the call overhead is all there is."""
+class TwoLinear(nn.Module):
+    """A low-rank layer as a user writes it in one module: two `F.linear` calls on its factors."""
+
+    def __init__(self, layer: fxsketch.LowRankLinear) -> None:
+        super().__init__()
+        self.B, self.A, self.bias = layer.B, layer.A, layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.B), self.A, self.bias)
+
+
+def dispatch_rows(device: str, dtype: torch.dtype) -> list[dict]:
+    """A layer small enough (1x64 -> 16 -> 64) that call overhead is all there is. `op`: the
+    fxsketch op called as `LowRankLinear` calls it (with the layer's kept transposes) against the
+    two F.linear calls it replaces; `bare op`: the functional call without them; `layer`:
+    `LowRankLinear` against `TwoLinear` on the same tensors, with `nn.Sequential` of two
+    `nn.Linear` (the hand-written layer) in the hand column."""
     torch.manual_seed(0)
     x = torch.randn(1, 64, device=device, dtype=dtype)
-    B, A, bias = (torch.randn(16, 64, device=device, dtype=dtype), torch.randn(64, 16, device=device, dtype=dtype),
-                  torch.randn(64, device=device, dtype=dtype))
+    layer = fxsketch.LowRankLinear(64, 64, 16).to(device, dtype)
+    B, A, bias, transposes = layer.B, layer.A, layer.bias, FactorTransposes()
     two = lambda x: F.linear(F.linear(x, B), A, bias)  # noqa: E731
-    op = lambda x: lowrank_linear(x, B, A, bias)  # noqa: E731
-    rounds = time_rounds([two, op], (x,), cap_s=3.0)
-    mid, low, high = ratios(rounds.times, 1)
-    return dict(case="dispatch 1x64 r16", mode="eager", budget="", dense_ms=rounds.median(0) * 1e3,
-                hand=None, fxsketch=(mid, low, high), ideal=None, stable=rounds.stable)
+    hand = nn.Sequential(nn.Linear(64, 16, bias=False), nn.Linear(16, 64)).to(device, dtype)
+    variants = {  # baseline, fxsketch, and the hand-written layer where there is one
+        "op": [two, lambda x: lowrank_linear(x, B, A, bias, transposes)],
+        "bare op": [two, lambda x: lowrank_linear(x, B, A, bias)],
+        "layer": [TwoLinear(layer), layer, hand],
+    }
+    rows = []
+    for name, fns in variants.items():
+        rounds = time_rounds(fns, (x,), cap_s=3.0)
+        rows.append(dict(case=f"dispatch {name} 1x64 r16", mode="eager", budget="", dense_ms=rounds.median(0) * 1e3,
+                         hand=ratios(rounds.times, 2) if len(fns) > 2 else None, fxsketch=ratios(rounds.times, 1),
+                         ideal=None, stable=rounds.stable))
+        print_row(rows[-1])
+    return rows
 
 
 def main() -> None:
@@ -169,7 +192,7 @@ def main() -> None:
     print(f"bench_gpu_models: {name}, torch {torch.__version__}, {str(dtype)[6:]}, "
           f"{'smoke' if smoke else 'quick' if args.quick else 'full'}", flush=True)
     start = time.perf_counter()
-    rows = [dispatch_row(device, dtype)]
+    rows = dispatch_rows(device, dtype)
     for case in cases(device, dtype, smoke, args.quick):
         if time.perf_counter() - start > args.time_limit:
             print(f"  {case.name}: skipped, past --time-limit {args.time_limit:.0f} s", flush=True)
@@ -220,7 +243,7 @@ def print_table(rows: list[dict]) -> None:
     for line in (header, *lines):
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
     print("ratios are dense time / variant time (median, interquartile range over interleaved rounds); the "
-          "dispatch row's baseline is the two F.linear calls, not dense")
+          "dispatch rows' baseline is two F.linear calls (in one module for the layer row), not dense")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from fxsketch.kernels import (
-    cast_linear, cast_lowrank_linear, int8_embedding, int8_linear, int8_lowrank_linear, int8_static_linear,
-    int8_weight_linear, lowrank_conv2d, lowrank_linear, quantize_weight,
+    FactorTransposes, cast_linear, cast_lowrank_linear, int8_embedding, int8_linear, int8_lowrank_linear,
+    int8_static_linear, int8_weight_linear, lowrank_conv2d, lowrank_linear, quantize_weight,
 )
 from fxsketch.kernels.int8 import WEIGHT_ONLY_QMAX, WEIGHT_QMAX, static_qparams
 
@@ -65,6 +65,7 @@ class LowRankLinear(nn.Module):
         self.B = nn.Parameter(_uniform_(torch.empty(rank, in_features), in_features))
         self.A = nn.Parameter(_uniform_(torch.empty(out_features, rank), rank))
         self.bias = nn.Parameter(_uniform_(torch.empty(out_features), in_features)) if bias else None
+        self._transposes = FactorTransposes()
 
     @classmethod
     def from_factors(
@@ -77,7 +78,11 @@ class LowRankLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lowrank_linear(x, self.B, self.A, self.bias)
+        return lowrank_linear(x, self.B, self.A, self.bias, self._transposes)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "LowRankLinear":
+        self._transposes = FactorTransposes()  # `.to()` and friends replace the factors: let the old memory go
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
@@ -443,12 +448,14 @@ class SKConv2d(_Sketched):
 class OpCall(NamedTuple):
     """How a layer that is exactly one fxsketch op calls it: the op (its Python entry), its
     dispatcher overload, the names of the module's tensors it takes after the input, in order,
-    and its static arguments."""
+    its static arguments, and whether an eager caller should call the module instead (it keeps
+    state from call to call that the op uses: `LowRankLinear`'s `FactorTransposes`)."""
 
     op: Callable
     overload: Any
     tensors: tuple[str, ...]
     static: tuple
+    stateful: bool = False
 
 
 def op_call(module: nn.Module) -> OpCall | None:
@@ -456,7 +463,7 @@ def op_call(module: nn.Module) -> OpCall | None:
     low-rank, reduced-precision and int8 layers); None for layers with their own forward logic."""
     kind = type(module)
     if kind is LowRankLinear:
-        return OpCall(lowrank_linear, torch.ops.fxsketch.lowrank_linear.default, ("B", "A", "bias"), ())
+        return OpCall(lowrank_linear, torch.ops.fxsketch.lowrank_linear.default, ("B", "A", "bias"), (), stateful=True)
     if kind is LowRankConv2d:
         geometry = (list(module.stride), list(module.padding), list(module.dilation))
         return OpCall(lowrank_conv2d, torch.ops.fxsketch.lowrank_conv2d.default, ("B", "A", "bias"), geometry)
@@ -485,7 +492,7 @@ def direct_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module` as the rewritten graph calls it: a single-op layer as its op, skipping the module
     call (what a timer of the rewritten graph's layers must time)."""
     call = op_call(module)
-    if call is None:
+    if call is None or call.stateful:
         return module
     tensors = [getattr(module, name) for name in call.tensors]
     return lambda x: call.op(x, *tensors, *call.static)

@@ -192,15 +192,17 @@ def emit(graph: torch.fx.Graph, x: torch.fx.Node, module: nn.Module, attr: Calla
     """The node computing `module(x)`: the rewrite's, the compile backend's and the timers' one way
     of calling a replacement.
 
-    A single-op layer (plain low-rank, int8) becomes one call of its fxsketch op on its tensors, read through
-    `attr(tensor name)` (its module stays at `path` as their owner, which saves a module call per
-    layer); with `dispatcher` the call names the op's overload itself (graphs handed to a compiler).
-    Layers with their own forward logic (the sketch kinds) stay `call_module(path)`.
+    A single-op layer (low-rank, reduced precision, int8) becomes one call of its fxsketch op on its
+    tensors, read through `attr(tensor name)`: its module stays at `path` as their owner, and the
+    graph skips a module call per layer. With `dispatcher` the call names the op's overload (graphs
+    handed to a compiler). Without it, a layer whose op uses what the module keeps between calls
+    (`LowRankLinear`'s transposed factors) is called as a module, like the layers with their own
+    forward logic (the sketch kinds): `call_module(path)`.
     """
     call = op_call(module)
-    if call is None:
+    if call is None or (call.stateful and not dispatcher):
         if path is None:
-            raise ValueError(f"{type(module).__name__} is not a single fxsketch op: it needs a module path")
+            raise ValueError(f"{type(module).__name__} is called as a module: it needs a module path")
         return graph.call_module(path, (x,))
     tensors = [attr(name) if getattr(module, name) is not None else None for name in call.tensors]
     return graph.call_function(call.overload if dispatcher else call.op, (x, *tensors, *call.static))

@@ -19,6 +19,6 @@ def test_the_gpu_benchmark_runs_its_smoke_cases_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout.split("\n\n")[-1]
     assert table.splitlines()[0].split()[:6] == ["case", "mode", "budget", "dense", "ms", "hand"]
-    assert "dispatch 1x64 r16" in table and "mlp-64x128 M=32" in table
+    assert "dispatch op 1x64 r16" in table and "dispatch layer 1x64 r16" in table and "mlp-64x128 M=32" in table
     rows = (tmp_path / "rows.csv").read_text().splitlines()
     assert rows[0].startswith("case,mode,budget,dense_ms,hand,fxsketch,ideal,stable") and len(rows) >= 4

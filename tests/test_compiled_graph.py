@@ -56,13 +56,18 @@ CASES = {  # the op's call, and the ATen ops the compiled graph must run instead
 
 
 def test_every_export_records_one_op_per_layer_though_eager_cpu_calls_skip_it():
-    """The eager CPU shortcut (two F.linear calls) never leaks into a graph: non-strict export (fake
-    tensors), strict export (Dynamo) and FX tracing all record the single fxsketch op."""
+    """The eager CPU shortcut (two F.linear calls, or a layer's kept transposes) never leaks into a
+    graph: non-strict export (fake tensors), strict export (Dynamo) and FX tracing all record the
+    single fxsketch op."""
     model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU())
     gm = fxsketch.rewrite(model, {"0": {"method": "svd", "low_rank": 4}}, (X,))
+    assert any(isinstance(m, fxsketch.LowRankLinear) for m in gm.modules())
+    with torch.no_grad():
+        gm(X)  # the layer keeps its transposed factors: not part of any graph
     for strict in (False, True):
         program = torch.export.export(gm, (X,), strict=strict)
         assert "fxsketch.lowrank_linear.default" in _targets(program.graph), (strict, _targets(program.graph))
+        assert not program.constants, list(program.constants)
         torch.testing.assert_close(program.module()(X), gm(X))
     traced = torch.fx.symbolic_trace(lambda x: lowrank_linear(x, B, A, BIAS))
     assert [str(n.target) for n in traced.graph.nodes if n.op == "call_function"] == ["fxsketch.lowrank_linear"]

@@ -99,6 +99,69 @@ def test_lowrank_linear_module_backward(bias):
     assert layer.B.grad.abs().sum() > 0 and layer.A.grad.abs().sum() > 0
 
 
+def _expected(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    y = (x.double() @ layer.B.double().T) @ layer.A.double().T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def _check(layer: LowRankLinear, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        for _ in range(2):  # the first call keeps the transposes, the second uses them
+            assert _rel_err(layer(x), _expected(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lowrank_linear_kept_transposes_follow_every_change_of_the_factors(monkeypatch, bias):
+    """One-row eager CPU calls without autograd reuse the layer's transposed factors. Whatever
+    replaces or changes the factors shows in the next call: in-place updates, `.data`, a new
+    Parameter, `load_state_dict`, `.to()` (which also lets the old transposes go), a copy."""
+    import copy
+    import pickle
+    import weakref
+
+    monkeypatch.delenv("FXSKETCH_KERNEL", raising=False)
+    torch.manual_seed(0)
+    layer, x = LowRankLinear(8, 6, 3, bias=bias), torch.randn(1, 8)
+    _check(layer, x)
+    with torch.no_grad():
+        layer.B.mul_(2)
+    _check(layer, x)
+    layer.A.data = torch.randn(6, 3)
+    _check(layer, x)
+    layer.B = nn.Parameter(torch.randn(3, 8))
+    _check(layer, x)
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    _check(layer, x)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        layer.A.add_(1)
+    _check(twin, x)
+    _check(pickle.loads(pickle.dumps(layer)), x)
+    kept = weakref.ref(layer._transposes.transposed[0])
+    layer.double()
+    assert kept() is None  # the float32 transposes went with the float32 factors
+    _check(layer, x.double())
+
+
+def test_lowrank_linear_kept_transposes_stay_out_of_autograd_and_off_other_devices(monkeypatch):
+    monkeypatch.delenv("FXSKETCH_KERNEL", raising=False)
+    torch.manual_seed(0)
+    layer, x = LowRankLinear(8, 6, 3), torch.randn(2, 8)
+    with torch.inference_mode():  # kept in inference mode, then trained on outside it
+        layer(x)
+    assert layer._transposes.transposed is not None
+    y = layer(x)
+    assert y.grad_fn is not None
+    y.square().sum().backward()
+    B, A = (t.detach().double().requires_grad_() for t in (layer.B, layer.A))
+    ((x.double() @ B.T) @ A.T + layer.bias.double()).square().sum().backward()
+    assert _rel_err(layer.B.grad, B.grad) < 1e-5 and _rel_err(layer.A.grad, A.grad) < 1e-5
+    meta = LowRankLinear(8, 6, 3).to("meta")
+    with torch.no_grad():
+        assert meta(x.to("meta")).shape == (2, 6)
+    assert meta._transposes.transposed is None
+
+
 # ---------------------------------------------------------------------------------------------
 # SKLinear / SKConv2d
 # ---------------------------------------------------------------------------------------------

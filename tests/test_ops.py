@@ -1,8 +1,9 @@
 """Tests for the fxsketch op family (`fxsketch::lowrank_linear`, `fxsketch::lowrank_conv2d`).
 
 Every result is checked against a pure-torch float64 reference written out here, not against
-the library's own ATen bodies. Every test runs once per kernel backend: the ATen path and the
-Triton path (under TRITON_INTERPRET=1 on CPU, see conftest.py) share this one reference test.
+the library's own ATen bodies. Every test runs once per kernel backend: the ATen path, the
+Triton path (under TRITON_INTERPRET=1 on CPU, see conftest.py) and the default (FXSKETCH_KERNEL
+unset: on the CPU the eager shortcut, with a layer's kept transposes) share this one reference test.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fxsketch  # noqa: F401  (registers the ops)
-from fxsketch.kernels import lowrank_conv2d, lowrank_linear
+from fxsketch.kernels import FactorTransposes, lowrank_conv2d, lowrank_linear
 
 LINEAR_OP = torch.ops.fxsketch.lowrank_linear.default
 CONV_OP = torch.ops.fxsketch.lowrank_conv2d.default
@@ -33,10 +34,13 @@ TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 BIAS_FOR_BACKWARD = [True, False]
 
 
-@pytest.fixture(params=["aten", "triton"], autouse=True)
+@pytest.fixture(params=["aten", "triton", "default"], autouse=True)
 def kernel(request, monkeypatch):
-    """Run the test on each implementation of the ops."""
-    monkeypatch.setenv("FXSKETCH_KERNEL", request.param)
+    """Run the test on each implementation of the ops, and with none forced."""
+    if request.param == "default":
+        monkeypatch.delenv("FXSKETCH_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("FXSKETCH_KERNEL", request.param)
     return request.param
 
 
@@ -71,10 +75,13 @@ def _linear_args(lead, K, R, N, dtype, bias, seed=0):
 @pytest.mark.parametrize("lead,K,R,N", LINEAR_SHAPES)
 def test_lowrank_linear_forward_matches_float64_reference(lead, K, R, N, dtype, bias):
     x, B, A, b = _linear_args(lead, K, R, N, dtype, bias)
-    y = lowrank_linear(x, B, A, b)
-    assert y.shape == (*lead, N)
-    assert y.dtype == dtype
-    assert _rel_err(y, _ref_linear(x, B, A, b)) < TOLERANCES[dtype]
+    transposes = FactorTransposes()
+    with torch.no_grad():  # the layer's call: the first one keeps the transposes, the second uses them
+        kept = [lowrank_linear(x, B, A, b, transposes) for _ in range(2)]
+    for y in (lowrank_linear(x, B, A, b), *kept):
+        assert y.shape == (*lead, N)
+        assert y.dtype == dtype
+        assert _rel_err(y, _ref_linear(x, B, A, b)) < TOLERANCES[dtype]
 
 
 @pytest.mark.parametrize("bias", [True, False])

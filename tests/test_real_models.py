@@ -171,10 +171,12 @@ def _half_flops_plan(case: Case) -> dict:
 
 
 def _fxsketch_calls(gm: torch.fx.GraphModule) -> int:
-    """Nodes calling the fxsketch op family (the Python entry points or the registered ops)."""
+    """Nodes calling the fxsketch op family (the Python entry points or the registered ops), or a
+    `LowRankLinear` (called as a module: it keeps its transposed factors between eager calls)."""
     entry_points = {fxsketch.kernels.lowrank_linear, fxsketch.kernels.lowrank_conv2d}
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function"
-               and (n.target in entry_points or str(n.target).startswith("fxsketch.lowrank_")))
+    return sum(1 for n in gm.graph.nodes if (n.op == "call_function" and (
+        n.target in entry_points or str(n.target).startswith("fxsketch.lowrank_"))) or (
+        n.op == "call_module" and type(gm.get_submodule(n.target)) is fxsketch.LowRankLinear))
 
 
 # (1) capture ------------------------------------------------------------------------------------
