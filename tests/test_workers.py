@@ -175,8 +175,9 @@ def test_a_trial_another_process_finished_first_does_not_stop_the_worker(tmp_pat
             other.tell(trial.number, 0.5)
         return x
 
-    refused = optuna.exceptions.UpdateFinishedTrialError if late else ValueError
-    with pytest.raises(refused):  # plain optimize dies of it
+    refused = (optuna.exceptions.UpdateFinishedTrialError, "has already finished") if late else (
+        ValueError, "Cannot tell a COMPLETE trial")
+    with pytest.raises(refused[0], match=refused[1]):  # plain optimize dies of it
         optuna.load_study(storage=url, study_name="r", sampler=_FinishedByOther(other, 0) if late else None).optimize(
             lambda t: 1.0 if late else other.tell(t.number, 0.5) or 1.0, n_trials=1)
     optimize_study(study, objective, 5, None, (), [])
