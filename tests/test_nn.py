@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,13 +116,9 @@ def _check(layer: LowRankLinear, x: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_lowrank_linear_kept_transposes_follow_every_change_of_the_factors(monkeypatch, bias):
-    """One-row eager CPU calls without autograd reuse the layer's transposed factors. Whatever
-    replaces or changes the factors shows in the next call: in-place updates, `.data`, a new
-    Parameter, `load_state_dict`, `.to()` (which also lets the old transposes go), a copy."""
-    import copy
-    import pickle
-    import weakref
-
+    """Eager CPU calls on 2-D inputs without autograd reuse the layer's transposed factors.
+    Whatever replaces or changes the factors shows in the next call: in-place updates, `.data`, a
+    new Parameter, `load_state_dict`, `.to()` (which also lets the old transposes go), a copy."""
     monkeypatch.delenv("FXSKETCH_KERNEL", raising=False)
     torch.manual_seed(0)
     layer, x = LowRankLinear(8, 6, 3, bias=bias), torch.randn(1, 8)
