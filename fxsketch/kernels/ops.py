@@ -372,19 +372,18 @@ class FactorTransposes:
     other tensors or their `.data` was replaced. Copies and pickles start empty.
     """
 
-    __slots__ = ("factors", "transposed")
+    __slots__ = ("kept",)
 
     def __init__(self) -> None:
-        self.factors: tuple | None = None  # (B, A, B's address, A's address) when the transposes were made
-        self.transposed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kept: tuple | None = None  # (B, A, B's address, A's address, Bᵀ, Aᵀ), replaced whole
 
     def of(self, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(Bᵀ, Aᵀ)` of these factors (for plain CPU tensors outside autograd)."""
-        k = self.factors
+        """`(Bᵀ, Aᵀ)` of these factors (for plain CPU tensors outside autograd). Read and replaced
+        as one tuple, so threads calling one layer never see half an update."""
+        k = self.kept
         if k is None or k[0] is not B or k[1] is not A or k[2] != B.data_ptr() or k[3] != A.data_ptr():
-            self.factors = (B, A, B.data_ptr(), A.data_ptr())
-            self.transposed = (B.t().detach(), A.t().detach())
-        return self.transposed
+            k = self.kept = (B, A, B.data_ptr(), A.data_ptr(), B.t().detach(), A.t().detach())
+        return k[4], k[5]
 
     def __reduce__(self) -> tuple:
         return FactorTransposes, ()
