@@ -7,5 +7,6 @@ from fxsketch.kernels.ops import (
     int8_lowrank_linear, int8_mlp, int8_static_linear, int8_weight_linear, lowrank_conv2d, lowrank_linear,
 )
 
-__all__ = ["lowrank_linear", "FactorTransposes", "lowrank_conv2d", "cast_linear", "cast_lowrank_linear", "int8_linear",
-           "int8_static_linear", "int8_mlp", "int8_lowrank_linear", "int8_weight_linear", "int8_embedding", "half_attention", "quantize_weight"]
+__all__ = ["lowrank_linear", "FactorTransposes", "lowrank_conv2d", "cast_linear", "cast_lowrank_linear",
+           "int8_linear", "int8_static_linear", "int8_mlp", "int8_lowrank_linear", "int8_weight_linear",
+           "int8_embedding", "half_attention", "quantize_weight"]
